@@ -7,7 +7,7 @@ file cut to half its length, as a kill during its write leaves it), ``optimizer`
 ``optimizer_partial`` (``optimizer.pt`` cut, after the scheduler, scaler and RNG states), ``rng`` (after the RNG
 state), ``trainer_state`` (after ``trainer_state.json``), ``rewind_snapshot`` (in a run with the held-out probe and
 ``on_pathology="rewind"``, :func:`build_rewind_trainer`: after the weights and transformers' files, before the rewind's
-snapshot), ``before_rename`` (the manifest written, the folder not yet renamed), ``after_rename`` (published,
+snapshot), ``before_rename`` (the manifest written, not yet renamed into place), ``after_rename`` (marked complete,
 before rotation) and ``rotation`` (while an old checkpoint is being deleted). :func:`build_trainer` is shared with
 the test, so the resumed run in the test is the same run.
 """
@@ -28,6 +28,7 @@ from tests.helpers.common import lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.callbacks.probe import ProbeCallback  # noqa: E402
 from trl_diffusion_sdpo.io import checkpoint_writing  # noqa: E402
+from trl_diffusion_sdpo.io.checkpoints import is_checkpoint_folder  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
 STAGES = [
@@ -113,14 +114,14 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
         return trainer.state.global_step == step
 
     def after(owner, method_name: str, then, folder_at: int = 0):
-        """``owner.method_name`` runs ``then(folder)`` after writing into a staging folder (its argument
-        ``folder_at``)."""
+        """``owner.method_name`` runs ``then(folder)`` after writing into the checkpoint folder being written (its
+        argument ``folder_at``)."""
         original = getattr(owner, method_name)
 
         def wrapped(*args, **kwargs):
             result = original(*args, **kwargs)
             output_dir = args[folder_at] if len(args) > folder_at else None
-            if at_step() and output_dir is not None and ".tmp-" in str(output_dir):
+            if at_step() and output_dir is not None and is_checkpoint_folder(str(output_dir)):
                 then(str(output_dir))
             return result
 

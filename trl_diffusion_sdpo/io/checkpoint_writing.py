@@ -1,14 +1,17 @@
-"""Writing a checkpoint whole or not at all, loaded by a run's first checkpoint save (or a failed save).
+"""Marking a checkpoint complete, rotating complete checkpoints, and naming a failed save; loaded by a run's first
+checkpoint save (or a failed save).
 
-A checkpoint is written by transformers' own save into a hidden staging run folder beside its final name,
-``.tmp-checkpoint-N/checkpoint-N`` (:func:`staging_folder`); when every process has written its files, the main
-process lists them with their sizes and SHA-256 checksums in ``checkpoint_manifest.json``, flushes them to disk and
-renames the folder to ``checkpoint-N`` (:func:`publish_checkpoint`: one ``rename``, atomic on a POSIX filesystem),
-then removes the empty staging run folder. Rotation (``save_total_limit``, :func:`rotate_checkpoints`) runs only
-after that rename, renames a folder out of the way before deleting it, and never deletes the checkpoint just written.
-A save failing with an ``OSError`` (a full disk) removes its staging folder and raises
+The trainer's ``_save_checkpoint`` runs transformers' own, which writes ``checkpoint-N`` in place, with the parts that
+are ours beside it. Before it, :func:`clear_checkpoint` removes a ``checkpoint-N`` a killed earlier save of the same
+step left (renamed out of sight first). When every process has written its files, the main process marks the folder
+complete with :func:`mark_complete`: it lists every file with its size and SHA-256 checksum, flushes them to disk,
+writes ``checkpoint_manifest.json`` under a temporary name, flushes it and renames it into place (one ``rename``,
+atomic on a POSIX filesystem). That manifest, written last, is what resume and rotation trust
+(:mod:`.checkpoints`). Rotation (``save_total_limit``, :func:`rotate_checkpoints`) runs only after it, renames a
+folder out of the way before deleting it, and never deletes the checkpoint just written nor the newest complete one.
+A save failing with an ``OSError`` (a full disk) removes its partial folder and raises
 :class:`~.checkpoints.CheckpointSaveError` naming the folder and the bytes needed (:func:`save_failure`); the
-previous checkpoints are untouched. What a kill leaves, and the checks made on resume, are in :mod:`.checkpoints`.
+previous checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 from ..config.file_modes import follow_umask
 from ..config.messages import advice
 from .checkpoints import (
+    MANIFEST_DRAFT_NAME,
     MANIFEST_NAME,
     STAGING_PREFIX,
     TRASH_PREFIX,
@@ -34,9 +38,11 @@ from .checkpoints import (
 )
 
 __all__ = [
+    "clear_checkpoint",
     "folder_bytes",
     "free_bytes",
     "is_save_failure",
+    "mark_complete",
     "publish_checkpoint",
     "rotate_checkpoints",
     "save_failure",
@@ -55,9 +61,9 @@ def _fsync(path: str, directory: bool = False) -> None:
 
 
 def staging_folder(final: str) -> str:
-    """Where the checkpoint ``<run>/checkpoint-N`` is written before it is published:
-    ``<run>/.tmp-checkpoint-N/checkpoint-N``, so that transformers' own save, pointed at the staging run folder
-    ``.tmp-checkpoint-N``, writes it under its own name."""
+    """Where a checkpoint written aside before :func:`publish_checkpoint` lies: for ``<run>/checkpoint-N``,
+    ``<run>/.tmp-checkpoint-N/checkpoint-N`` (the layout earlier versions wrote, which
+    :func:`.checkpoints.recover_interrupted_saves` still finishes or removes)."""
     head, name = os.path.split(os.path.normpath(final))
     return os.path.join(head, STAGING_PREFIX + name, name)
 
@@ -75,22 +81,40 @@ def _remove(folder: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def publish_checkpoint(staging: str, final: str) -> None:
-    """Write the manifest of ``staging`` (sizes and SHA-256 of every file), flush everything to disk, and rename it
-    to ``final`` (replacing it), every file with the mode the umask gives (whichever library wrote it: safetensors
-    writes owner-only). The files were just written, so hashing reads them from the page cache."""
-    follow_umask(staging)
-    files = folder_files(staging)
+def clear_checkpoint(folder: str) -> None:
+    """Remove ``folder`` (``checkpoint-N``) before a save of step N writes it again: what a killed earlier save of
+    that step left, or a complete checkpoint of the same step saved again (``on_nonfinite_loss="raise"``)."""
+    if os.path.lexists(folder):
+        _remove(folder)
+
+
+def mark_complete(folder: str) -> None:
+    """Mark the checkpoint ``folder`` complete: every file given the mode the umask gives (whichever library wrote
+    it: safetensors writes owner-only) and flushed to disk, then ``checkpoint_manifest.json`` (the sizes and SHA-256
+    of every file) written to a draft, flushed and renamed into place. The files were just written, so hashing reads
+    them from the page cache."""
+    draft = os.path.join(folder, MANIFEST_DRAFT_NAME)
+    if os.path.exists(draft):
+        os.remove(draft)
+    follow_umask(folder)
+    files = folder_files(folder)
     checksums = {}
     for relative in files:
-        _fsync(os.path.join(staging, relative))
-        checksums[relative] = file_sha256(os.path.join(staging, relative))
-    with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
+        _fsync(os.path.join(folder, relative))
+        checksums[relative] = file_sha256(os.path.join(folder, relative))
+    with open(draft, "w", encoding="utf-8") as f:
         json.dump({"format": 2, "files": files, "sha256": checksums}, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(staging, directory=True)
-    if os.path.exists(final):  # a second save at the same step (e.g. on_nonfinite_loss="raise")
+    os.rename(draft, os.path.join(folder, MANIFEST_NAME))
+    _fsync(folder, directory=True)
+
+
+def publish_checkpoint(staging: str, final: str) -> None:
+    """A checkpoint written aside in ``staging`` marked complete (:func:`mark_complete`) and renamed to ``final``
+    (replacing it), then its emptied staging run folder removed."""
+    mark_complete(staging)
+    if os.path.exists(final):
         _remove(final)
     os.rename(staging, final)
     _fsync(os.path.dirname(os.path.abspath(final)), directory=True)
@@ -99,9 +123,10 @@ def publish_checkpoint(staging: str, final: str) -> None:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: list[str]) -> None:
+def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: list[str], keep_newest: bool = True) -> None:
     """Delete the oldest ``checkpoint-N`` folders beyond ``save_total_limit``; never one in ``keep`` (the one just
-    written, the best), nor the newest complete one."""
+    written, the best), nor, with ``keep_newest``, the newest complete one (``keep_newest=False``: once training has
+    ended, ``save_total_limit=1`` keeps the best checkpoint alone, as transformers does)."""
     if not save_total_limit or save_total_limit <= 0:
         return
     folders = checkpoint_folders(run_dir)
@@ -110,7 +135,7 @@ def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: list[st
     protected = {os.path.normpath(k) for k in keep if k}
     # Structural checks only: the newest is the checkpoint just written, whose bytes were hashed a moment ago.
     newest_complete = next((f for f in folders if not checkpoint_problem(f, verify_checksums=False)), None)
-    if newest_complete is not None:
+    if newest_complete is not None and keep_newest:
         protected.add(os.path.normpath(newest_complete))
     remaining = len(folders)
     for folder in reversed(folders):  # oldest first

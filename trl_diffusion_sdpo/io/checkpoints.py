@@ -1,21 +1,23 @@
-"""Checkpoints that appear whole or not at all, and resuming only from complete, undamaged ones.
+"""Checkpoints the resume can trust: complete ones only, marked so by a manifest written last, and undamaged.
 
-transformers writes a checkpoint's files straight into ``checkpoint-N`` (weights, optimizer, scheduler, RNG state,
-``trainer_state.json`` last), so a process killed during a save leaves a partial folder that
-``resume_from_checkpoint=True`` then picks. Here transformers' own save writes it into a hidden staging run folder
-(``.tmp-checkpoint-N/checkpoint-N``), beside it the parts that are ours (the rewind's snapshot, the online
-generations, ``run_identity.json``), and it is published whole, with a manifest of its files' sizes and SHA-256
-checksums, by one ``rename`` (:mod:`.checkpoint_writing`, loaded by a run's first checkpoint save). Folders left by
-a kill (``.tmp-*``, ``.trash-*``) are finished or removed when training starts again
-(:func:`recover_interrupted_saves`), and a new run refuses a folder holding another run's checkpoints or weights
-(:func:`earlier_run_files`). The trainer's saves and resumes go through
-:class:`~trl_diffusion_sdpo.io.run_files.RunFiles`, which uses these.
+transformers' own ``_save_checkpoint`` writes a checkpoint's files straight into ``checkpoint-N`` (weights,
+optimizer, scheduler, RNG state, ``trainer_state.json`` last), so a process killed during a save leaves a partial
+folder that transformers' ``get_last_checkpoint`` would pick. The trainer writes ``run_identity.json`` first, lets
+transformers' save write in place, adds the parts that are ours (the rewind's snapshot, the online generations, the
+loss sum), then, once every process is done, writes ``checkpoint_manifest.json`` last: the sizes and SHA-256
+checksums of every file, written to a temporary name, flushed and renamed (:mod:`.checkpoint_writing`, loaded by a
+run's first checkpoint save). That manifest marks the checkpoint complete; rotation and resume trust nothing else.
 
 On resume a checkpoint is checked before use: every file of the manifest is present with its size, JSON files
 parse, safetensors headers parse and agree with the file size, torch files open as zip archives, and every file's
-SHA-256 matches the manifest (a flipped bit inside tensor data). A checkpoint written before checksums were recorded
-gets the structural checks only; one written before manifests existed is accepted if its ``trainer_state.json`` and
-weights are present and pass them.
+SHA-256 matches the manifest (a flipped bit inside tensor data). A folder holding ``run_identity.json`` (written
+first by every save of this package) and no manifest is a save that never finished: never resumed from, and removed
+when training starts again (:func:`recover_interrupted_saves`, which also finishes a manifest killed between its
+write and its rename, and removes what a kill left of earlier versions' staging folders, ``.tmp-checkpoint-N``). A
+checkpoint without either file, as plain transformers or versions of this package before manifests wrote them, is
+accepted if its ``trainer_state.json`` and weights are present and pass the structural checks; a checkpoint written
+before checksums were recorded gets the structural checks only. A new run refuses a folder holding another run's
+checkpoints or weights (:func:`earlier_run_files`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import zipfile
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
+from .resume_check import RUN_IDENTITY_NAME
 from .run_folder import CHECKPOINT_RE as _CHECKPOINT_RE
 from .run_folder import STAGING_PREFIX, TRASH_PREFIX, EarlierRunError, earlier_run_files
 from .saving import has_saved_weights
@@ -40,6 +43,7 @@ __all__ = [
     "EarlierRunError",
     "checkpoint_problem",
     "earlier_run_files",
+    "is_marked_complete",
     "recover_interrupted_saves",
     "resolve_resume_checkpoint",
 ]
@@ -47,6 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "checkpoint_manifest.json"
+# The manifest while it is written: renamed to MANIFEST_NAME once flushed to disk.
+MANIFEST_DRAFT_NAME = STAGING_PREFIX + MANIFEST_NAME
 TRAINER_STATE_NAME = "trainer_state.json"
 _RESUME_PREFIX = ".resume-"  # what an engine writes to resume on another number of processes
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -58,6 +64,12 @@ class CheckpointError(ValueError):
 
 class CheckpointSaveError(OSError):
     """Writing a checkpoint failed (a full disk, a quota, a lost mount); the partial checkpoint was removed."""
+
+
+UNFINISHED = (
+    f"{MANIFEST_NAME} is missing: the save was interrupted before the checkpoint was marked complete (its "
+    f"{RUN_IDENTITY_NAME} shows this package began it)"
+)
 
 
 def _step(path: str) -> int:
@@ -132,13 +144,20 @@ def _file_problem(path: str) -> str:
     return ""
 
 
-def checkpoint_problem(path: str, verify_checksums: bool = True) -> str:
+def is_marked_complete(folder: str) -> bool:
+    """Whether the checkpoint ``folder`` holds its completion mark, the manifest written last (not checked here:
+    :func:`checkpoint_problem` checks the files against it)."""
+    return os.path.isfile(os.path.join(folder, MANIFEST_NAME))
+
+
+def checkpoint_problem(path: str, verify_checksums: bool = True, manifest_name: str = MANIFEST_NAME) -> str:
     """Why the checkpoint folder ``path`` cannot be resumed from (naming the file), or ``""`` if it is complete.
 
-    ``verify_checksums=False`` skips reading every byte (the structural checks only)."""
+    ``verify_checksums=False`` skips reading every byte (the structural checks only); ``manifest_name``: the
+    manifest to check the files against (the draft, :data:`MANIFEST_DRAFT_NAME`, before it is finished)."""
     if not os.path.isdir(path):
         return f"{path} is not a folder"
-    manifest_path = os.path.join(path, MANIFEST_NAME)
+    manifest_path = os.path.join(path, manifest_name)
     checksums: dict[str, str] = {}
     if os.path.isfile(manifest_path):
         try:
@@ -148,6 +167,8 @@ def checkpoint_problem(path: str, verify_checksums: bool = True) -> str:
             checksums = manifest.get("sha256", {}) if verify_checksums else {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             return f"{MANIFEST_NAME} cannot be read ({type(err).__name__}: {err})"
+    elif os.path.isfile(os.path.join(path, RUN_IDENTITY_NAME)):  # this package's save, never marked complete
+        return UNFINISHED
     else:  # written before manifests existed, or by plain transformers: the essentials must be there
         if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
             return f"{TRAINER_STATE_NAME} is missing (the save was interrupted)"
@@ -221,7 +242,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
 
 
 def is_checkpoint_folder(path: str) -> bool:
-    """Whether ``path`` is a training checkpoint (``checkpoint-N``, or its staging folder while being written)."""
+    """Whether ``path`` is a training checkpoint (``checkpoint-N``, or an earlier version's staging folder)."""
     name = os.path.basename(os.path.normpath(path)).removeprefix(STAGING_PREFIX)
     return name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
 
@@ -236,15 +257,21 @@ def resume_view_folder(checkpoint: str) -> str:
 def recover_interrupted_saves(run_dir: str) -> None:
     """Finish or remove what a kill left in ``run_dir``.
 
-    A staging folder (``.tmp-checkpoint-N/checkpoint-N``, or ``.tmp-checkpoint-N`` itself as earlier versions
-    wrote it) with a manifest whose ``checkpoint-N`` is absent was killed after it was complete (between the removal
-    of an older ``checkpoint-N`` of the same step and its rename): it is published. Any other staging folder,
-    every renamed-away folder (``.trash-*``: rotation or replacement had begun deleting it) and every resume folder
-    (``.resume-*``: :func:`resume_view_folder`) is deleted.
+    * ``checkpoint-N`` whose manifest draft (:data:`MANIFEST_DRAFT_NAME`) checks out against its files and whose
+      manifest is absent was killed between the draft's write and its rename: the draft is renamed (finished).
+    * ``checkpoint-N`` begun by this package (``run_identity.json``) and never marked complete (no manifest): removed,
+      with a warning naming it. A checkpoint without either file (plain transformers) is left as it is.
+    * Earlier versions' staging folders (``.tmp-checkpoint-N/checkpoint-N``, or ``.tmp-checkpoint-N`` itself) with a
+      manifest whose ``checkpoint-N`` is absent were killed after they were complete: published by their rename. Any
+      other staging folder, every renamed-away folder (``.trash-*``: rotation or replacement had begun deleting it)
+      and every resume folder (``.resume-*``: :func:`resume_view_folder`) is deleted.
     """
     if not os.path.isdir(run_dir):
         return
     for name in sorted(os.listdir(run_dir)):
+        if _CHECKPOINT_RE.match(name):
+            _recover_in_place(os.path.join(run_dir, name))
+            continue
         prefix = next((p for p in (STAGING_PREFIX, TRASH_PREFIX, _RESUME_PREFIX) if name.startswith(p)), None)
         if prefix is None or not _CHECKPOINT_RE.match(name[len(prefix) :]):
             continue
@@ -260,3 +287,17 @@ def recover_interrupted_saves(run_dir: str) -> None:
         else:
             logger.warning("Removing %s, left by an interrupted save", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _recover_in_place(folder: str) -> None:
+    """A ``checkpoint-N`` a kill interrupted while it was written in place: its manifest finished, or it removed."""
+    if is_marked_complete(folder):
+        return
+    draft = os.path.join(folder, MANIFEST_DRAFT_NAME)
+    if os.path.isfile(draft) and not checkpoint_problem(folder, manifest_name=MANIFEST_DRAFT_NAME):
+        logger.warning("Marking %s complete: its save was interrupted after its manifest was written", folder)
+        os.rename(draft, os.path.join(folder, MANIFEST_NAME))
+        return
+    if checkpoint_problem(folder, verify_checksums=False) == UNFINISHED:
+        logger.warning("Removing %s: its save was interrupted before the checkpoint was marked complete", folder)
+        shutil.rmtree(folder, ignore_errors=True)

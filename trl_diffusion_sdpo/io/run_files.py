@@ -1,43 +1,42 @@
-"""Everything a training run writes and reads, held by the trainer as one object: ``trainer.files``.
+"""What a training run writes and reads, beside transformers' own saves: the trainer's helper ``trainer.files``.
 
-:class:`RunFiles` owns what ``transformers.Trainer`` does through its save, load, resume and Hub hooks, done the
-way this package needs:
+The trainer overrides transformers' file hooks (``save_model``, ``_save_checkpoint``, ``_push_from_checkpoint``,
+``_load_from_checkpoint``, ``_load_best_model``, ``create_model_card``, ``init_hf_repo``, ``push_to_hub``) and
+``train`` in its own class, each calling ``super()`` where transformers' version does part of the work; each reads
+what it does there and calls the helpers of :class:`RunFiles`, which keeps the state they share:
 
 * weights in diffusers' formats (:mod:`.saving`): LoRA adapters (``pytorch_lora_weights.safetensors``) or the
   denoiser's subfolder, never pickles, gathered first where the engine shards them
   (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
-* checkpoints that appear whole or not at all: transformers' own ``_save_checkpoint`` (the optimizer's state as
-  it writes it for the engine, the scheduler, gradient scaler, random and trainer states) writes into a staging
-  folder, beside it the parts that are ours (:class:`CheckpointPart`, :class:`CheckpointPartCallback`: the rewind's
-  snapshot, the online generations), then a checksummed manifest and one rename publish it (:mod:`.checkpoints`,
-  written by :mod:`.checkpoint_writing`, which the run's first checkpoint save imports);
-* before training: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
-  checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume
-  from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
-  processes (:mod:`.resume_world`, through the engine), and preemption signals
-  (:class:`~trl_diffusion_sdpo.callbacks.interruptions.PreemptionCallback`) while it runs;
-* the model card and Hub pushes (:mod:`.hub`): transformers' versions copy files named as its own weights (none of
-  ours) and upload a pickled ``training_args.bin``.
+* checkpoints the resume can trust: before transformers' ``_save_checkpoint`` writes ``checkpoint-N`` in place, a
+  leftover of a killed save of that step is removed and ``run_identity.json`` written into it; after it, the parts
+  that are ours (:class:`CheckpointPart`, :class:`CheckpointPartCallback`: the rewind's snapshot, the online
+  generations; the loss sum), and, once every process is done, a checksummed manifest written last marks it
+  complete (:mod:`.checkpoints`, written by :mod:`.checkpoint_writing`, which the run's first checkpoint save
+  imports); then the Hub push and the rotation, which trust complete checkpoints only;
+* around ``train``: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
+  checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume from, checked, its config
+  compared with the new one (:mod:`.resume_check`), resuming on another number of processes (:mod:`.resume_world`,
+  through the engine), and preemption signals
+  (:class:`~trl_diffusion_sdpo.callbacks.interruptions.PreemptionCallback`) while it runs (:meth:`RunFiles.training`);
+* the model card and Hub pushes (:attr:`RunFiles.hub`, :mod:`.hub`): transformers' versions copy files named as its
+  own weights (none of ours) and upload a pickled ``training_args.bin``;
+* the run's loss sum, recorded in every checkpoint, so that a resumed run logs what an uninterrupted one does.
 
-The trainer reaches it through transformers' public hooks (``save_model``, ``create_model_card``, ``init_hf_repo``,
-``push_to_hub``, ``train``, ``log``), three private ones that have no public equivalent (``_save_checkpoint``,
-``_load_from_checkpoint``, ``_load_best_model``: see the trainer), and callbacks (:class:`RunFiles` is one: a
-learning rate changed at resume is applied when training begins). Every step here that is itself a hook
-(``save_model`` inside a checkpoint save, ...) is called on the trainer, so a subclass's override of it, or a test's
-wrapper, is the one that runs.
+:class:`RunFiles` is also a callback: a learning rate changed at resume is applied when training begins.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import importlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -49,7 +48,6 @@ from .. import io as run_io  # the Hub's and the resume checks' modules are impo
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
 from . import saving
 from .checkpoints import (
-    TRAINER_STATE_NAME,
     CheckpointSaveError,
     is_checkpoint_folder,
     recover_interrupted_saves,
@@ -87,8 +85,8 @@ class CheckpointPart(Protocol):
 @runtime_checkable
 class CheckpointPartCallback(Protocol):
     """A trainer callback whose state every checkpoint holds beside transformers' (the rewind's healthy snapshot):
-    the trainer finds it among its callbacks (``callbacks=`` or ``add_callback``), writes its files into the
-    staging folder before the checkpoint is published, so the manifest lists and checks them, and hands it the
+    the trainer finds it among its callbacks (``callbacks=`` or ``add_callback``), has it write its files into each
+    checkpoint before the checkpoint is marked complete, so the manifest lists and checks them, and hands it the
     checkpoint a run resumes from before training begins. Every process calls both."""
 
     def save_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
@@ -113,7 +111,7 @@ class _CallbackPart:
 
 
 class RunFiles(TrainerCallback):
-    """The trainer's files: saving, loading, checkpoints, resume checks and the Hub, for ``trainer``.
+    """The helpers and state of the trainer's file hooks: saving, loading, checkpoints, resume checks and the Hub.
 
     Reads the trainer's ``args``, ``args_as_given`` (the config as given, which ``training_config.json`` stores),
     ``state``, ``accelerator``, ``model``, ``model_wrapped``, ``optimizer``, ``lr_scheduler``, ``engine``,
@@ -140,20 +138,28 @@ class RunFiles(TrainerCallback):
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
-    def train(
-        self, resume_from_checkpoint: str | bool | None = None, *args: Any, overwrite: bool = False, **kwargs: Any
-    ):
-        """``transformers.Trainer.train`` under the output folder's lock (refused where the folder holds another
-        run's weights or checkpoints and neither ``resume_from_checkpoint`` nor ``overwrite`` is given: with
-        ``overwrite`` that run's checkpoints are removed and its weights replaced by this run's saves),
-        after finishing or removing what an interrupted save left, from ``resume_from_checkpoint`` resolved and checked
-        (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), with the
-        preemption signals handled while it runs."""
+    @contextlib.contextmanager
+    def training(
+        self, resume_from_checkpoint: str | bool | None = None, overwrite: bool = False
+    ) -> Iterator[str | None]:
+        """Around the trainer's ``super().train(...)``: yields the checkpoint to hand it (``None`` for a new run).
+
+        Before it: the output folder's lock (refused where the folder holds another run's weights or checkpoints and
+        neither ``resume_from_checkpoint`` nor ``overwrite`` is given: with ``overwrite`` that run's checkpoints are
+        removed and its weights replaced by this run's saves); what an interrupted save left finished or removed
+        (:func:`.checkpoints.recover_interrupted_saves`); ``resume_from_checkpoint`` resolved to a complete checkpoint
+        and checked (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), its
+        parts and loss sum read, and, on another number of processes, the folder the engine resumes from
+        (:mod:`.resume_world`); a ``save_total_limit`` set on ``trainer.args`` since the trainer was built taken over
+        (see the trainer's ``save_total_limit``). While it runs: the preemption signals handled. After it: with
+        ``save_total_limit=1`` and a best checkpoint, that one alone kept (as transformers does); the lock released."""
         trainer = self.trainer
         resumed = resume_from_checkpoint not in (None, False)
         lock = self._claim_output_dir(resumed, overwrite)
         view = None
         try:
+            if trainer.args.save_total_limit is not None:  # set on trainer.args after the trainer was built
+                trainer.save_total_limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
             if trainer.args.should_save:
                 recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
@@ -181,9 +187,10 @@ class RunFiles(TrainerCallback):
                 trainer.add_callback(callback)
             callback.trainer = trainer
             with preemption_signal_handlers(callback, callback.signals):
-                output = Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
-            # log_training corrected the logged metrics in place; the returned loss is a copy of the old value
-            return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
+                yield resume_from_checkpoint
+            best = trainer.state.best_model_checkpoint
+            if trainer.args.should_save and trainer.save_total_limit == 1 and best is not None:
+                checkpoint_writing().rotate_checkpoints(trainer.args.output_dir, 1, keep=[best], keep_newest=False)
         finally:
             if view is not None:  # every process is done reading it
                 trainer.accelerator.wait_for_everyone()
@@ -282,7 +289,7 @@ class RunFiles(TrainerCallback):
     # ------------------------------------------------------------------ weights
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the LoRA adapters or the denoiser, in diffusers' format, to ``output_dir``.
+        """The trainer's ``save_model``: the LoRA adapters or the denoiser, in diffusers' format, to ``output_dir``.
 
         Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP) they are first gathered (every process must
         call this), so the files are the same as on one process whatever the engine's own save settings say. A
@@ -305,8 +312,6 @@ class RunFiles(TrainerCallback):
             if _internal_call or not writing.is_save_failure(err, free):  # inside save_checkpoint, which reports it
                 raise
             raise writing.save_failure(err, folder, trainer.args.output_dir, 0, free) from err
-        if trainer.args.push_to_hub and not _internal_call:
-            trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
 
     def save_weights(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The weights (``state_dict`` if given, gathered by the engine) and ``training_config.json``; the whole
@@ -333,9 +338,9 @@ class RunFiles(TrainerCallback):
         saving.write_training_config(trainer.args_as_given, output_dir)
 
     def load_weights(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        """``_load_from_checkpoint``: the LoRA adapters or the denoiser from a checkpoint, into the engine's
-        shards where it shards them (DeepSpeed loads its own engine state beside: transformers does not call this
-        under it)."""
+        """The trainer's ``_load_from_checkpoint``: the LoRA adapters or the denoiser from a checkpoint, into the
+        engine's shards where it shards them (DeepSpeed loads its own engine state beside: transformers does not call
+        this under it)."""
         trainer = self.trainer
         if not saving.has_saved_weights(resume_from_checkpoint):
             raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
@@ -347,94 +352,80 @@ class RunFiles(TrainerCallback):
                 saving.load_full_denoiser(denoiser, resume_from_checkpoint, subfolder=trainer.family.denoiser_name)
 
     def load_best_model(self) -> None:
-        """``_load_best_model``: the weights of the best checkpoint (``load_best_model_at_end``)."""
+        """The trainer's ``_load_best_model``: the weights of the best checkpoint (``load_best_model_at_end``)."""
         best = self.trainer.state.best_model_checkpoint
         logger.info("Loading the best model from %s (score: %s)", best, self.trainer.state.best_metric)
         self.trainer._load_from_checkpoint(best)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, model: torch.nn.Module | None = None, trial: Any = None) -> None:
-        """``_save_checkpoint``: transformers' own (``Trainer._save_checkpoint``: the weights through
-        ``save_model``, the optimizer, scheduler, scaler, random and trainer states, whatever the installed version
-        writes) into a staging folder, with what is ours beside it (the checkpoint parts, ``run_identity.json``, the
-        loss sum), published whole with its manifest by :func:`.checkpoint_writing.publish_checkpoint`; then the
-        Hub push and the rotation. A save failing on the filesystem leaves no partial folder and raises
-        :class:`.checkpoints.CheckpointSaveError`.
+    def checkpoint_folder(self) -> str:
+        """``<output_dir>/checkpoint-<global step>``: where transformers' ``_save_checkpoint`` writes this step's
+        checkpoint (``trial`` is always ``None``: a hyperparameter search needs ``model_init``, which this trainer
+        does not take)."""
+        return os.path.join(self.trainer.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.trainer.state.global_step}")
 
-        ``trial`` is always ``None``: a hyperparameter search needs ``model_init``, which this trainer does not take,
-        so the checkpoints go to ``output_dir`` itself."""
+    def begin_checkpoint(self, folder: str) -> None:
+        """Before transformers' save writes ``folder``: a ``checkpoint-N`` left there by a killed save of the same step
+        removed, and ``run_identity.json`` written into it first (a folder holding it and no manifest is a save never
+        finished: :mod:`.checkpoints`). Every process calls it."""
         trainer = self.trainer
-        args, state = trainer.args, trainer.state
-        run_dir = args.output_dir
-        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        writing = checkpoint_writing()
-        staging = writing.staging_folder(final)
-        staging_run = os.path.dirname(staging)
-        if args.should_save and os.path.exists(staging_run):
-            shutil.rmtree(staging_run)
-        trainer.accelerator.wait_for_everyone()  # no process writes into a staging folder being cleared
-        try:
-            self._write_checkpoint(model, trial, staging, final, run_dir)
-        except Exception as err:
-            # Only the staging folder is removed: the complete checkpoints are untouched, and rotation (below) never
-            # ran. Under several processes the others are left at a barrier; the job fails on this error.
-            written, free = writing.folder_bytes(staging_run), writing.free_bytes(run_dir)
-            if args.should_save:
-                shutil.rmtree(staging_run, ignore_errors=True)
-            if not writing.is_save_failure(err, free):
-                raise
-            raise writing.save_failure(err, final, run_dir, written, free) from err
-        trainer.accelerator.wait_for_everyone()
-        if args.push_to_hub:
-            # Not Trainer's _push_from_checkpoint: it copies files named as transformers' weights (none of ours) and
-            # uploads a pickled training_args.bin.
-            self.hub.push_checkpoint(final)
-        if args.should_save:
-            # Not transformers' rotate_checkpoints, which deletes in place (a kill midway leaves a partial
-            # checkpoint-N) and keeps the newest by name, complete or not. Looked up on the module at call time, so
-            # that a test can stop a run inside it.
-            writing.rotate_checkpoints(run_dir, args.save_total_limit, keep=[final, state.best_model_checkpoint])
-
-    def _write_checkpoint(self, model: torch.nn.Module | None, trial: Any, staging: str, final: str, run_dir: str):
-        """Every file of the checkpoint into ``staging``, then (main process) the manifest and the rename.
-
-        transformers offers no public hook to write a checkpoint elsewhere than ``<args.output_dir>/checkpoint-N``
-        (its ``_get_output_dir`` is private too), so its ``_save_checkpoint`` runs with the trainer's ``args``
-        replaced, for that call only, by a copy whose ``output_dir`` is the staging run folder ``.tmp-checkpoint-N``
-        (``staging`` is its ``checkpoint-N``) and whose ``push_to_hub`` is off (pushed after the publish). Its
-        rotation then sees that folder alone and deletes nothing; its ``checkpoint-*`` pattern never matches
-        ``.tmp-checkpoint-N`` in ``output_dir``."""
-        trainer = self.trainer
-        args, state = trainer.args, trainer.state
-        staged = copy.copy(args)
-        staged.output_dir, staged.push_to_hub = os.path.dirname(staging), False
+        if trainer.args.should_save:
+            checkpoint_writing().clear_checkpoint(folder)
+            os.makedirs(folder)
+            run_io.write_run_identity(trainer, folder)
+        trainer.accelerator.wait_for_everyone()  # no process writes into a folder being cleared
         trainer.engine.prepare_checkpoint(trainer.optimizer)
-        trainer.args = staged
-        try:
-            Trainer._save_checkpoint(trainer, model if model is not None else trainer.model_wrapped, trial)
-        finally:
-            trainer.args = args
+
+    def finish_checkpoint(self, folder: str) -> None:
+        """After transformers' save: the checkpoint parts and the loss sum written into ``folder``; once every process
+        has written its files (RNG states, engine shards, parts), the engine's files no resume reads removed and the
+        checkpoint marked complete by its manifest, written last (:func:`.checkpoint_writing.mark_complete`). Every
+        process calls it."""
+        trainer = self.trainer
+        args, state = trainer.args, trainer.state
         for part in self.checkpoint_parts():
-            part.save(staging)
+            part.save(folder)
         loss_total = self._loss_total()  # a reduction: every process
         window_steps, window_sum = self._open_window(self._loss_logged)
+        if args.should_save and loss_total is not None:
+            with open(os.path.join(folder, LOSS_TOTAL_NAME), "w") as f:
+                record = {"global_step": state.global_step, "loss_sum": loss_total}
+                json.dump(record | {"log_window_steps": window_steps, "log_window_loss_sum": window_sum}, f)
+        trainer.accelerator.wait_for_everyone()
         if args.should_save:
-            if state.best_model_checkpoint and os.path.dirname(state.best_model_checkpoint) == staged.output_dir:
-                # transformers named the best checkpoint (this one) by its staging path: recorded by its final name
-                state.best_model_checkpoint = final
-                state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
-            run_io.write_run_identity(trainer, staging)
-            if loss_total is not None:
-                with open(os.path.join(staging, LOSS_TOTAL_NAME), "w") as f:
-                    record = {"global_step": state.global_step, "loss_sum": loss_total}
-                    json.dump(record | {"log_window_steps": window_steps, "log_window_loss_sum": window_sum}, f)
-
-        trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
-        if args.should_save:
-            for unused in trainer.engine.unused_checkpoint_files(staging):  # FSDP's model copy: never resumed from
+            for unused in trainer.engine.unused_checkpoint_files(folder):  # FSDP's model copy: never resumed from
                 shutil.rmtree(unused) if os.path.isdir(unused) else os.remove(unused)
-            checkpoint_writing().publish_checkpoint(staging, final)
+            checkpoint_writing().mark_complete(folder)
+        trainer.accelerator.wait_for_everyone()
+
+    def checkpoint_failed(self, err: Exception, folder: str) -> CheckpointSaveError | None:
+        """A save of ``folder`` raised ``err``: the partial folder removed (the complete checkpoints are untouched;
+        rotation never ran); a :class:`.checkpoints.CheckpointSaveError` naming the folder and the bytes needed to
+        raise where the filesystem failed (a full disk), else ``None`` (``err`` is raised as it is). Under several
+        processes the others are left at a barrier; the job fails on this error."""
+        writing = checkpoint_writing()
+        run_dir = self.trainer.args.output_dir
+        written, free = writing.folder_bytes(folder), writing.free_bytes(run_dir)
+        if self.trainer.args.should_save:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not writing.is_save_failure(err, free):
+            return None
+        return writing.save_failure(err, folder, run_dir, written, free)
+
+    def rotate_checkpoints(self, folder: str) -> None:
+        """The oldest checkpoints beyond the trainer's ``save_total_limit`` deleted, never ``folder`` (just written),
+        the best nor the newest complete one (:func:`.checkpoint_writing.rotate_checkpoints`: renamed out of sight,
+        then deleted, looked up on the module at call time, so that a test can stop a run inside it)."""
+        trainer = self.trainer
+        if trainer.args.should_save:
+            keep = [folder, trainer.state.best_model_checkpoint]
+            checkpoint_writing().rotate_checkpoints(trainer.args.output_dir, trainer.save_total_limit, keep=keep)
+
+    def save_checkpoint(self) -> None:
+        """A checkpoint of the trainer's state now (the last good step, before a run stops on an error): the
+        trainer's ``_save_checkpoint``, through its classes."""
+        self.trainer._save_checkpoint(self.trainer.model_wrapped, None)
 
     def checkpoint_parts(self) -> list[CheckpointPart]:
         """What every checkpoint holds beside transformers' files: the parts the trainer added (:attr:`parts`), then
@@ -450,32 +441,6 @@ class RunFiles(TrainerCallback):
         """The run's model card and Hub pushes (:class:`~.hub.RunHub`): :mod:`.hub` is imported when the run first
         writes a card or reaches the Hub."""
         return run_io.RunHub(self.trainer)
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
-    ) -> None:
-        """Write ``README.md`` in ``output_dir`` (:meth:`.hub.RunHub.create_model_card`)."""
-        self.hub.create_model_card(model_name, dataset_name, tags, license)
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """Create the Hub repo (:meth:`.hub.RunHub.init_hf_repo`)."""
-        self.hub.init_hf_repo(token, private)
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs: Any,
-    ):
-        """Save the weights and a model card to ``output_dir`` and upload it (:meth:`.hub.RunHub.push_to_hub`)."""
-        return self.hub.push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
 
 
 def _remove_earlier_checkpoints(output_dir: str, earlier: list[str]) -> None:
@@ -519,15 +484,3 @@ def _read_log_window(checkpoint: str) -> tuple[int, float]:
     with open(path) as f:
         record = json.load(f)
     return int(record.get("log_window_steps", 0)), float(record.get("log_window_loss_sum", 0.0))
-
-
-def files_hook(name: str) -> Callable[..., Any]:
-    """A trainer method that hands the call to ``trainer.files.<name>`` (:class:`RunFiles`), with that method's
-    signature and docstring: each of transformers' file hooks the trainer overrides is one such line."""
-    target = getattr(RunFiles, name)
-
-    @functools.wraps(target)
-    def hook(trainer: Trainer, *args: Any, **kwargs: Any) -> Any:
-        return getattr(trainer.files, name)(*args, **kwargs)
-
-    return hook

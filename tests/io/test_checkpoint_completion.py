@@ -1,0 +1,210 @@
+"""The trainer's saving and training extend transformers.Trainer's through ``super()``: a class between the trainer and
+``Trainer`` (TRL's ``_BaseTrainer``, a user's mixin) runs inside them, and its files are part of the checkpoint.
+A checkpoint is trusted only once its manifest, written last, marks it complete: a save killed before the mark leaves
+a folder the resume does not take, and the previous complete checkpoint is still there with ``save_total_limit=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+from datasets import Dataset
+from transformers import Trainer
+
+from tests.helpers.common import lora_config, pickapic_rows
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.io import checkpoint_writing
+from trl_diffusion_sdpo.io.checkpoints import (
+    MANIFEST_DRAFT_NAME,
+    MANIFEST_NAME,
+    CheckpointError,
+    checkpoint_problem,
+    recover_interrupted_saves,
+    resolve_resume_checkpoint,
+)
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
+
+MIXIN_FILE = "mixin_state.json"
+
+
+class RecordingMixin(Trainer):
+    """A class between the trainer and ``Trainer``: records its ``train`` and ``_save_checkpoint`` calls and, after
+    transformers' save, writes a file of its own into the checkpoint folder, as a mixin's state would be."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.mixin_calls.append(("train", resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        # what the folder held when transformers' save returned: its files, not yet the completion mark
+        self.mixin_calls.append(("save", sorted(os.listdir(folder))))
+        with open(os.path.join(folder, MIXIN_FILE), "w") as f:
+            json.dump({"step": self.state.global_step}, f)
+
+
+class Mixed(DiffusionSDPOTrainer, RecordingMixin):
+    pass
+
+
+def build(cls: type, output_dir: str, tokenizer_dir: str, **overrides) -> DiffusionSDPOTrainer:
+    settings = dict(
+        output_dir=output_dir,
+        resolution=32,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="steps",
+        save_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = cls(
+        build_tiny_sd_pipeline(seed=0, tokenizer_dir=tokenizer_dir),
+        args=DiffusionSDPOConfig(**(settings | overrides)),
+        train_dataset=Dataset.from_list(pickapic_rows(4)),
+        peft_config=lora_config(),
+    )
+    trainer.mixin_calls = []
+    return trainer
+
+
+def test_a_mixin_between_the_trainer_and_transformers_runs_in_its_saves_and_train(tmp_path):
+    mro = Mixed.__mro__
+    assert mro.index(DiffusionSDPOTrainer) < mro.index(RecordingMixin) < mro.index(Trainer)
+    out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
+    trainer = build(Mixed, out, tok)
+    trainer.train()
+    saves = [files for kind, files in trainer.mixin_calls if kind == "save"]
+    assert [kind for kind, _ in trainer.mixin_calls] == ["train", "save", "save"]
+    for files in saves:  # inside the trainer's save: transformers' files are written, the mark is not yet
+        assert "trainer_state.json" in files and "pytorch_lora_weights.safetensors" in files
+        assert MANIFEST_NAME not in files
+    for step in (1, 2):
+        folder = os.path.join(out, f"checkpoint-{step}")
+        assert checkpoint_problem(folder) == ""
+        with open(os.path.join(folder, MANIFEST_NAME)) as f:
+            assert MIXIN_FILE in json.load(f)["files"]  # the mixin's file is part of the complete checkpoint
+
+    resumed = build(Mixed, out, tok, max_steps=3)
+    resumed.train(resume_from_checkpoint=True)
+    # the mixin's train is handed the checkpoint the trainer resolved and checked, not True
+    assert resumed.mixin_calls[0] == ("train", os.path.join(out, "checkpoint-2"))
+    assert resumed.state.global_step == 3
+
+
+class Killed(BaseException):
+    """A kill, as the save sees it: nothing after the raise runs, nothing is cleaned up."""
+
+
+def test_a_save_killed_before_its_mark_is_not_trusted_and_the_previous_checkpoint_survives(
+    tmp_path, monkeypatch, caplog
+):
+    out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
+    trainer = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1)
+    assert trainer.save_total_limit == 1 and trainer.args.save_total_limit is None
+    original = checkpoint_writing.mark_complete
+
+    def mark_complete(folder: str) -> None:
+        if trainer.state.global_step == 2:  # transformers' files and ours written, the manifest not yet
+            raise Killed
+        original(folder)
+
+    monkeypatch.setattr(checkpoint_writing, "mark_complete", mark_complete)
+    with pytest.raises(Killed):
+        trainer.train()
+    monkeypatch.undo()
+    first, second = os.path.join(out, "checkpoint-1"), os.path.join(out, "checkpoint-2")
+    assert checkpoint_problem(first) == ""  # the complete one, kept although save_total_limit=1
+    assert os.path.isfile(os.path.join(second, "trainer_state.json")) and not os.path.exists(
+        os.path.join(second, MANIFEST_NAME)
+    )
+    assert resolve_resume_checkpoint(True, out) == first
+    with pytest.raises(CheckpointError, match="marked complete") as info:
+        resolve_resume_checkpoint(second, out)
+    assert first in str(info.value)
+
+    resumed = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1)
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
+        resumed.train(resume_from_checkpoint=True)
+    assert f"Removing {second}: its save was interrupted" in caplog.text
+    assert f"Resuming from {first}" in caplog.text
+    assert resumed.state.global_step == 2
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # rotated to one, once the new checkpoint-2 was complete
+    assert checkpoint_problem(second) == ""
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("complete")
+    build(DiffusionSDPOTrainer, str(root / "out"), str(root / "tok")).train()
+    return str(root / "out")
+
+
+def test_a_manifest_killed_before_its_rename_is_finished_when_it_checks_out_and_removed_otherwise(
+    complete_run, tmp_path
+):
+    run = str(tmp_path / "out")
+    shutil.copytree(complete_run, run)
+    first, second = os.path.join(run, "checkpoint-1"), os.path.join(run, "checkpoint-2")
+    for folder in (first, second):  # the draft written and flushed, not renamed
+        os.rename(os.path.join(folder, MANIFEST_NAME), os.path.join(folder, MANIFEST_DRAFT_NAME))
+    with open(os.path.join(second, "optimizer.pt"), "r+b") as f:  # ...and, in checkpoint-2, bytes changed since
+        f.write(b"\x07" * 16)
+    with pytest.raises(ValueError, match="No complete checkpoint"):  # a draft is no mark
+        resolve_resume_checkpoint(True, run)
+    recover_interrupted_saves(run)
+    assert checkpoint_problem(first) == ""  # finished: the draft checked out against every file
+    assert not os.path.exists(second)  # begun by this package (run_identity.json), never validly marked
+    assert resolve_resume_checkpoint(True, run) == first
+
+
+def test_a_plain_checkpoint_without_a_manifest_or_run_identity_is_still_resumed_from(complete_run, tmp_path):
+    """A checkpoint written before manifests existed (or by plain transformers with this package's weight files):
+    accepted on its trainer_state.json and weights, and left alone by the recovery."""
+    run = str(tmp_path / "out")
+    shutil.copytree(complete_run, run)
+    second = os.path.join(run, "checkpoint-2")
+    os.remove(os.path.join(second, MANIFEST_NAME))
+    os.remove(os.path.join(second, "run_identity.json"))
+    recover_interrupted_saves(run)
+    assert os.path.isdir(second)
+    assert resolve_resume_checkpoint(True, run) == second
+
+
+def test_each_checkpoint_is_pushed_once_and_only_once_it_is_marked_complete(tmp_path, monkeypatch):
+    """transformers pushes from inside its ``_save_checkpoint``, before the mark: the trainer's push runs after it,
+    so the Hub's copy of every checkpoint holds its manifest."""
+    import trl_diffusion_sdpo.io.hub as hub
+    from tests.io.test_saving import FakeHfApi
+
+    pushed: list[tuple[str, list[str]]] = []
+
+    class RecordingHfApi(FakeHfApi):
+        def upload_folder(self, **kwargs):
+            if kwargs.get("path_in_repo"):  # the checkpoint's own upload, beside the output folder's
+                pushed.append((kwargs["path_in_repo"], sorted(os.listdir(kwargs["folder_path"]))))
+            return super().upload_folder(**kwargs)
+
+    monkeypatch.setattr(hub, "HfApi", RecordingHfApi)
+    trainer = build(
+        DiffusionSDPOTrainer,
+        str(tmp_path / "out"),
+        str(tmp_path / "tok"),
+        push_to_hub=True,
+        hub_strategy="all_checkpoints",
+        hub_model_id="someone/tiny",
+    )
+    trainer.train()
+    assert [name for name, _ in pushed] == ["checkpoint-1", "checkpoint-2"]
+    assert all(MANIFEST_NAME in files and "trainer_state.json" in files for _, files in pushed)
