@@ -9,32 +9,92 @@ import os
 import sqlite3
 
 import pytest
-from diffusers.configuration_utils import FrozenDict
+import torch
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
-from trl_diffusion_sdpo.io.trackers import TrackableConfig, make_config_trackable
-
-
-def test_trackable_config_is_the_same_mapping_with_to_dict_and_to_json_string(make_pipeline):
-    unet = make_pipeline().unet
-    before = dict(unet.config)
-    make_config_trackable(unet)
-    assert isinstance(unet.config, TrackableConfig) and isinstance(unet.config, FrozenDict)
-    assert dict(unet.config) == before
-    assert unet.config.cross_attention_dim == before["cross_attention_dim"]
-    as_dict = unet.config.to_dict()
-    assert as_dict["block_out_channels"] == list(before["block_out_channels"])
-    assert "_use_default_values" not in as_dict
-    assert json.loads(unet.config.to_json_string()) == json.loads(json.dumps(as_dict))
+from trl_diffusion_sdpo.io.trackers import TrackerAdapter
 
 
-def test_a_trackable_unet_still_saves_and_loads_in_diffusers(make_pipeline, tmp_path):
-    from diffusers import UNet2DConditionModel
+class RecordingWriter:
+    """A TensorBoard ``SummaryWriter`` as TensorBoardCallback uses it, keeping what it is handed."""
 
-    unet = make_pipeline().unet
-    make_config_trackable(unet)
-    unet.save_pretrained(tmp_path / "unet")
-    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
-    assert list(loaded.config.block_out_channels) == list(unet.config.block_out_channels)
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+
+    def add_text(self, tag: str, text: str) -> None:
+        self.texts[tag] = text
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _expected(config) -> dict:
+    """The UNet config's public entries as JSON reads them back, computed here from the config itself."""
+    public = {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"}
+    return json.loads(json.dumps(public, default=str))
+
+
+def test_tensorboard_receives_the_unet_config_and_the_unet_keeps_its_own(make_trainer, make_pipeline, tmp_path):
+    """transformers' own TensorBoardCallback (handed a writer through its public argument) calls
+    ``model.config.to_json_string()`` when training begins; the UNet's config object is neither replaced nor
+    changed."""
+    pipe = make_pipeline()
+    config = pipe.unet.config
+    before = dict(config)
+    writer = RecordingWriter()
+    trainer = make_trainer(
+        pipeline=pipe, max_steps=1, report_to="none", callbacks=[TensorBoardCallback(tb_writer=writer)]
+    )
+    assert pipe.unet.config is config and dict(pipe.unet.config) == before
+    assert type(config).__name__ == "FrozenDict" and not hasattr(config, "to_json_string")
+    trainer.train()
+    assert pipe.unet.config is config and dict(pipe.unet.config) == before
+    received = json.loads(writer.texts["model_config"])
+    assert received == _expected(before)
+    assert received["cross_attention_dim"] == before["cross_attention_dim"]
+    assert received["block_out_channels"] == list(before["block_out_channels"])
+
+
+class DictReadingTracker(TensorBoardCallback):
+    """A tracker that reads the model as MLflow, Comet and Neptune do (``model.config.to_dict()``) and keeps it;
+    its writer comes through TensorBoardCallback's public ``tb_writer`` argument, so nothing is written to disk."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model_config = model.config.to_dict()
+        self.is_module = isinstance(model, torch.nn.Module)
+        self.parameters = list(model.parameters())
+
+
+def test_to_dict_trackers_receive_the_unet_config_and_its_module_in_every_run(make_trainer, make_pipeline):
+    pipe = make_pipeline()
+    tracker = DictReadingTracker(tb_writer=RecordingWriter())
+    trainer = make_trainer(pipeline=pipe, max_steps=1, report_to="none", callbacks=[tracker])
+    (adapter,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerAdapter)]
+    assert adapter.tracker is tracker and adapter.tb_writer is tracker.tb_writer  # the validation grid's writer
+    trainer.train()
+    assert tracker.model_config == _expected(pipe.unet.config)
+    assert tracker.is_module  # W&B's watch takes torch modules only
+    assert [id(p) for p in tracker.parameters] == [id(p) for p in pipe.unet.parameters()]
+
+
+def test_other_callbacks_keep_the_model_itself(make_trainer, make_pipeline):
+    seen = []
+
+    class Seeing(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model)
+
+    pipe = make_pipeline()
+    trainer = make_trainer(pipeline=pipe, max_steps=1, report_to="none", callbacks=[Seeing()])
+    trainer.train()
+    assert seen == [trainer.model] and seen[0] is pipe.unet
 
 
 def _tensorboard_check(root: str) -> None:

@@ -67,11 +67,32 @@ def flag_nonfinite(flag: torch.Tensor | None, value: torch.Tensor) -> torch.Tens
     return new if flag is None else flag + new.to(flag.device)
 
 
+def hand_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Have ``optimizer``'s next fused step skip its update where ``found_inf`` (a float32 scalar on the device) is
+    not 0: weights, moments, weight decay and step counts are left as they were, with no host sync.
+
+    This is torch's protocol between its gradient scaler and the optimizers that declare
+    ``_step_supports_amp_scaling`` (the fused Adam, AdamW and SGD): ``GradScaler.step`` in
+    ``torch/amp/grad_scaler.py`` sets ``optimizer.found_inf`` before ``optimizer.step()`` and deletes it after (its
+    comment and FutureWarning state the contract), and ``Adam.step`` in ``torch/optim/adam.py`` (``SGD.step`` in
+    ``torch/optim/sgd.py``) passes ``getattr(self, "found_inf", None)`` to the fused kernel. The optimizer comes from
+    :func:`~trl_diffusion_sdpo.engines.base.fused_scaling_optimizer`, which returns none where a gradient scaler
+    already uses the attribute. :func:`take_found_inf` ends it after the step, as ``GradScaler.step`` does."""
+    optimizer.found_inf = found_inf
+
+
+def take_found_inf(optimizer: torch.optim.Optimizer) -> None:
+    """Remove what :func:`hand_found_inf` gave ``optimizer`` (nothing where it gave none): its next step applies."""
+    with contextlib.suppress(AttributeError):
+        del optimizer.found_inf
+
+
 class NonFiniteTracker:
     """Keeps gradients of a non-finite loss, or non-finite gradients, away from the optimizer, and counts the skips.
 
     With a fused optimizer (torch's fused AdamW, the default) and ``on_nonfinite="skip"`` the flag goes to the
-    optimizer as ``found_inf`` and its fused kernel skips the whole update on the device, so the host never waits;
+    optimizer as ``found_inf``, as ``torch.amp.GradScaler`` hands it (:func:`hand_found_inf`), and its fused kernel
+    skips the whole update on the device, so the host never waits;
     the skips are counted on the device and read when logging (:meth:`take_skipped`). Otherwise the flag is read just
     before the optimizer step, and if set every gradient is dropped. Either way the step is a no-op for all
     parameters: no moment update, no weight decay. Where the engine skips overflowing steps itself (DeepSpeed), the
@@ -126,7 +147,7 @@ class NonFiniteTracker:
         """Forget what an interrupted earlier ``train()`` left behind in the fused optimizer."""
         fused = self.fused_optimizer()
         if fused is not None:
-            fused.found_inf = None
+            take_found_inf(fused)
 
     def before_optimizer_step(self, global_step: int, output_dir: str) -> None:
         self.flag_gradients()
@@ -145,7 +166,7 @@ class NonFiniteTracker:
         fused = self.fused_optimizer()
         if fused is not None and self.on_nonfinite == "skip":
             skipped = (flag > 0).float()
-            fused.found_inf = skipped
+            hand_found_inf(fused, skipped)
             self.pending = skipped if self.pending is None else self.pending + skipped
             return
         if bool(flag.item() > 0):
@@ -156,7 +177,7 @@ class NonFiniteTracker:
         # The skip flag holds for one step only.
         fused = self.fused_optimizer()
         if fused is not None:
-            fused.found_inf = None
+            take_found_inf(fused)
 
     def take_skipped(self) -> int:
         """Read the skips counted on the device since the last call (one host sync, when logging); the total."""

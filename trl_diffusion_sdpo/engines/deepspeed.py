@@ -274,13 +274,16 @@ class DeepSpeedEngine(Engine):
         # A process's first group may hold no partition (ZeRO-3 spreads sub-groups unevenly over processes).
         held = (param.device for group in fused.param_groups for param in group["params"])
         device = next(held, self.accelerator.device)
+        # torch's protocol between GradScaler and the fused optimizers: GradScaler.step (torch/amp/grad_scaler.py)
+        # sets optimizer.found_inf before optimizer.step() and deletes it after; Adam.step (torch/optim/adam.py)
+        # hands getattr(self, "found_inf", None) to the fused kernel, which skips the update where it is not 0.
         fused.found_inf = torch.ones((), dtype=torch.float32, device=device)
         self._skipping = fused
 
     def end_skipped_step(self) -> None:
         skipping, self._skipping = self._skipping, None
         if skipping is not None:
-            skipping.found_inf = None
+            del skipping.found_inf  # as GradScaler.step does after the step
 
     def gathers_for_save(self) -> bool:
         # Before train() has built the engine the weights are still whole.

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
         save_pipeline_components,
         write_training_config,
     )
-    from .trackers import make_config_trackable
+    from .trackers import adapt_trackers
 
 _EXPORTS = {
     "CardMethod": ".hub",
@@ -40,7 +40,7 @@ _EXPORTS = {
     "save_lora_adapters": ".saving",
     "save_pipeline_components": ".saving",
     "write_training_config": ".saving",
-    "make_config_trackable": ".trackers",
+    "adapt_trackers": ".trackers",
     "apply_new_learning_rates": ".resume_check",
     "check_resume_config": ".resume_check",
     "read_run_identity": ".resume_check",
@@ -59,7 +59,7 @@ __all__ = [
     "has_lora_adapters",
     "load_full_denoiser",
     "load_lora_adapters",
-    "make_config_trackable",
+    "adapt_trackers",
     "push_checkpoint",
     "save_full_denoiser",
     "save_lora_adapters",

@@ -60,9 +60,14 @@ class DeepSpeedCollectives(BranchCollectives):
 
     @contextlib.contextmanager
     def tapped_pass(self, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-        # ZeRO-1/2's hooks run after each weight's gradient accumulation, also where the taps handed it none; their
-        # flag for transient gradients (``ds_grad_is_ready``, which DeepSpeed's own tiled computations set) makes
-        # them leave the weight alone. The combination reaches the engine afterwards (add_combined).
+        # ZeRO-1/2's hooks run after each weight's gradient accumulation, also where the taps handed it none. Their
+        # flag for transient gradients makes them leave the weight alone; the combination reaches the engine
+        # afterwards (add_combined). The flag is DeepSpeed's protocol on a parameter, with no public setter: read as
+        # getattr(param, "ds_grad_is_ready", True) by DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_
+        # remove_grads (deepspeed/runtime/zero/stage_1_and_2.py; stage3.py's DeepSpeedZeroOptimizer_Stage3 likewise),
+        # whose comment names this use (transient gradients of a computation split into a loop), and set False then
+        # True around such a loop by DeepSpeed's own TiledMLP.backward and SequenceTiledCompute.backward
+        # (deepspeed/runtime/sequence_parallel/ulysses_sp.py), as here.
         for p in parameters:
             p.ds_grad_is_ready = False
         try:
