@@ -390,6 +390,17 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return _FusedAttention.apply(query, key, value)
 
 
+class _FusedAttentionCalls(torch.overrides.TorchFunctionMode):
+    """``torch.nn.functional.scaled_dot_product_attention`` called as :func:`_fused_sdpa` (what a fused kernel
+    saves); every other call as it is. torch's public way to stand in for one of its functions, where the function
+    itself is left as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _fused_sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def _count_saved(parameters: set[int], totals: list[int]) -> Iterator[None]:
     """Add the bytes of each tensor autograd saves (parameters and their views left out, each storage once) to
@@ -403,13 +414,8 @@ def _count_saved(parameters: set[int], totals: list[int]) -> Iterator[None]:
             totals[0] += base.numel() * base.element_size()
         return tensor
 
-    original = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
+    with _FusedAttentionCalls(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield
 
 
 def _unet_inputs(unet: torch.nn.Module, rows: int, latent: int, tokens: int, dtype: torch.dtype) -> dict[str, Any]:
