@@ -107,11 +107,13 @@ ONLINE_DORMANT = {"safeguard_space": "none", "on_pathology": "safeguard"}
 
 def tried_online() -> None:
     """Let this process's online runs switch to the offline target (``health.SWITCH_TO``) when the alarm fires. The
-    package refuses ``on_pathology="safeguard"`` online (``health.ONLINE_SWITCH_TO`` is ``None``); the online
-    studies' dormant runs measure what that refusal gives up."""
+    package refuses ``on_pathology="safeguard"`` online (``online.defaults.ONLINE_SWITCH_TO``, which the online
+    config's ``pathology_switch`` returns, is ``None``); the online studies' dormant runs measure what that refusal
+    gives up."""
     from trl_diffusion_sdpo.callbacks import health
+    from trl_diffusion_sdpo.online import defaults as online_defaults
 
-    health.ONLINE_SWITCH_TO = dict(health.SWITCH_TO)
+    online_defaults.ONLINE_SWITCH_TO = dict(health.SWITCH_TO)
 
 
 DORMANT_NOT_RUN = [

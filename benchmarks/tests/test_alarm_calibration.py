@@ -135,7 +135,7 @@ def test_an_online_run_never_names_a_safeguard_while_the_online_evidence_says_no
     evidence = online_evidence()  # raises where a file says a safeguard holds online
     assert evidence["rows"]["hacking"] and not any(row["holds"] for row in evidence["rows"]["hacking"])
     for args in _configs(tmp_path):
-        if not getattr(args, "is_online", False):
+        if not isinstance(args, OnlineDiffusionSDPOConfig):
             continue
         found = remedies(args)
         assert not any(_SAFEGUARD_ON.search(remedy) for remedy in found), found
@@ -197,7 +197,7 @@ def test_the_online_refusal_states_what_the_evidence_holds(written, runs):
     online setting held where online Diffusion-DPO hacked its reward, the calibrated alarm, replayed here, fires on
     none of the online runs, and it switched none of the online dormant runs that ran it live."""
     from benchmarks.studies.stability_dormant import DORMANT_OUTPUT
-    from trl_diffusion_sdpo.callbacks.health import NO_ONLINE_SWITCH, ONLINE_SWITCH_TO
+    from trl_diffusion_sdpo.online.defaults import NO_ONLINE_SWITCH, ONLINE_SWITCH_TO
 
     assert ONLINE_SWITCH_TO is None
     assert (

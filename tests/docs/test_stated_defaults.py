@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_diffusion_sdpo.config.defaults import resolve_default, resolve_defaults, safeguard_default_sentence
+from trl_diffusion_sdpo.config.defaults import (
+    default_table,
+    resolve_default,
+    resolve_defaults,
+    safeguard_default_sentence,
+)
 from trl_diffusion_sdpo.families.registry import registered_families
+from trl_diffusion_sdpo.online.defaults import online_table
+from trl_diffusion_sdpo.online.defaults import safeguard_default_sentence as online_safeguard_sentence
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -82,7 +89,7 @@ def check_config_file(path: Path, text: str, tmp_path: Path) -> None:
     for field, value, comment in claims:
         if field.startswith("table:"):
             field = field.removeprefix("table:")
-            table = resolve_default(field, family, config.loss_type, config.regime == "online", model).value
+            table = config.default_for(field, family, model).value
             assert table == value, f"{path.name}: {field}: {value} is called a default, the table says {table}"
         else:
             assert resolved[field] == value, f"{path.name}: '#{comment}' states {field} {value}, it runs {resolved}"
@@ -134,20 +141,20 @@ def test_the_commands_help_states_the_safeguard_default_of_its_mode():
     from trl_diffusion_sdpo.cli.help_topics import stored_help
     from trl_diffusion_sdpo.cli.main import build_parser
 
-    assert resolve_default("safeguard_space", online=True).value == "none"
+    assert _online_space() == "none"
     top = " ".join(build_parser().format_help().split())
-    assert " ".join(safeguard_default_sentence(online=True).split()) in top
-    assert " ".join(safeguard_default_sentence(online=False).split()) in top
+    assert " ".join(online_safeguard_sentence().split()) in top
+    assert " ".join(safeguard_default_sentence().split()) in top
     online = " ".join(stored_help("online").split())
-    assert " ".join(safeguard_default_sentence(online=True).split()) in online
+    assert " ".join(online_safeguard_sentence().split()) in online
     for text in (top, online):
         assert "trained on with the safeguard" not in text
 
 
 @pytest.mark.parametrize("online", [False, True])
 def test_the_safeguard_sentence_says_what_the_table_resolves(online):
-    sentence = safeguard_default_sentence(online=online)
-    space = resolve_default("safeguard_space", online=online).value
+    sentence = online_safeguard_sentence() if online else safeguard_default_sentence()
+    space = _online_space() if online else resolve_default("safeguard_space").value
     assert ("without the safeguard" in sentence) == (space == "none")
     if space != "none":
         assert f"safeguard_space {space}" in sentence
@@ -155,7 +162,7 @@ def test_the_safeguard_sentence_says_what_the_table_resolves(online):
 
 
 def _online_space() -> str:
-    return resolve_default("safeguard_space", online=True).value
+    return resolve_default("safeguard_space", table=online_table(default_table())).value
 
 
 def _package_mu() -> str:

@@ -31,7 +31,7 @@ def _real_namespace(argv: list[str]) -> dict:
 
     from trl_diffusion_sdpo.cli.memory_parser import make_estimate_parser
 
-    parser = make_estimate_parser(False)
+    parser = make_estimate_parser("train")
     argv = list(argv)
     if "--config" in argv:
         at = argv.index("--config")
@@ -104,7 +104,7 @@ def test_stored_parser_leaves_to_the_real_parser_what_it_does_not_decide(argv):
     assert parse_stored(["--use_cpu", "true", *argv]) is None
 
 
-def test_stored_config_answers_what_the_config_class_answers():
+def test_stored_config_answers_what_the_config_class_answers(tmp_path):
     """The properties the config's rules read beside its fields, on the stored parser's values, as the class's own
     property getters compute them from the same values."""
     import itertools
@@ -118,4 +118,7 @@ def test_stored_config_answers_what_the_config_class_answers():
         values = StoredArguments(safeguard_space=space, noising=noising, loss_type=loss)
         for name in ("safeguarded", "inverts"):
             assert getattr(values, name) == getattr(DiffusionSDPOConfig, name).fget(values), (name, space, noising)
-    assert StoredArguments().defaults_regime("safeguard_space") == DiffusionSDPOConfig.regime
+    # an unset field resolves from DiffusionSDPOConfig's own table, which the stored values stand in for
+    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    for name in ("safeguard_space", "safeguard_mu", "beta", "learning_rate"):
+        assert StoredArguments(loss_type="dpo").default_for(name) == config.default_for(name), name

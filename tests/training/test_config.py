@@ -479,11 +479,20 @@ def test_the_default_global_scope_computes_the_local_lambda_on_one_process(make_
     [(False, True, 32, 1, DATA_WORKERS), (False, True, 6, 4, 1), (False, True, 2, 1, 2), (False, False, 32, 1, 0),
      (True, True, 32, 1, 0)],
 )  # fmt: skip
-def test_data_loading_overlaps_the_gpus_step_offline_only(online, cuda, cpus, processes, workers):
+def test_data_loading_overlaps_the_gpus_step_offline_only(tmp_path, online, cuda, cpus, processes, workers):
     """Workers (at most the cores per process, at least one) and non-blocking copies where a GPU runs an offline
-    step; none on the CPU or online."""
-    chosen = data_loading_defaults(online=online, cuda=cuda, cpus=cpus, processes=processes)
-    assert chosen == {"dataloader_num_workers": workers, "non_blocking": cuda and not online}
+    step; none on the CPU or online: each config's own choice."""
+    from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
+
+    config = (OnlineDiffusionSDPOConfig if online else DiffusionSDPOConfig)(output_dir=str(tmp_path), use_cpu=True)
+    chosen = config.data_loading_defaults(cuda=cuda, cpus=cpus, processes=processes)
+    run = "online" if online else "offline"
+    assert chosen == {"dataloader_num_workers": workers, "non_blocking": cuda and not online, "run": run}
+    if not online:
+        assert data_loading_defaults(cuda=cuda, cpus=cpus, processes=processes) == {
+            "dataloader_num_workers": workers,
+            "non_blocking": cuda,
+        }
 
 
 def test_the_config_asks_the_machine_nothing(tmp_path, monkeypatch):

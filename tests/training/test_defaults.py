@@ -29,6 +29,7 @@ from trl_diffusion_sdpo.families.registry import registered_families
 from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
 from trl_diffusion_sdpo.families.sdxl import StableDiffusionXLFamily
 from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
+from trl_diffusion_sdpo.online.defaults import online_table
 from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +106,7 @@ def test_the_tiny_base_has_its_own_margin_resting_on_the_toys_results(base):
 
 def test_the_most_specific_entry_wins_and_online_runs_without_a_safeguard():
     assert resolve_default("safeguard_space").value == "output"
-    assert resolve_default("safeguard_space", online=True).value == "none"
+    assert resolve_default("safeguard_space", table=online_table(default_table())).value == "none"
     assert len([e for e in PACKAGE_DEFAULTS if e.field == "safeguard_mu" and e.scope == "*"]) == 1
     # a family entry naming the objective outranks one that does not ("*"), and both outrank the package's
     entries = [e for e in default_table(StableDiffusionXLFamily) if e.field == "safeguard_mu"]

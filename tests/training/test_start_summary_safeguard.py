@@ -13,7 +13,7 @@ from tests.helpers.common import fast_config_values
 from tests.helpers.online import make_trainer as make_online_trainer
 from tests.helpers.online import online_config
 from trl_diffusion_sdpo.config import DiffusionSDPOConfig
-from trl_diffusion_sdpo.config.defaults import TINY_BASE, resolve_default, resolved_config
+from trl_diffusion_sdpo.config.defaults import TINY_BASE, resolved_config
 from trl_diffusion_sdpo.config.rules import SAFEGUARD_SPACES
 from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
 from trl_diffusion_sdpo.io.run_summary import start_summary
@@ -43,7 +43,7 @@ def test_safeguard_mu_is_justified_only_where_a_safeguard_runs(tmp_path, online,
         else DiffusionSDPOConfig(**fast_config_values(str(tmp_path / "out")), safeguard_space=space)
     )
     summary, effective = _summary(config)
-    tiny_source = resolve_default("safeguard_mu", StableDiffusionFamily, "dpo", online, TINY_BASE).source
+    tiny_source = config.default_for("safeguard_mu", StableDiffusionFamily, TINY_BASE, objective="dpo").source
     assert f"safeguard_space={effective.safeguard_space} (" in summary
     if effective.safeguard_space == "none":
         assert _mu_lines(summary) == [] and tiny_source not in summary, summary

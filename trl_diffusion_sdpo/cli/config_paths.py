@@ -1,7 +1,7 @@
 """A ``--config`` file as the parsers of ``train``, ``online``, ``cache`` and ``estimate-memory`` read it
 (:mod:`.parsing`, :mod:`.option_table`): a file that must exist, its relative paths read from the file's folder
-(:func:`resolve_config_paths`), and whether it is an ``online`` command's (:func:`is_online_config`); importing
-nothing beyond the standard library and PyYAML."""
+(:func:`resolve_config_paths`), and which command's options read it (:func:`config_command`); importing nothing
+beyond the standard library, PyYAML and the package's light tables."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Any
 
 import yaml
 
+from ..online.defaults import ONLINE_FILE_KEYS
+
 __all__ = [
     "FILE_SUFFIXES",
+    "FILE_COMMANDS",
     "INPUT_PATH_KEYS",
-    "ONLINE_KEYS",
+    "config_command",
     "config_file_problem",
-    "is_online_config",
     "resolve_config_paths",
 ]
 
@@ -34,8 +36,9 @@ INPUT_PATH_KEYS = {
     "deepspeed": False,
 }
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp")
-# Keys only an ``online`` command's YAML file has: ``estimate-memory`` reads such a file with that command's options.
-ONLINE_KEYS = ("prompts", "reward_funcs", "num_generations")
+#: the commands beside ``train`` whose YAML files ``estimate-memory`` reads with their own options, each with the keys
+#: only its files have, as the command's own package names them
+FILE_COMMANDS: dict[str, tuple[str, ...]] = {"online": ONLINE_FILE_KEYS}
 
 
 def config_file_problem(path: str) -> str | None:
@@ -43,16 +46,19 @@ def config_file_problem(path: str) -> str | None:
     return None if os.path.isfile(path) else f"--config {path}: no such file"
 
 
-def is_online_config(argv: list[str]) -> bool:
-    """Whether ``--config`` names an ``online`` command's YAML file (one with any of :data:`ONLINE_KEYS`)."""
+def config_command(argv: list[str], default: str = "train") -> str:
+    """The command whose options read the YAML file ``--config`` names in ``argv``: the first of
+    :data:`FILE_COMMANDS` whose keys the file has, else ``default``."""
     if "--config" not in argv[:-1]:
-        return False
+        return default
     try:
         with open(argv[argv.index("--config") + 1]) as f:
             config = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
-        return False  # the parser names the missing file, or where the YAML is broken
-    return isinstance(config, dict) and any(key in config for key in ONLINE_KEYS)
+        return default  # the parser names the missing file, or where the YAML is broken
+    if not isinstance(config, dict):
+        return default
+    return next((command for command, keys in FILE_COMMANDS.items() if any(key in config for key in keys)), default)
 
 
 def resolve_config_paths(config: dict[str, Any], config_path: str, warn: bool = True) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .. import evaluation  # a lazy package: its prompt presets are read, and their module imported, for two commands
 from ..config._lazy import import_target
 from ..config.defaults import safeguard_default_sentence
+from ..online.defaults import safeguard_default_sentence as online_safeguard_sentence
 from ..rewards.scorers import available_scorers
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
 from .command_parser import CommandParser
@@ -68,7 +69,7 @@ COMMANDS: dict[str, Command] = {
         parse="trl_diffusion_sdpo.cli.train_options:parse_args",
         refuse="trl_diffusion_sdpo.cli.refusals:refuse_train",
         help="Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them). "
-        + safeguard_default_sentence(online=False).replace("%", "%%"),
+        + safeguard_default_sentence().replace("%", "%%"),
     ),
     "online": Command(
         run="trl_diffusion_sdpo.cli.online:run",
@@ -76,7 +77,7 @@ COMMANDS: dict[str, Command] = {
         refuse="trl_diffusion_sdpo.cli.refusals:refuse_online",
         help="Train online: the policy samples each prompt several times, reward functions score the samples, and "
         "the best and worst are trained on (`online --help` lists the options). "
-        + safeguard_default_sentence(online=True).replace("%", "%%"),
+        + online_safeguard_sentence().replace("%", "%%"),
     ),
     "demo": Command(
         run="trl_diffusion_sdpo.cli.demo_run:run_from_args", parse="trl_diffusion_sdpo.cli.demo:add_demo_parser"

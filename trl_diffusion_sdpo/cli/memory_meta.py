@@ -48,7 +48,7 @@ def estimate_on_meta(parsed: ParsedEstimate) -> int:
         sizes = model_sizes(model_args.model_name_or_path)
         run = run_shape(parsed.args, model_args, parsed.diffusion_args, estimate_args, sizes.family)
         # the changes the command's own parser takes for this run (a config's rules included)
-        options = estimate_options(parsed.online)
+        options = estimate_options(parsed.command)
         print(answer(sizes, run, estimate_args, model_args.model_name_or_path, parsed.accepts, options))
     except ValueError as err:
         parsed.parser.error(str(err))

@@ -20,9 +20,8 @@ from ..engines.memory import (
     estimate_memory,
 )
 from ..engines.memory.advice import SHARDED_ENGINES, fit_advice, plan_verdict
-from .config_paths import is_online_config
 
-__all__ = ["EstimateArguments", "answer", "format_estimate", "is_online_config", "shape", "verdict_line"]
+__all__ = ["EstimateArguments", "answer", "format_estimate", "shape", "verdict_line"]
 
 # The prompt tokens a UNet attends to (CLIP's); SD3 adds T5's max_sequence_length (77 by default) to CLIP's 77, the
 # other flow families take max_sequence_length (512 by default).

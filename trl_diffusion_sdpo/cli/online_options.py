@@ -10,10 +10,11 @@ from dataclasses import dataclass, fields
 
 from trl import ModelConfig
 
-from ..config.defaults import safeguard_default_sentence
+from ..config import rules
 from ..config.fields import option
 from ..online.config import _GROUPS as ONLINE_GROUPS
-from ..online.config import OnlineDiffusionSDPOConfig
+from ..online.config import OnlineDiffusionSDPOConfig, check_online_config
+from ..online.defaults import safeguard_default_sentence
 from ..rewards.functions import check_reward_names
 from .argument_checks import prompt_sources_problem, resume_argument
 from .parsing import parse_or_exit
@@ -24,6 +25,7 @@ __all__ = [
     "DESCRIPTION",
     "EPILOG",
     "OnlinePromptArguments",
+    "config_rules",
     "make_online_parser",
     "online_topics",
     "parse_args",
@@ -54,7 +56,7 @@ ARGUMENT_TYPES = (OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig)
 DESCRIPTION = (
     "Online Diffusion-DPO / Diffusion-SDPO: the policy samples --num_generations images per prompt, --reward_funcs "
     "score them, the best and worst of each prompt (or every pair above --reward_margin) are trained on, and the "
-    "next prompts are sampled from the updated policy. " + safeguard_default_sentence(online=True) + " Saves to "
+    "next prompts are sampled from the updated policy. " + safeguard_default_sentence() + " Saves to "
     "--output_dir as `train` does."
 )
 EPILOG = (
@@ -69,6 +71,14 @@ def online_topics() -> list:
     prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments) if f.name not in elsewhere])
     online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items()]
     return [prompts, *online, *train_topics()]
+
+
+def config_rules(config: OnlineDiffusionSDPOConfig) -> None:
+    """The online config's rules that the stored parser leaves to the real one (``refusals.refuse_online`` reads the
+    stored table without them): every rule its ``__post_init__`` asks but the launch's, the offline config's
+    (:func:`~trl_diffusion_sdpo.config.rules.check_config`) then the generation's."""
+    rules.check_config(config)
+    check_online_config(config)
 
 
 def make_online_parser():

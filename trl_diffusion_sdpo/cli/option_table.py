@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from ..config import rules as config_rules
-from ..config.defaults import resolve_defaults
+from ..config.defaults import ResolvedDefault, resolve_default, resolve_defaults
 from ..config.messages import file_syntax_error
 from ..config.rules import check_config, check_field_rules
 from .command_parser import known_options, unknown_names_message
@@ -94,13 +94,12 @@ def _kind(action: argparse.Action) -> str:
 
 
 def option_table(
-    parser: argparse.ArgumentParser, argument_types: Sequence[type], regime: str, rules_read: Sequence[str] = ()
+    parser: argparse.ArgumentParser, argument_types: Sequence[type], rules_read: Sequence[str] = ()
 ) -> dict[str, Any]:
     """The table of ``parser``'s options (built by HfArgumentParser over ``argument_types``): each option's
     spellings, destination, argument class (its index in ``argument_types``), kind (str, int, float, bool, choice,
-    store_false, other), ``nargs``, ``const``, default and choices; ``regime``: the config class's defaults regime
-    (``DiffusionSDPOConfig.regime``), which resolves an unset ``safeguard_space``; ``rules_read``: the fields the
-    config's rules that :func:`read_or_refuse` does not check itself read (:func:`~.stored_options.rules_read`)."""
+    store_false, other), ``nargs``, ``const``, default and choices; ``rules_read``: the fields the config's rules
+    that :func:`read_or_refuse` does not check itself read (:func:`~.stored_options.rules_read`)."""
     owner = {f.name: i for i, cls in reversed(list(enumerate(argument_types))) for f in dataclasses.fields(cls)}
     options = []
     for action in parser._actions:
@@ -127,7 +126,6 @@ def option_table(
         "generated_by": "python -m trl_diffusion_sdpo.cli.stored_options",
         "prog": parser.prog,
         "argument_types": [cls.__name__ for cls in argument_types],
-        "regime": regime,
         "known": known_options(parser),
         "options": options,
         "rules_read": sorted(rules_read),
@@ -209,11 +207,14 @@ def _stored_parser(
 
 class StoredArguments(SimpleNamespace):
     """One argument class's values as the stored parser read them; a config's also answer what the config's rules
-    ask of :class:`~trl_diffusion_sdpo.config.DiffusionSDPOConfig` beside its fields (``defaults_regime``,
-    ``safeguarded``, ``inverts``: ``tests/memory/test_stored_option_table.py`` holds them to the class's)."""
+    ask of :class:`~trl_diffusion_sdpo.config.DiffusionSDPOConfig` beside its fields (``default_for``, from the
+    package's table as the class's own; ``safeguarded``, ``inverts``: ``tests/memory/test_stored_option_table.py``
+    holds them to the class's). They stand in for that class only: a subclass's rules are left to the real parser."""
 
-    def defaults_regime(self, field: str) -> str:
-        return _table()["regime"]
+    def default_for(
+        self, field: str, family: Any = None, base: Any = None, lora: bool = True, objective: str | None = None
+    ) -> ResolvedDefault:
+        return resolve_default(field, family, self.loss_type if objective is None else objective, base, lora)
 
     @property
     def safeguarded(self) -> bool:
@@ -267,7 +268,7 @@ def parse_stored(argv: Sequence[str]) -> tuple[StoredArguments, ...] | None:
     ]
     config_args = groups[table["argument_types"].index("DiffusionSDPOConfig")]
     # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: a number given as text, the safeguard
-    # space resolved by the mode
+    # space resolved by its table
     mu = config_args.safeguard_mu
     if isinstance(mu, str) and mu != "auto":
         try:
@@ -353,11 +354,12 @@ def read_or_refuse(
     # they take on the defaults, and pass: what comes after them may be refused here.
     defaults = {entry["dest"]: entry["default"] for entry in options}
     rules_given = any(values[name] != defaults[name] for name in table["rules_read"])
-    # the rules of an offline config (StoredArguments resolves an unset safeguard space as the offline config does)
-    if check_rules and "DiffusionSDPOConfig" in names and table["regime"] == _table()["regime"]:
+    # the rules of DiffusionSDPOConfig itself, which StoredArguments stands in for (it resolves an unset safeguard
+    # space from the same table)
+    if check_rules and "DiffusionSDPOConfig" in names:
         config_args = groups[names.index("DiffusionSDPOConfig")]
         # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: a number given as text, the
-        # safeguard space resolved by the mode
+        # safeguard space resolved by its table
         mu = config_args.safeguard_mu
         if isinstance(mu, str) and mu != "auto":
             with contextlib.suppress(ValueError):

@@ -41,7 +41,7 @@ from .argument_checks import (
     resume_argument,
 )
 from .command_parser import REFUSED_OPTIONS
-from .config_paths import is_online_config
+from .config_paths import config_command
 from .option_table import read_or_refuse, refusing_parser, stored_table
 
 __all__ = ["refuse_cache", "refuse_estimate", "refuse_online", "refuse_train"]
@@ -130,8 +130,9 @@ def refuse_cache(argv: Sequence[str]) -> None:
 
 
 def refuse_estimate(argv: Sequence[str]) -> None:
-    """``estimate-memory``'s parser's refusals (its words as it reads them, ``--use_cpu true`` first); the words of
-    an ``online`` YAML file, which it reads with that command's options, are left to it."""
+    """``estimate-memory``'s parser's refusals (its words as it reads them, ``--use_cpu true`` first) where it reads
+    ``train``'s options, whose stored table it has; the words of another command's YAML file, which it reads with that
+    command's options (:func:`~.config_paths.config_command`), are left to it."""
     given = ["--use_cpu", "true", *argv]
-    if not is_online_config(given):
+    if config_command(given) == "train":
         read_or_refuse(given, stored_table("estimate-memory"))

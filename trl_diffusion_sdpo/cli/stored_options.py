@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import rules
 from ..config.fields import DiffusionSDPOConfig
-from ..online.config import OnlineDiffusionSDPOConfig, check_online_config
+from ..online.config import OnlineDiffusionSDPOConfig
 from . import cache_options, online_options, train_options
 from .help_topics import stored_help_path
 from .memory_parser import make_estimate_parser
@@ -26,27 +26,35 @@ from .option_table import OPTION_FILE, STORED_COMMANDS, option_table, stored_tab
 
 __all__ = ["COMMAND_PARSERS", "generate", "generate_command", "help_text", "rules_read"]
 
-#: each stored command's real parser, its argument classes and its config class (whose regime resolves defaults)
-COMMAND_PARSERS: dict[str, tuple[Callable[..., Any], tuple[type, ...], type]] = {
-    "train": (train_options.make_parser, train_options.ARGUMENT_TYPES, DiffusionSDPOConfig),
-    "online": (online_options.make_online_parser, online_options.ARGUMENT_TYPES, OnlineDiffusionSDPOConfig),
+#: each stored command's real parser, its argument classes, its config class, and the config's rules that the stored
+#: parser leaves to the real one (:func:`rules_read` records what they read), each from the command's own module
+COMMAND_PARSERS: dict[str, tuple[Callable[..., Any], tuple[type, ...], type, Callable[[Any], None]]] = {
+    "train": (train_options.make_parser, train_options.ARGUMENT_TYPES, DiffusionSDPOConfig, rules.objective_check),
+    "online": (
+        online_options.make_online_parser,
+        online_options.ARGUMENT_TYPES,
+        OnlineDiffusionSDPOConfig,
+        online_options.config_rules,
+    ),
     "cache": (
         cache_options.make_cache_parser,
         (*train_options.ARGUMENT_TYPES, cache_options.CacheArguments),
         DiffusionSDPOConfig,
+        rules.objective_check,
     ),
 }
 #: the commands whose plain ``--help`` is printed from its stored text
 STORED_HELPS = ("train", "online")
 
 
-def rules_read(config_class: type) -> list[str]:
-    """The fields a config of ``config_class`` made with every default reads in the rules the stored parser does not
-    check itself (:func:`~.option_table.read_or_refuse`): an offline config's objective's
-    (:data:`~..config.rules.objective_check`), which imports torch; every rule of an online config
-    (:meth:`~..online.config.OnlineDiffusionSDPOConfig.__post_init__`'s, but the launch's: the stored parser leaves a
-    launched process to the real one). The rules pass on the defaults; given a value away from its default for none
-    of these fields, they take the same steps and pass again, so the stored parser may refuse what comes after them."""
+def rules_read(config_class: type, left_rules: Callable[[Any], None]) -> list[str]:
+    """The fields a config of ``config_class`` made with every default reads in ``left_rules``, the rules the stored
+    parser does not check itself (:func:`~.option_table.read_or_refuse`): for ``DiffusionSDPOConfig`` its
+    objective's (:data:`~..config.rules.objective_check`), which imports torch; for a command whose config the stored
+    parser does not stand in for, every rule its module names (``online``'s:
+    :func:`~.online_options.config_rules`). The rules pass on the defaults; given a value away from its default for
+    none of these fields, they take the same steps and pass again, so the stored parser may refuse what comes after
+    them."""
     read: set[str] = set()
 
     class Recording(config_class):  # the default config, each attribute the rules ask for written down
@@ -56,26 +64,22 @@ def rules_read(config_class: type) -> list[str]:
 
     config = config_class()
     config.__class__ = Recording
-    if config_class.regime == DiffusionSDPOConfig.regime:
-        rules.objective_check(config)
-    else:
-        rules.check_config(config)
-        check_online_config(config)
+    left_rules(config)
     return sorted(read & {spec.name for spec in dataclasses.fields(config_class)})
 
 
 def generate() -> dict[str, Any]:
     """The table of ``estimate-memory``'s real parser for ``train``'s YAML files, as :data:`OPTION_FILE` holds it."""
     argument_types = (*train_options.ARGUMENT_TYPES, EstimateArguments)
-    parser = make_estimate_parser(False)
-    return option_table(parser, argument_types, DiffusionSDPOConfig.regime, rules_read(DiffusionSDPOConfig))
+    parser = make_estimate_parser("train")
+    return option_table(parser, argument_types, rules_read(DiffusionSDPOConfig, rules.objective_check))
 
 
 def generate_command(command: str) -> dict[str, Any]:
     """The table of ``command``'s real parser (one of :data:`~.option_table.STORED_COMMANDS`), as
     ``help/<command>.json`` holds it."""
-    make, argument_types, config_class = COMMAND_PARSERS[command]
-    return option_table(make(), argument_types, config_class.regime, rules_read(config_class))
+    make, argument_types, config_class, left_rules = COMMAND_PARSERS[command]
+    return option_table(make(), argument_types, rules_read(config_class, left_rules))
 
 
 def help_text(command: str) -> str:

@@ -1,17 +1,19 @@
-"""The defaults that depend on the run: one table (model family x objective x LoRA/full tuning x offline/online)
-and one function, :func:`resolve_default`, that decides which of its entries wins; the learning-rate ranges the
+"""The defaults that depend on the run: one table (model family x objective x LoRA/full tuning) and one function,
+:func:`resolve_default`, that decides which of its entries wins; the learning-rate ranges the
 start summary warns outside of; and the choices that depend on the machine, which the trainer makes once it knows
 the device (:func:`machine_choices`).
 
 A config field left unset (``None``) takes its value here: ``learning_rate``, ``beta`` and ``safeguard_mu`` per model
-family, objective and tuning, ``safeguard_space`` offline and online. The model families declare their own values as
+family, objective and tuning, ``safeguard_space`` per run. The model families declare their own values as
 data (``default_beta`` with ``beta_source``, ``authors_safeguard_mu`` with ``safeguard_mu_source``,
 ``default_learning_rate`` with ``learning_rate_source`` for LoRA, and the training mechanics a user may set,
 :data:`FAMILY_MECHANICS`, which the families read back through :func:`resolve_default`); :func:`default_table`
 reads them into entries beside the package's, and :func:`resolve_default` picks the most specific entry that matches
-the run: a base model's own entry over its family's, a family's over the package's, an entry naming the objective,
-the tuning or the mode over one that does not. Every text that states one of these defaults (the start summary,
-``--help``, the docs, the shipped YAML comments) reads it from here or is tested against it.
+the run: a base model's own entry over its family's, a family's over the package's, an entry naming the objective
+or the tuning over one that does not. A config resolves from its own table (``DiffusionSDPOConfig.defaults_table``,
+:func:`default_table` here; a subclass with other defaults, such as the online config, overrides it). Every text
+that states one of these defaults (the start summary, ``--help``, the docs, the shipped YAML comments) reads it from
+here or is tested against it.
 
 No field's value depends on the machine: the config holds the same values on a laptop and on a GPU node. What does
 depend on it (data-loading workers, non-blocking copies, a progress bar or a line per log) is decided for the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,33 +69,28 @@ RESOLVED_FIELDS = ("learning_rate", "beta", "safeguard_space", "safeguard_mu")
 class DefaultEntry:
     """One entry of the table: ``field`` takes ``value`` for runs of ``scope`` (``"*"``, ``"family <name>"`` or
     ``"base <id>"``) with ``objective`` (a ``loss_type`` or ``"*"``), ``tuning`` (``"lora"``, ``"full"`` or ``"*"``) in
-    ``mode`` (``"offline"``, ``"online"`` or ``"*"``); ``source`` says where the value comes from (a paper, a recipe,
-    a measurement and its file)."""
+    ``source`` says where the value comes from (a paper, a recipe, a measurement and its file)."""
 
     field: str
     value: Any
     source: str
     scope: str = ANY
     objective: str = ANY
-    mode: str = ANY
     tuning: str = ANY
 
-    def matches(
-        self, field: str, family: str | None, base: str | None, objective: str, mode: str, tuning: str = "lora"
-    ) -> bool:
+    def matches(self, field: str, family: str | None, base: str | None, objective: str, tuning: str = "lora") -> bool:
         return (
             self.field == field
             and self.scope in (ANY, f"family {family}", f"base {base}")
             and self.objective in (ANY, objective)
-            and self.mode in (ANY, mode)
             and self.tuning in (ANY, tuning)
         )
 
-    def specificity(self) -> tuple[int, int, int, int]:
-        """A base's entry outranks a family's, which outranks the package's; then one naming the objective, the
-        tuning, then the mode."""
+    def specificity(self) -> tuple[int, int, int]:
+        """A base's entry outranks a family's, which outranks the package's; then one naming the objective, then the
+        tuning."""
         scope = 2 if self.scope.startswith("base ") else 1 if self.scope.startswith("family ") else 0
-        return scope, int(self.objective != ANY), int(self.tuning != ANY), int(self.mode != ANY)
+        return scope, int(self.objective != ANY), int(self.tuning != ANY)
 
 
 @dataclass(frozen=True)
@@ -148,14 +146,6 @@ PACKAGE_DEFAULTS: tuple[DefaultEntry, ...] = (
         "safeguard_space",
         "output",
         "Diffusion-SDPO's safeguard, the authors' rule on the policy's residuals (Fu et al., arXiv 2511.03317)",
-        mode="offline",
-    ),
-    DefaultEntry(
-        "safeguard_space",
-        "none",
-        "online Diffusion-DPO: the authors' mu values were measured on offline pairs, and on the CPU demo every "
-        "safeguard setting cost held-out quality online (docs/online.md)",
-        mode="online",
     ),
     DefaultEntry(
         "safeguard_mu",
@@ -228,18 +218,23 @@ def base_id(name_or_path: Any) -> str | None:
 
 
 def resolve_default(
-    field: str, family: Any = None, objective: str = "dpo", online: bool = False, base: Any = None, lora: bool = True
+    field: str,
+    family: Any = None,
+    objective: str = "dpo",
+    base: Any = None,
+    lora: bool = True,
+    table: Sequence[DefaultEntry] | None = None,
 ) -> ResolvedDefault:
     """The value ``field`` takes when unset, for a run of ``family`` (class or instance; ``None``: the package's)
-    with ``objective`` offline or ``online``, with LoRA (``lora``) or full tuning, on the base model ``base`` (a name
-    or folder; the shipped tiny base has entries of its own): the most specific matching entry of
-    :func:`default_table`. The one place that decides."""
-    mode = "online" if online else "offline"
+    with ``objective``, with LoRA (``lora``) or full tuning, on the base model ``base`` (a name or folder; the shipped
+    tiny base has entries of its own): the most specific matching entry of ``table`` (``None``: :func:`default_table`
+    of ``family``; a config passes its own, ``DiffusionSDPOConfig.default_for``). The one place that decides."""
     tuning = "lora" if lora else "full"
     name = None if family is None else family.name
-    matching = [e for e in default_table(family) if e.matches(field, name, base_id(base), objective, mode, tuning)]
+    entries = default_table(family) if table is None else table
+    matching = [e for e in entries if e.matches(field, name, base_id(base), objective, tuning)]
     if not matching:
-        raise KeyError(f"no default for {field!r} ({name}, {objective}, {tuning}, {mode})")
+        raise KeyError(f"no default for {field!r} ({name}, {objective}, {tuning})")
     best = max(matching, key=DefaultEntry.specificity)
     return ResolvedDefault(field, best.value, best.source, best.scope)
 
@@ -248,13 +243,10 @@ def resolve_defaults(
     config: Any, family: Any = None, base: Any = None, lora: bool = True
 ) -> dict[str, ResolvedDefault]:
     """Each of :data:`RESOLVED_FIELDS` for ``config`` trained with LoRA (``lora``) or in full: its value where set,
-    else :func:`resolve_default`'s.
-
-    Each field is read from the table of the config's ``defaults_regime(field)`` (the online config asks for the
-    offline ``safeguard_space`` where a ``safeguard_mu`` or ``on_pathology="escalate"`` wants a safeguard). A field
-    the config resolved when it was made (``config.defaulted``) keeps that resolution."""
+    else the config's own resolution (``config.default_for``, which reads the config's table). A field the config
+    resolved when it was made (``config.defaulted``) keeps that resolution."""
     resolved = {}
-    made = getattr(config, "defaulted", {})  # resolved when the config was made (the mode's defaults)
+    made = getattr(config, "defaulted", {})  # resolved when the config was made (its class's defaults)
     for field in RESOLVED_FIELDS:
         if field in made:
             resolved[field] = made[field]
@@ -263,8 +255,7 @@ def resolve_defaults(
         if given is not None:
             resolved[field] = ResolvedDefault(field, given, "as given", given=True)
             continue
-        online = config.defaults_regime(field) == "online"  # the config's class names its table's regime
-        resolved[field] = resolve_default(field, family, config.loss_type, online, base, lora)
+        resolved[field] = config.default_for(field, family, base, lora)
     return resolved
 
 
@@ -280,15 +271,11 @@ def resolved_config(
     return config, resolved
 
 
-def safeguard_default_sentence(online: bool) -> str:
-    """What the safeguard does by default offline or ``online``, from the table (``--help`` prints it)."""
-    space = resolve_default("safeguard_space", online=online)
+def safeguard_default_sentence() -> str:
+    """What the safeguard does by default, from the package's table (``train --help`` prints it; the online
+    command's is :func:`trl_diffusion_sdpo.online.defaults.safeguard_default_sentence`)."""
+    space = resolve_default("safeguard_space")
     mu = resolve_default("safeguard_mu")
-    if space.value == "none":
-        return (
-            "Online the pairs train without the safeguard by default (safeguard_space unset is none there); "
-            "--safeguard_space or --safeguard_mu turns it on."
-        )
     return (
         f"The pairs train with the Diffusion-SDPO safeguard by default (safeguard_space {space.value}, mu the "
         f"model family's value, else {mu.value:g})."
@@ -352,16 +339,15 @@ MACHINE_FIELDS = ("dataloader_num_workers", "accelerator_config", "disable_tqdm"
 MACHINE = "this machine"
 
 
-def data_loading_defaults(*, online: bool, cuda: bool, cpus: int, processes: int = 1) -> dict[str, Any]:
-    """What a run leaves unset of transformers' data loading takes: where a GPU runs an offline step,
+def data_loading_defaults(*, cuda: bool, cpus: int, processes: int = 1) -> dict[str, Any]:
+    """What a run of preference pairs leaves unset of transformers' data loading takes: where a GPU runs the step,
     :data:`DATA_WORKERS` worker processes (at most ``cpus // processes``) read, decode and collate the next batches
     while the GPU trains on this one, and pinned batches are copied to it without waiting (accelerate's
-    ``non_blocking``). On the CPU, and online (its batches are prompts), none: workers would take cores from the
-    step, or have nothing to overlap."""
-    overlap = cuda and not online
+    ``non_blocking``). On the CPU none: workers would take cores from the step. ``DiffusionSDPOConfig``'s
+    ``data_loading_defaults`` returns this (the online config overrides it: its batches are prompts)."""
     return {
-        "dataloader_num_workers": max(1, min(DATA_WORKERS, cpus // max(1, processes))) if overlap else 0,
-        "non_blocking": overlap,
+        "dataloader_num_workers": max(1, min(DATA_WORKERS, cpus // max(1, processes))) if cuda else 0,
+        "non_blocking": cuda,
     }
 
 
@@ -390,18 +376,17 @@ def machine_choices(
     start summary.
 
     ``device_type`` is the type of the device the run trains on (``"cuda"``, ``"cpu"``, ...), ``terminal`` whether
-    stderr is a terminal or a notebook. The data loading follows :func:`data_loading_defaults` (``cpus`` the cores
-    this process may use, ``processes`` those launched on this machine; read from the system when ``None``). Off a
+    stderr is a terminal or a notebook. The data loading is the config's own choice (its ``data_loading_defaults``:
+    :func:`data_loading_defaults` for preference pairs; ``cpus`` the cores this process may use, ``processes`` those
+    launched on this machine; read from the system when ``None``). Off a
     terminal the trainer's own progress bar, a line of ``\\r`` redraws in a log file, becomes a line per log
     (transformers' ``PrinterCallback``)."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if processes is None:
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    online = config.regime == "online"
-    cuda = device_type == "cuda"
-    chosen = data_loading_defaults(online=online, cuda=cuda, cpus=cpus, processes=processes)
-    where = f"{device_type}, {'online' if online else 'offline'}, {cpus} CPU core(s) for {processes} process(es)"
+    chosen = config.data_loading_defaults(cuda=device_type == "cuda", cpus=cpus, processes=processes)
+    where = f"{device_type}, {chosen['run']}, {cpus} CPU core(s) for {processes} process(es)"
     config = copy.copy(config)
     choices: dict[str, ResolvedDefault] = {}
 

@@ -13,8 +13,18 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from .defaults import MACHINE_FIELDS, ResolvedDefault, data_loading_sentence, resolve_defaults
+from .defaults import (
+    MACHINE_FIELDS,
+    DefaultEntry,
+    ResolvedDefault,
+    data_loading_defaults,
+    data_loading_sentence,
+    default_table,
+    resolve_default,
+    resolve_defaults,
+)
 from .docs import config_docstring
+from .pathology import SWITCH_REASON, SWITCH_TO, pair_remedies
 from .rules import (
     DSPO_FORM_CHOICES,
     INVERSION_NETWORKS,
@@ -436,21 +446,47 @@ class DiffusionSDPOConfig(TrainingArguments):
     dataloader_num_workers: int | None = option(
         None, "Data-loading worker processes (0: load in the training process). " + data_loading_sentence()
     )
-    #: the regime whose tables apply to this config's run: its defaults (``config.defaults``), data loading, the
-    #: probe's alarm rule, the pathology's switch and remedies; ``"online"`` in the online config (unannotated, so not
-    #: a dataclass field)
-    regime = "offline"
 
-    def defaults_regime(self, field: str) -> str:
-        """The regime of the defaults table that resolves ``field`` when it is unset (the online config asks for the
-        offline safeguard where its fields want one)."""
-        return self.regime
+    # What a run of this config decides from its own evidence: a subclass whose runs differ (the online config)
+    # overrides these methods, and the trainer, the defaults and the alarm ask the config, never its class.
+    def defaults_table(self, family: Any = None) -> tuple[DefaultEntry, ...]:
+        """The entries an unset field of this run resolves from: the package's and ``family``'s
+        (:func:`~trl_diffusion_sdpo.config.defaults.default_table`)."""
+        return default_table(family)
+
+    def default_for(
+        self, field: str, family: Any = None, base: Any = None, lora: bool = True, objective: str | None = None
+    ) -> ResolvedDefault:
+        """The value ``field`` takes when unset in this run of ``family`` on ``base``, with LoRA (``lora``) or full
+        tuning, for ``objective`` (``None``: this config's ``loss_type``): the most specific entry of
+        :meth:`defaults_table` (:func:`~trl_diffusion_sdpo.config.defaults.resolve_default`)."""
+        objective = self.loss_type if objective is None else objective
+        return resolve_default(field, family, objective, base, lora, self.defaults_table(family))
+
+    def data_loading_defaults(self, *, cuda: bool, cpus: int, processes: int = 1) -> dict[str, Any]:
+        """What this run leaves unset of transformers' data loading takes on a machine with a GPU (``cuda``) or not,
+        ``cpus`` cores for ``processes`` processes: ``dataloader_num_workers``, ``non_blocking``, and ``run``, the
+        kind of run the start summary names with the choice
+        (:func:`~trl_diffusion_sdpo.config.defaults.data_loading_defaults`: workers overlap a GPU's step)."""
+        return {**data_loading_defaults(cuda=cuda, cpus=cpus, processes=processes), "run": "offline"}
+
+    def pathology_switch(self) -> tuple[dict[str, Any] | None, str]:
+        """The fields of the safeguard ``on_pathology="safeguard"`` switches this run to when the alarm fires
+        (``None``: none, and the config refuses that action) and why:
+        :data:`~trl_diffusion_sdpo.config.pathology.SWITCH_TO`."""
+        return dict(SWITCH_TO), SWITCH_REASON
+
+    def pathology_remedies(self) -> list[str]:
+        """The remedies the alarm's warning names for this run, those it does not already use:
+        :func:`~trl_diffusion_sdpo.config.pathology.pair_remedies`."""
+        return pair_remedies(self)
 
     def __post_init__(self) -> None:
         if isinstance(self.safeguard_mu, str) and self.safeguard_mu != "auto":  # a number given on the command line
             self.safeguard_mu = _number_or_text(self.safeguard_mu)
-        # The safeguard space depends on the mode only: resolved now (the rules read it), its source kept for the
-        # start summary. learning_rate, beta and safeguard_mu depend on the model family: the trainer resolves them.
+        # The safeguard space depends on the config's own table only: resolved now (the rules read it), its source
+        # kept for the start summary. learning_rate, beta and safeguard_mu depend on the model family: the trainer
+        # resolves them.
         self.defaulted: dict[str, ResolvedDefault] = {}
         if self.safeguard_space is None:
             resolved = resolve_defaults(self)["safeguard_space"]

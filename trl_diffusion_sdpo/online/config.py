@@ -6,12 +6,14 @@ how it is scored and paired, how often the reference moves), in the names TRL's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from ..callbacks.health import NO_ONLINE_SWITCH, switch_target
 from ..config import DiffusionSDPOConfig
 from ..config.checks import Choice, Range
+from ..config.defaults import DefaultEntry
 from ..config.docs import config_docstring
 from ..config.fields import option
+from . import defaults as online_defaults
 
 __all__ = ["PAIR_LATENTS", "PAIR_MODES", "OnlineDiffusionSDPOConfig", "check_online_config"]
 
@@ -115,15 +117,27 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     random_flip: bool = option(
         False, "Not used by online training (the generated latents are trained as sampled); must be False."
     )
-    # The key of every regime table (config.defaults: safeguard_space unset is "none" online; health's remedies and
-    # the dormant safeguard's target; the probe's alarm rule); unannotated, so not a dataclass field
-    regime = "online"
 
-    def defaults_regime(self, field: str) -> str:
-        """Online, except that a ``safeguard_mu`` or ``on_pathology="escalate"`` asks for a safeguard: an unset
-        ``safeguard_space`` is then the offline default."""
+    # What an online run decides from the online evidence (.defaults), in place of the offline config's answers
+    def defaults_table(self, family: Any = None) -> tuple[DefaultEntry, ...]:
+        """The offline table with the online entries (:func:`~.defaults.online_table`: an unset ``safeguard_space``
+        is ``none``, except that a ``safeguard_mu`` or ``on_pathology="escalate"`` asks for a safeguard: then the
+        offline default)."""
         asks = self.on_pathology == "escalate" or self.safeguard_mu is not None
-        return "offline" if field == "safeguard_space" and asks else self.regime
+        return online_defaults.online_table(super().defaults_table(family), safeguard_asked=asks)
+
+    def data_loading_defaults(self, *, cuda: bool, cpus: int, processes: int = 1) -> dict[str, Any]:
+        """:data:`~.defaults.ONLINE_DATA_LOADING` on every machine (the batches are prompts)."""
+        return dict(online_defaults.ONLINE_DATA_LOADING)
+
+    def pathology_switch(self) -> tuple[dict[str, Any] | None, str]:
+        """:data:`~.defaults.ONLINE_SWITCH_TO` (none) and :data:`~.defaults.NO_ONLINE_SWITCH`."""
+        target = online_defaults.ONLINE_SWITCH_TO
+        return (None if target is None else dict(target)), online_defaults.NO_ONLINE_SWITCH
+
+    def pathology_remedies(self) -> list[str]:
+        """:func:`~.defaults.online_remedies`: never a safeguard."""
+        return online_defaults.online_remedies(self)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -187,8 +201,9 @@ def check_online_config(config) -> None:
     for name in ("random_flip", "random_crop", "independent_augmentation"):
         if getattr(config, name, False):
             raise ValueError(f"{name}=True: online training trains the sampled latents as they are; set {name}=False.")
-    if config.on_pathology == "safeguard" and switch_target(config) is None:
-        raise ValueError(f"on_pathology='safeguard': {NO_ONLINE_SWITCH}; use on_pathology='warn' or 'stop'.")
+    target, why = config.pathology_switch()
+    if config.on_pathology == "safeguard" and target is None:
+        raise ValueError(f"on_pathology='safeguard': {why}; use on_pathology='warn' or 'stop'.")
     if config.cache_latents:
         raise ValueError("cache_latents=True: online training has no dataset of images to cache; set it to False.")
     if config.loss_mask:
