@@ -81,7 +81,7 @@ def test_the_rewind_snapshot_in_a_checkpoint_holds_no_pickle_but_the_optimizers(
         save_strategy="steps",
         save_steps=2,
     )
-    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     trainer.train()
     folder = tmp_path / "out" / "checkpoint-2" / "rewind-healthy"
     assert sorted(p.name for p in folder.iterdir()) == [
