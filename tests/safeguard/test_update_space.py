@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.helpers.host_reads import HostReadCounter
 from tests.helpers.update_space_problems import _counted, _grouped_problem
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine
-from trl_diffusion_sdpo.safeguards.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
+from trl_diffusion_sdpo.safeguards.crossing import RESOLUTION, last_crossing, schedule
 from trl_diffusion_sdpo.safeguards.gradients import collectives_for
 from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, UpdateSpaceRule, update_space_lambda
 
@@ -244,7 +245,7 @@ def test_the_search_meets_its_specification_against_a_plain_float64_reference(
     """The vectorised search (segments of equal hyperparameters, slices that are views of the flat buffer or copies
     of small tensors, a pass's lambdas together, SGD's closed form) returns a lambda that meets the margin and lies
     within max_lambda/2048 below a crossing of the plain reference ``D`` (brute force over a fine grid), for
-    gradients in the backward's units (``unscale``), in at most four passes."""
+    gradients in the backward's units (``unscale``), in the search's fixed schedule of passes."""
     from trl_diffusion_sdpo.safeguards import update_space
 
     if slice_size:  # many runs: large tensors alone, small ones joined, in every optimizer group
@@ -260,9 +261,7 @@ def test_the_search_meets_its_specification_against_a_plain_float64_reference(
             return _reference_decreases(optimizer, params, g_w, h_l, max_grad_norm, lambdas, unscale=0.5)
 
         cases.append(_check_specification(decreases, lam.item(), bool(infeasible.item()), mu))
-        assert len(passes) <= 4 and max(passes) <= 3
-        if cases[-1] == "unrestricted":
-            assert passes == [2]  # D(0) and D(max) in one pass, no search
+        assert passes == schedule()  # fixed: the host never waits for D to choose the next pass
     assert cases.count("binding") >= 2  # the margin binds in most of these: the search itself is checked
 
 
@@ -302,59 +301,75 @@ SHAPES_OF_F = {  # f decreasing through 0 (or not monotone), on [0, 1]
 }
 
 
+def _tensor_f(f, passes: list[list[float]]):
+    """``f`` over a tensor of float32 points, the points of each pass recorded."""
+
+    def evaluate(points: torch.Tensor) -> torch.Tensor:
+        xs = points.tolist()
+        passes.append(xs)
+        return torch.tensor([f(x) for x in xs], dtype=torch.float64)
+
+    return evaluate
+
+
 @pytest.mark.parametrize("shape", list(SHAPES_OF_F))
-@pytest.mark.parametrize("clip", [None, lambda x: min(1.0, 1.5 / (1 + 2 * x))], ids=["unclipped", "clipped"])
-def test_bracketed_crossing_certifies_a_crossing_within_its_pass_bound(shape, clip):
-    """Whatever the shape, the returned ``(lo, hi)`` is a certified bracket of a crossing: ``f(lo) >= 0 > f(hi)``,
-    ``0 < hi - lo <= resolution``, both float32 numbers that were evaluated; every point evaluated lies inside the
-    bracket of its pass; at most ceil(log2(1 / resolution)) + SPARE_PASSES passes (13) of at most three points,
-    and one point after the first ESTIMATED_PASSES."""
-    f = SHAPES_OF_F[shape]
-    resolution = 1 / 2048
-    evaluated: list[float] = []
+@pytest.mark.parametrize("top", [1.0, 4.0])
+def test_the_last_crossing_is_certified_within_the_resolution(shape, top):
+    """Whatever the shape, the answer ``x`` meets the target (0), and the next point evaluated above it, at most
+    ``top * RESOLUTION`` above, misses it; ``x`` lies in the bracket of the largest grid point meeting the target;
+    every point is a float32 number; the passes are the fixed schedule (9, then 7, 7, 7 points)."""
+    f = lambda x: SHAPES_OF_F[shape](x / top)  # noqa: E731
     passes: list[list[float]] = []
-
-    def evaluate(points: list[float]) -> list[float]:
-        passes.append(points)
-        evaluated.extend(points)
-        return [f(x) for x in points]
-
-    lo, hi = bracketed_crossing(evaluate, 0.0, 1.0, f(0.0), f(1.0), resolution, clip)
-    assert f(lo) >= 0 > f(hi) and 0 < hi - lo <= resolution
-    assert all(_float32_exact(x) and 0 < x < 1 for x in evaluated)
-    assert lo in evaluated and hi in evaluated
-    assert len(passes) <= 11 + SPARE_PASSES
-    assert all(len(points) <= 3 for points in passes)
-    assert all(len(points) == 1 for points in passes[ESTIMATED_PASSES:])
-    assert all(points == sorted(points) and len(set(points)) == len(points) for points in passes)
+    x, infeasible = last_crossing(_tensor_f(f, passes), top, lambda first: first * 0, torch.device("cpu"))
+    x = x.item()
+    evaluated = sorted({p for points in passes for p in points})
+    grid = [top * k / 8 for k in range(9)]
+    assert [len(points) for points in passes] == schedule() and passes[0] == grid
+    assert infeasible.item() == 0.0 and all(_float32_exact(p) for p in evaluated)
+    k = max(i for i in range(8) if f(grid[i]) >= 0)
+    assert x in evaluated and f(x) >= 0 and grid[k] <= x < grid[k + 1]
+    above = min([p for p in evaluated if p > x] + [grid[k + 1]])
+    assert f(above) < 0 and above - x <= top * RESOLUTION
 
 
-@pytest.mark.parametrize("root", [0.1, 0.4371, 0.93])
-def test_a_linear_f_is_certified_by_the_first_pair_around_the_secant(root):
-    """For ``f`` linear the secant through the bracket's ends is the crossing: one pass of two points, ``resolution``
-    apart, around it (a wrong sign in the secant, or a pair on one side of it, fails this)."""
-    f = lambda x: 2.0 * (root - x)  # noqa: E731
+def test_the_grid_alone_answers_where_the_top_meets_the_target_or_no_grid_point_does():
+    """``f(top) >= target``: ``top``; no grid point meets it: the grid point with the largest ``f``, counted as
+    infeasible, even where a point between grid points would meet it (the later passes leave the answer)."""
     passes: list[list[float]] = []
-
-    def evaluate(points):
-        passes.append(points)
-        return [f(x) for x in points]
-
-    lo, hi = bracketed_crossing(evaluate, 0.0, 1.0, f(0.0), f(1.0), 1 / 2048)
-    assert len(passes) == 1 and passes[0] == [lo, hi]
-    assert lo <= root < hi and hi - lo <= 1 / 2048
+    x, infeasible = last_crossing(_tensor_f(lambda v: 1 - v, passes), 1.0, lambda first: first * 0, "cpu")
+    assert x.item() == 1.0 and infeasible.item() == 0.0 and len(passes) == len(schedule())
+    dip = lambda v: -1.0 + 2.1 * math.exp(-((v - 0.3) ** 2) / 1e-4) - 0.2 * abs(v - 0.625)  # noqa: E731
+    assert dip(0.3) > 0 and max(dip(k / 8) for k in range(9)) < 0
+    x, infeasible = last_crossing(_tensor_f(dip, []), 1.0, lambda first: first * 0, "cpu")
+    assert x.item() == 0.625 and infeasible.item() == 1.0
 
 
-def test_an_affine_update_under_clipping_is_certified_by_the_second_pair():
-    """Plain SGD with momentum state and clipping: ``D(lambda) = a + c(lambda) (b + d lambda)`` exactly, which the
-    search's interpolant (basis ``c, c lambda, 1``) reproduces from three points: the first pass, one pair around the
-    secant, one pair around the interpolated crossing, no more (the search uses the clip coefficient)."""
+@pytest.mark.parametrize("kind", ["adamw", "sgd-momentum"])
+def test_the_search_reads_nothing_back_to_the_host(kind):
+    """The rule from the branches' gradients to ``lambda``, with a device ``mu`` (``safeguard_mu="auto"``'s): no
+    ``.item()``, ``.tolist()``, ``bool()``, ``float()`` or ``.cpu()`` of a tensor, in the update's preparation (the
+    clip coefficient's sums, Adam's step counts) or between the search's passes."""
+    params, optimizer, g_w, h_l = _grouped_problem(kind, 2, 3.0)
+    with HostReadCounter() as counter:
+        update = OptimizerUpdate(optimizer, params, g_w, h_l, 2.0, unscale=torch.tensor(0.5, dtype=torch.float64))
+        lam, infeasible = update_space_lambda(update, torch.tensor(0.9))
+    assert counter.reads == []
+    assert 0 < lam.item() < 1 and infeasible.item() == 0.0  # the search ran: the margin binds
+
+
+def test_an_affine_update_under_clipping_meets_the_specification():
+    """Plain SGD with momentum state and clipping that binds: ``D(lambda) = a + c(lambda) (b + d lambda)``, the clip
+    coefficient formed on the device from the three sums; the search's lambda meets its specification against the
+    reference (a clip coefficient left out, or taken at lambda 0 only, moves the crossing)."""
     params, optimizer, g_w, h_l = _grouped_problem("sgd-momentum", 2, 3.0)
     update = OptimizerUpdate(optimizer, params, g_w, h_l, 2.0, unscale=0.5)
     assert float(update.clip_coefficient(torch.tensor(0.0))) < 1  # clipping binds
-    passes = _counted(update)
-    lam, _ = update_space_lambda(update, 0.9)
-    assert 0 < lam.item() < 1 and passes == [2, 2, 2]
+    lam, infeasible = update_space_lambda(update, 0.9)
+
+    def decreases(lambdas):
+        return _reference_decreases(optimizer, params, g_w, h_l, 2.0, lambdas, unscale=0.5)
+
+    assert _check_specification(decreases, lam.item(), bool(infeasible.item()), 0.9) == "binding"
 
 
 def test_unsupported_optimizers_are_refused_naming_the_supported_ones():

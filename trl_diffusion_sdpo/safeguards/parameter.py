@@ -22,6 +22,11 @@ weight's gradient split by branch inside it (per-layer taps,
     -> .grad += g_w + lambda * h_l (or the engine's own gradient store) -> (several processes) the engine's
     collectives                                                                      (SeparatedBranches.combine)
 
+``lambda`` is a 0-dim device tensor from the inner products to the combination: a step reads nothing back to the host.
+Whether the one pass can split the branches is decided once, at the first micro-batch (every process agreeing, one
+read of the agreed flag where there are several); the steps after it only check, on the host's own list of the
+layers that failed, that none did.
+
 Where that cannot run (a trainable weight no tap covers, a layer that sees rows it cannot group,
 ``safeguard_passes="two"``) it runs the reference implementation: one forward and one backward pass per branch
 (:class:`PerBranchPasses`, :mod:`~trl_diffusion_sdpo.safeguards.gradients.per_branch`), and says once why. The
@@ -374,7 +379,9 @@ class ParameterSpaceBackward:
 
     def _agreed(self, failed: bool) -> bool:
         """Whether any process failed (the fallback is a decision every process must take together); the flag is
-        reduced on the weights' device (NCCL reduces device tensors only)."""
+        reduced on the weights' device (NCCL reduces device tensors only) and read on the host. A structural decision,
+        taken once per run at the first micro-batch (the probe, :class:`OnePass`): the steps after it read nothing
+        back, ``lambda`` stays a device tensor from the inner products to the combination."""
         if self.engine.num_processes == 1:
             return failed
         device = self.one_pass.parameters[0].device if self.one_pass is not None else None

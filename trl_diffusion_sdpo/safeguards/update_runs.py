@@ -5,7 +5,9 @@ workspace kept across steps into which a pass copies a run's optimizer state wit
 (:func:`runs`) so that a step costs a fixed number of operations per run, not per weight: a run's gradients are one
 ``[2, n]`` view of the one pass's buffer rows where they lie there (:func:`branch_rows`, a copy otherwise), and its
 optimizer state and weights, per-weight tensors of the optimizer, are copied into the flat buffers of an
-:class:`UpdateWorkspace` by one ``torch._foreach_copy_`` each, through per-weight views made once and kept.
+:class:`UpdateWorkspace` by one ``torch._foreach_copy_`` each, through per-weight views made once and kept. Where a
+run's weights may differ in Adam's step count, their per-weight scales of ``D`` are repeated over their elements on the
+device once per step (:meth:`UpdateWorkspace.expanded`). Nothing here reads a tensor's value on the host.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ __all__ = [
     "Run",
     "UpdateWorkspace",
     "branch_rows",
-    "host_floats",
     "host_tensor",
     "local",
     "one_view",
@@ -45,6 +46,9 @@ class Run:
     param: list[torch.Tensor] | None
     shapes: tuple[tuple[int, ...], ...]
     rows: torch.Tensor  # [g_w; h_l] as [2, n] (winner and loser are its rows)
+    #: Adam's per-weight scales of ``D`` (``eps / kappa``, its factor): two numbers or 0-dim tensors where they are
+    #: the same for the run's weights, else ``[2, weights]`` on the device
+    scales: tuple | torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -61,6 +65,8 @@ class UpdateWorkspace:
         self._views: dict[tuple, list[torch.Tensor]] = {}
         self._holds: dict[str, tuple[int, int]] = {}  # buffer -> (generation, id of the run) it holds
         self._work: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (run's elements, lambdas) -> its views
+        self._sizes: dict[tuple, torch.Tensor] = {}  # a run's shapes -> its weights' sizes on the device
+        self._expanded: tuple | None = None  # (generation, id of the run, (eps, g_w * factor))
         self.generation = 0
 
     def flat(self, name: str, shapes: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list]:
@@ -89,6 +95,23 @@ class UpdateWorkspace:
             views = self._work[(n, count)] = tuple(work[k, : count * n].view(count, n) for k in range(3))
         return views
 
+    def expanded(self, run: Run, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps, g_w * factor)`` per element of ``run`` from its per-weight ``scales`` (``[2, weights]``), formed
+        once per step and run (kept while the run is the last one asked for): each weight's scales repeated over its
+        elements, on the device (the weights' sizes, a device tensor, made once per layout and kept)."""
+        held = self._expanded
+        if held is not None and held[:2] == (self.generation, id(run)):
+            return held[2]
+        sizes = self._sizes.get(run.shapes)
+        if sizes is None or sizes.device != scales.device:
+            sizes = self._sizes[run.shapes] = torch.tensor(
+                [math.prod(shape) for shape in run.shapes], device=scales.device
+            )
+        eps, weights = torch.repeat_interleave(scales, sizes, dim=1, output_size=run.numel).unbind()  # no host read
+        weights.mul_(run.winner)
+        self._expanded = (self.generation, id(run), (eps, weights))
+        return eps, weights
+
     def read(self, name: str, run: Run, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """``tensors`` (one per weight of ``run``) copied into buffer ``name`` by one foreach call, unless it holds
         them already in this generation: its flat view."""
@@ -97,18 +120,6 @@ class UpdateWorkspace:
             torch._foreach_copy_(views, tensors)
             self._holds[name] = (self.generation, id(run))
         return flat
-
-
-def host_floats(values: Sequence) -> list[float]:
-    """Python floats of numbers and 0-dim tensors (Adam's step counts): the tensors stacked and read in one call."""
-    tensors = [v for v in values if torch.is_tensor(v)]
-    if not tensors:
-        return [float(v) for v in values]
-    try:
-        read = iter(torch.stack(tensors).tolist())
-    except (RuntimeError, TypeError):  # mixed dtypes or devices: one by one
-        read = iter([float(t) for t in tensors])
-    return [next(read) if torch.is_tensor(v) else float(v) for v in values]
 
 
 _NUMPY = {torch.float32: numpy.float32, torch.float64: numpy.float64}

@@ -20,42 +20,42 @@ For a plain gradient step (``Delta = -lr * g``, no clipping) ``D(lambda) = lr * 
 condition asks for no rise at all (``D(lambda) >= 0``); it may then be infeasible (see :func:`update_space_lambda`).
 
 ``lambda`` is found by a scalar search over the real update (AdamW's second moment depends on ``lambda``, so there
-is no closed form). ``D(0)`` and ``D(max_lambda)`` come first, from one pass, read on the host: when ``D(max_lambda)``
-meets the target ``mu * max(D(0), 0)`` there is nothing to restrict, ``lambda = max_lambda``, and no search. Else:
+is no closed form), on a schedule fixed before it starts (:func:`~.crossing.last_crossing`), so that nothing is read
+back to the host between its passes: each pass's ``lambda`` follow from the values before it by tensor operations on
+the device, and the host queues the four passes without waiting for the device.
 
-* ``D(0)`` meets the target (always, unless ``D(0) < 0``): ``[0, max_lambda]`` brackets a crossing, and
-  :func:`~.crossing.bracketed_crossing` narrows it to ``resolution = max_lambda *`` :data:`RESOLUTION`
-  (``max_lambda / 2048``, the resolution of the grid and bisections before): ``lambda`` is the bracket's lower end, so
-  ``D(lambda) >= target > D(hi)`` for some ``hi`` in ``(lambda, lambda + resolution]``. A pass evaluates
-  ``x - resolution / 2`` and ``x + resolution / 2`` around the crossing ``x`` of an interpolant of the points evaluated
-  so far (its basis built on the clip coefficient, which is known exactly), which certifies the bracket at once when
-  ``x`` is that close; ITP's bound keeps the worst case to 13 passes. Typically two or three passes of two ``lambda``
-  each.
-* ``D(0)`` misses it (momentum or weight decay already raise the winner's term; the target is 0): the inner points
-  of the :data:`GRID_POINTS`-point grid ``0, max_lambda / 8, ..., max_lambda`` take one pass; the crossing is searched
-  between the largest grid point that meets the target and the next; where none does, ``lambda`` is the grid point
-  with the largest ``D`` and the step is counted as infeasible.
+* The grid pass evaluates ``D`` at the :data:`GRID_POINTS` points ``0, max_lambda / 8, ..., max_lambda`` together;
+  the target ``mu * max(D(0), 0)`` follows from the first. Where ``D(max_lambda)`` meets it there is nothing to
+  restrict: ``lambda = max_lambda``. Where no grid point meets it (momentum or weight decay already raise the winner's
+  term, ``D(0) < 0``, and no ``lambda`` makes up for it), ``lambda`` is the grid point with the largest ``D`` and the
+  step is counted as infeasible (``safeguard/update_infeasible``, a device tensor). Else the bracket is the largest
+  grid point that meets the target and the next one, which misses it.
+* Three refinement passes of seven ``lambda`` each cut the bracket into eighths and keep the largest part whose lower
+  end meets the target, so that ``lambda``, that lower end after the last, lies within ``resolution = max_lambda *``
+  :data:`RESOLUTION` (``max_lambda / 4096``) below a crossing: ``D(lambda) >= target > D(hi)`` for some ``hi`` in
+  ``(lambda, lambda + resolution]``. The passes run where the grid answered too, and leave its answer.
 
-Where ``D`` crosses the target once, ``lambda`` is within the resolution below the largest ``lambda`` meeting the
-target, as before. Where ``D`` crosses the target more than once in ``[0, max_lambda]``, the search returns one of
-the crossings (the rightmost sign change among the points it evaluated), not necessarily the largest: the grid
-before took the largest grid point meeting the target, which could also miss a feasible region between grid points.
-Every candidate is a float32 number, the ``lambda`` the trainer will use, so ``D(lambda) >= target`` holds for the
-returned value itself.
+Where ``D`` crosses the target more than once in ``[0, max_lambda]``, the search returns the last crossing the grid
+shows (a feasible region narrower than the grid's spacing may be missed). Every ``lambda`` evaluated is a float32
+number, the ``lambda`` the trainer will use, so ``D(lambda) >= target`` holds for the returned value itself. Four
+passes of 30 ``lambda`` in all cost more arithmetic than the search that read ``D`` on the host between passes (one
+pass of two ``lambda`` where nothing is restricted, two to four where the margin binds); they cost no wait.
 
 A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in runs of
 consecutive weights (up to :data:`CPU_CHUNK` elements on a CPU, :data:`DEVICE_CHUNK` on an accelerator) for all of
-its ``lambda`` together: per run a handful of batched elementwise operations into a workspace kept across steps,
-the run's moments copied into it by one foreach call each (once per step where a segment is one run), the
-gradients read where they lie (the one pass's buffer rows; read in the backward's units, with ``unscale`` folded
-into the scalars). A step's operations grow with the number of runs, not with the number of weights.
-SGD's update is affine in the gradient: its ``D`` follows from four sums read once, and the search costs no pass.
+its ``lambda`` together: per run (or piece of a run, :data:`CPU_WORK`) a handful of batched elementwise operations
+into a workspace kept across steps, the run's moments copied into it by one foreach call each (once per step where a
+segment is one run), the gradients read where they lie (the one pass's buffer rows; read in the backward's units,
+with ``unscale`` folded into the scalars). Adam's bias corrections come from each weight's step count where it lies
+(on the device for the fused optimizer), as per-weight scales of ``D``, never read on the host. A step's operations
+grow with the number of runs, not with the number of weights. SGD's update is affine in the gradient: its ``D``
+follows from four sums formed once, and a pass costs a few operations on scalars.
 
 On sharded weights (FSDP2) each process holds a shard of every tensor, and every sum above is a sum over
 elements: :class:`OptimizerUpdate` works on the local shards and adds up, through ``reduce_sum``, the clip
 coefficient's three sums, AdamW's weight-decay term and SGD's four sums (one collective when it is built) and
-``D(lambda)`` (one collective per evaluation pass). Every process then reads the same numbers on the host and takes
-the same decisions in the search: the same ``lambda``, that of the global micro-batch.
+``D(lambda)`` (one collective per evaluation pass). Every process then holds the same values and takes the same
+steps of the search on its device: the same ``lambda``, that of the global micro-batch.
 
 Supported optimizers: ``torch.optim.AdamW``, ``torch.optim.Adam`` (its weight decay is an L2 term added to the
 gradient) and ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay); foreach and fused implementations
@@ -65,21 +65,19 @@ are block-quantized) when the config is made (:mod:`~trl_diffusion_sdpo.config.r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from .crossing import bracketed_crossing, float32
+from .crossing import GRID_POINTS, RESOLUTION, float32, last_crossing
 from .gradients.one_pass import blocked_dot
 from .parameter import ParameterSpace
 from .update_runs import (
     Run,
     UpdateWorkspace,
     branch_rows,
-    host_floats,
     host_tensor,
     local,
     one_view,
@@ -99,8 +97,6 @@ __all__ = [
     "update_space_lambda",
 ]
 
-RESOLUTION = 1 / 2048  # of max_lambda: lambda lies within this below a crossing (as 9 grid points + 8 bisections)
-GRID_POINTS = 9  # lambda = 0, max/8, ..., max: where D(0) misses the margin, the grid that looks for a feasible lambda
 SUPPORTED_OPTIMIZERS = "torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD"
 
 
@@ -138,6 +134,10 @@ def check_optimizer(optimizer) -> torch.optim.Optimizer:
 #: whatever the number of weights, and its workspace (``3 x lambdas x run`` elements, plus the run's optimizer state
 #: copied once per pass) stays bounded.
 CPU_CHUNK, DEVICE_CHUNK = 1 << 20, 1 << 23
+#: A pass's temporaries take ``3 x lambdas x piece`` elements: a run is read in pieces of at most ``work / lambdas``
+#: elements, so that the workspace stays within ``3 x work`` elements (CPU: 9 lambdas over a whole run; accelerator:
+#: 3), whatever the number of ``lambda`` per pass and the size of the largest weight.
+CPU_WORK, DEVICE_WORK = 9 * CPU_CHUNK, 3 * DEVICE_CHUNK
 
 _SGD_SUMS = ("ww", "wh", "wp", "wb")  # SGD's closed form: <g_w, g_w>, <g_w, h_l>, <g_w, theta>, <g_w, b>
 
@@ -151,6 +151,16 @@ class _Segment:
     hyper: dict
     runs: list[Run]
     sums: dict[str, torch.Tensor]
+
+
+def _run_scales(scales, start: int, weights: int):
+    """A run's part of its segment's Adam scales (:meth:`OptimizerUpdate._adam_scales`): numbers as they are, a
+    weight's own two 0-dim tensors, or ``[2, weights]`` for several weights."""
+    if not torch.is_tensor(scales):
+        return scales
+    if weights == 1:
+        return tuple(scales[:, start].unbind())
+    return scales[:, start : start + weights]
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
@@ -206,13 +216,12 @@ class OptimizerUpdate:
         self.sum_dtype = _sum_dtype(device)
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         states = [self.optimizer.state.get(p, {}) for p in parameters]
-        steps = host_floats([state.get("step", 0.0) for state in states])
         keys, by_key = [], {}
         for i, p in enumerate(parameters):
             group = group_of.get(id(p))
             if group is None:
                 raise ValueError("a trainable weight is not in the optimizer's parameter groups")
-            key = self._key(group, states[i], steps[i])
+            key = self._key(group, states[i])
             if key not in by_key:
                 by_key[key] = []
                 keys.append(key)
@@ -237,7 +246,10 @@ class OptimizerUpdate:
                 sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
                 members_of_key = by_key[key]
                 grouped = [members_of_key] if groups is None else groups(members_of_key)
-                for members in [run for group in grouped for run in runs(group, sizes, chunk)]:
+                segment_runs = [run for group in grouped for run in runs(group, sizes, chunk)]
+                scales = self._adam_scales(hyper, [states[i] for run in segment_runs for i in run], device)
+                start = 0
+                for members in segment_runs:
                     stated = hyper["has_state"]
                     if flat_rows is not None and flat_rows.dtype == self.dtype and len(members) == len(winner):
                         rows = flat_rows
@@ -251,7 +263,9 @@ class OptimizerUpdate:
                         [local(parameters[i]) for i in members] if hyper["l2"] else None,
                         tuple(tuple(winner[i].shape) for i in members),
                         rows,
+                        _run_scales(scales, start, len(members)),
                     )
+                    start += len(members)
                     w, h = run.winner, run.loser
                     # every sum over a run as the one buffer's (blocked_dot: float32 blocks added in float64), so
                     # that partitions and one buffer give the same sums: a float32 dot per run rounds otherwise, by
@@ -284,6 +298,7 @@ class OptimizerUpdate:
             sums = torch.cat([n.reshape(-1) for n in norms]).view(-1, 3).sum(0) if norms else zeros
             sums = sums.to(device)
         self._largest = max((run.numel for segment in self.segments for run in segment.runs), default=0)
+        self._work = CPU_WORK if device.type == "cpu" else DEVICE_WORK
         if not decays:
             decay = torch.zeros((), dtype=self.sum_dtype, device=device)
         else:  # one group with a decay (the usual case): no stack
@@ -291,26 +306,24 @@ class OptimizerUpdate:
         if reduce_sum is not None:
             sums, decay = self._reduce_sums(reduce_sum, sums, decay)
         self.device = device
-        # what every pass reads on the host, in one read: ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll
-        # (optimizer units: times 1 / scale^2), the clip coefficient of any lambda; the decoupled weight decay's share
-        # of D, the same for every lambda; 1 / scale (a tensor read with them, a number as it is)
-        read = [decay, unscale] if torch.is_tensor(unscale) else [decay]
-        values = torch.cat([sums, torch.stack(read).to(self.sum_dtype)]).tolist()
-        ww, wl, ll, decay = values[:4]
-        u = values[4] if torch.is_tensor(unscale) else float(unscale)
-        self._host = [ww * u * u, wl * u * u, ll * u * u, decay * u, u]
+        # on the device, never read back: ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll (optimizer units:
+        # times 1 / scale^2), the clip coefficient of any lambda; the decoupled weight decay's share of D, the same
+        # for every lambda; 1 / scale (a tensor, or a number as it is)
+        u = unscale.to(device=device, dtype=self.sum_dtype) if torch.is_tensor(unscale) else float(unscale)
+        self._unscale = u
+        self._norms = sums.to(self.sum_dtype) * (u * u)
+        self._decay = decay.to(self.sum_dtype) * u
+        ww, wl, ll = self._norms.unbind()
+        self._quadratic = (ww, 2 * wl, ll)
 
-    ww = property(lambda self: self._host_sum(0), doc="``<g_w, g_w>`` in the optimizer's units")
-    wl = property(lambda self: self._host_sum(1), doc="``<g_w, h_l>`` in the optimizer's units")
-    ll = property(lambda self: self._host_sum(2), doc="``<h_l, h_l>`` in the optimizer's units")
+    ww = property(lambda self: self._norms[0], doc="``<g_w, g_w>`` in the optimizer's units (a device tensor)")
+    wl = property(lambda self: self._norms[1], doc="``<g_w, h_l>`` in the optimizer's units (a device tensor)")
+    ll = property(lambda self: self._norms[2], doc="``<h_l, h_l>`` in the optimizer's units (a device tensor)")
 
     def _read(self, name: str, run: Run) -> torch.Tensor:
         """``run``'s ``name`` input (``param``, ``first``, ``second``) flat in the workspace: one foreach copy, or none
         where the workspace still holds it from this step (a segment of one run: every pass reads the same)."""
         return self.workspace.read(name, run, getattr(run, name), self.dtype)
-
-    def _host_sum(self, k: int) -> torch.Tensor:
-        return torch.tensor(self._host[k], dtype=self.sum_dtype, device=self.device)
 
     def _reduce_sums(
         self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], sums: torch.Tensor, decay: torch.Tensor
@@ -348,8 +361,9 @@ class OptimizerUpdate:
         loser_sum = blocked_dot(flat_loser, flat_loser.unsqueeze(0), dtype=self.sum_dtype)  # [<h, h>]
         return torch.cat([winner_sums, loser_sum]), rows
 
-    def _key(self, group: dict, state: dict, step: float) -> tuple:
-        """The hyperparameters a weight's ``D(lambda)`` depends on beyond its own tensors (hashable)."""
+    def _key(self, group: dict, state: dict) -> tuple:
+        """The hyperparameters a weight's ``D(lambda)`` depends on beyond its own tensors and step count (hashable;
+        Adam's step count, a tensor that may lie on the device, enters through :meth:`_adam_scales`)."""
         lr = float(group["lr"])
         l2 = 0.0 if self.decoupled else float(group["weight_decay"])
         if self.adam:
@@ -360,7 +374,6 @@ class OptimizerUpdate:
                 ("beta1", beta1),
                 ("beta2", beta2),
                 ("eps", float(group["eps"])),
-                ("step", step),
                 ("l2", l2),
                 ("has_state", first),
             )
@@ -373,91 +386,123 @@ class OptimizerUpdate:
             ("has_state", state.get("momentum_buffer") is not None),
         )
 
-    def host_clip_coefficient(self) -> Callable[[float], float]:
-        """:meth:`clip_coefficient` as a function of a Python float, from the three sums read once on the host."""
-        if self.max_grad_norm <= 0:
-            return lambda lam: 1.0
-        ww, wl, ll = self._host[:3]
-        threshold = self.max_grad_norm
-
-        def coefficient(lam: float) -> float:
-            norm = math.sqrt(max(ww + 2 * lam * wl + lam * lam * ll, 0.0))
-            return min(threshold / (norm + 1e-6), 1.0)
-
-        return coefficient
-
     def clip_coefficient(self, lam: torch.Tensor) -> torch.Tensor:
         """``min(1, max_grad_norm / (||g_w + lambda h_l|| + 1e-6))``, as ``clip_grad_norm_`` multiplies."""
-        lam = lam.to(self.sum_dtype)
+        lam = lam if lam.dtype == self.sum_dtype else lam.to(self.sum_dtype)
         if self.max_grad_norm <= 0:
             return torch.ones_like(lam)
-        norm = (self.ww + 2 * lam * self.wl + lam * lam * self.ll).clamp(min=0).sqrt()
-        return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        ww, wl2, ll = self._quadratic
+        norm = torch.addcmul(ww, lam, torch.addcmul(wl2, lam, ll)).clamp_(min=0).sqrt_()
+        return norm.add_(1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)
 
     def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
-        """:meth:`decreases` at each of ``lams`` (a vector), as a float64 tensor (float32 on MPS)."""
-        values = self.decreases([float(x) for x in lams.tolist()])
-        return torch.tensor(values, dtype=self.sum_dtype, device=lams.device)
+        """:meth:`decreases` at each of ``lams`` (a vector)."""
+        return self.decreases(lams)
 
     @torch.no_grad()
-    def decreases(self, points: Sequence[float]) -> list[float]:
-        """``D`` at each ``lambda`` of ``points``, in one pass over the weights (summed in float64 where the device
-        has it); on shards (``reduce_sum``), every process's share added up in one collective, the same ``D`` on
-        every process. The gradient's coefficients ``s = c(lambda) / scale`` and ``t = s lambda`` are formed on the
-        host from the clip coefficient's sums (read once), and ``D`` is read back in one host read."""
-        clip, unscale, decay = self.host_clip_coefficient(), self._host[4], self._host[3]
-        coefficients = [[clip(x) * unscale, clip(x) * unscale * x] for x in points]  # G = s g_w + t h_l
-        device = self.device
+    def decreases(self, points: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """``D`` at each ``lambda`` of ``points`` (float32 numbers: a device tensor, or host numbers), in one pass over
+        the weights, as a device tensor (float64 where the device has it); on shards (``reduce_sum``), every process's
+        share added up in one collective, the same ``D`` on every process. Nothing is read back to the host: the
+        gradient's coefficients ``s = c(lambda) / scale`` and ``t = s lambda`` are formed on the device from the clip
+        coefficient's sums."""
+        if not torch.is_tensor(points):
+            points = host_tensor(list(points), torch.float32, self.device)
+        lams = points.to(device=self.device, dtype=self.sum_dtype)
+        s = self.clip_coefficient(lams) * self._unscale  # G = s g_w + t h_l
+        t = s * lams
         if not self.adam:
-            s, t = torch.tensor(coefficients, dtype=self.sum_dtype, device=device).unbind(1)
             total = torch.stack([self._sgd(segment, s, t) for segment in self.segments]).sum(0)
-            return [v + decay for v in total.tolist()]
-        st = host_tensor(coefficients, self.dtype, device)  # [lambdas, 2]
-        work = self.workspace.flat("work", ((3, len(points) * self._largest),), self.dtype, device)[1][0]
-        shares = [share for segment in self.segments for share in self._adam(segment, st, work)]
-        if len(shares) == 1 and self.reduce_sum is None:  # one run: read as it is, scaled on the host
-            share, factor = shares[0]
-            return [v * factor + decay for v in share.tolist()]
-        total = torch.stack([share.to(self.sum_dtype) * factor for share, factor in shares]).sum(0)
+            return total * self._unscale + self._decay
+        st = torch.stack([s, t], 1).to(self.dtype)  # [lambdas, 2]
+        count = st.shape[0]
+        piece = min(self._largest, max(self._work // count, 1))  # a run's elements per operation
+        work = self.workspace.flat("work", ((3, count * piece),), self.dtype, self.device)[1][0]
+        shares = [share for segment in self.segments for share in self._adam(segment, st, work, piece)]
+        total = shares[0] if len(shares) == 1 else torch.stack(shares).sum(0)
         if self.reduce_sum is not None:  # this process's share of the elementwise sums, added up over processes
             total = self.reduce_sum(total)
-        return [v + decay for v in total.tolist()]
+        return total * self._unscale + self._decay
 
-    def _adam(self, segment: _Segment, st: torch.Tensor, work: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """Adam's share of ``D``, per run ``(share, factor)``, ``D``'s part ``factor * share``: torch's
+    def _adam_scales(
+        self, hyper: dict, states: list[dict], device: torch.device
+    ) -> tuple[float, float] | torch.Tensor:
+        """Adam's per-weight ``(eps / kappa, lr (1 - beta1) / (bc1 kappa))`` (see :meth:`_adam`) for the weights of
+        ``states`` in order: two numbers where every weight has the same step count (none has state yet, the first
+        step), else a ``[2, weights]`` device tensor from their step counts, read where they lie (no host read)."""
+        if not self.adam:
+            return None
+        beta1, beta2, eps, lr = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["lr"]
+        if not hyper["has_state"]:  # step 1 for every weight: bc1 = 1 - beta1, bc2 = 1 - beta2, c2 = 1, kappa = 1
+            return eps, lr
+        c2 = beta2 / (1 - beta2)
+        steps = [state["step"] for state in states]
+        if not all(torch.is_tensor(step) for step in steps):
+            steps = [torch.as_tensor(float(step)) for step in steps]  # a number: the step counts of older torch
+        step = torch.stack([local(x) for x in steps]).to(device=device, dtype=self.sum_dtype) + 1
+        # kappa = sqrt((1 - beta2) c2 / bc2) = sqrt(beta2 / bc2)
+        inverse_kappa = torch.rsqrt((1 - beta2) * c2 / (1 - torch.pow(beta2, step)))
+        scales = torch.stack([inverse_kappa * eps, inverse_kappa * (lr * (1 - beta1)) / (1 - torch.pow(beta1, step))])
+        return scales.to(self.dtype)
+
+    def _adam(self, segment: _Segment, st: torch.Tensor, work: torch.Tensor, piece: int) -> list[torch.Tensor]:
+        """Adam's share of ``D`` per run, ``D = unscale * sum(shares) + decay``: torch's
         ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each run costs a few operations over
         ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``; ``[s, t]`` the rows of ``st``, times
         ``[g_w; h_l]`` in one product),
         ``m' = (1 - beta1)(G + c1 m)``, ``v' = (1 - beta2) c2 (v + G^2 / c2)`` (``c1 = beta1 / (1 - beta1)``,
         ``c2 = beta2 / (1 - beta2)``; no state: ``m = v = 0`` and ``c2 = 1``),
         ``kappa = sqrt((1 - beta2) c2 / bc2)``:
-        ``D = lr (1 - beta1) / (bc1 kappa) <g_w, (G + c1 m) / (sqrt(v + G^2 / c2) + eps / kappa)>``."""
+        ``D = lr (1 - beta1) / (bc1 kappa) <g_w, (G + c1 m) / (sqrt(v + G^2 / c2) + eps / kappa)>``, the per-weight
+        ``eps / kappa`` and ``lr (1 - beta1) / (bc1 kappa)`` from each weight's step count (:meth:`_adam_scales`).
+        A run is read in pieces of ``piece`` elements (the workspace holds ``3 x lambdas x piece``)."""
         hyper = segment.hyper
-        beta1, beta2, step = hyper["beta1"], hyper["beta2"], hyper["step"] + 1
-        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        beta1, beta2 = hyper["beta1"], hyper["beta2"]
         c1, c2 = beta1 / (1 - beta1), (beta2 / (1 - beta2) if hyper["has_state"] else 1.0)
-        kappa = ((1 - beta2) * c2 / bc2) ** 0.5
-        eps = hyper["eps"] / kappa
         count = st.shape[0]
         shares = []
         for run in segment.runs:
-            grad, numerator, denominator = self.workspace.work_views(run.numel, count, work)
-            torch.mm(st, run.rows, out=grad)
-            if hyper["l2"] != 0:
-                grad.add_(self._read("param", run), alpha=hyper["l2"])
-            if run.first is not None:
-                torch.add(grad, self._read("first", run), alpha=c1, out=numerator)
-                torch.addcmul(self._read("second", run), grad, grad, value=1 / c2, out=denominator).sqrt_()
-            else:
-                numerator = grad
-                torch.abs(grad, out=denominator)
-            shares.append(torch.mv(numerator.div_(denominator.add_(eps)), run.winner))
-        factor = self._host[4] * hyper["lr"] * (1 - beta1) / (bc1 * kappa)
-        return [(share, factor) for share in shares]
+            eps, factor, weights = self._run_scales(run)
+            first = self._read("first", run) if run.first is not None else None
+            second = self._read("second", run) if run.first is not None else None
+            param = self._read("param", run) if hyper["l2"] != 0 else None
+            for a in range(0, run.numel, piece):
+                b = min(a + piece, run.numel)
+                whole = a == 0 and b == run.numel  # one piece: the run's tensors as they are (no slicing)
+
+                def part(x, a=a, b=b, whole=whole):
+                    return x if whole or not torch.is_tensor(x) or x.dim() == 0 else x[..., a:b]
+
+                grad, numerator, denominator = self.workspace.work_views(b - a, count, work)
+                torch.mm(st, part(run.rows), out=grad)
+                if param is not None:
+                    grad.add_(part(param), alpha=hyper["l2"])
+                if first is not None:
+                    torch.add(grad, part(first), alpha=c1, out=numerator)
+                    torch.addcmul(part(second), grad, grad, value=1 / c2, out=denominator).sqrt_()
+                else:
+                    numerator = grad
+                    torch.abs(grad, out=denominator)
+                share = torch.mv(numerator.div_(denominator.add_(part(eps))), part(weights))
+                shares.append(share.to(self.sum_dtype) if factor is None else share.to(self.sum_dtype) * factor)
+        return shares
+
+    def _run_scales(self, run: Run) -> tuple:
+        """``(eps, factor, weights)`` of a run: ``D``'s share is ``factor * <weights, ratio>`` with the ratio's
+        denominator offset by ``eps`` (a number, a 0-dim tensor, or one per element); where the weights' scales differ
+        (several step counts may), ``factor`` is ``None`` and ``weights`` is ``g_w`` times each element's factor,
+        expanded once per step into the workspace."""
+        scales = run.scales
+        if not torch.is_tensor(scales):  # the same for every weight: numbers, or 0-dim tensors (one weight)
+            return scales[0], scales[1], run.winner
+        eps, weights = self.workspace.expanded(run, scales)
+        return eps, None, weights
 
     def _sgd(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """SGD's share of ``D``: ``lr <g_w, alpha G' + beta b>`` with ``G' = s g_w + t h_l + wd theta``, ``b`` the
-        momentum buffer, and ``(alpha, beta)`` from momentum, dampening and Nesterov: affine, from the four sums."""
+        """SGD's share of ``D`` (``g_w`` in the backward's units: times ``unscale``, ``D``):
+        ``lr <g_w, alpha G' + beta b>`` with
+        ``G' = s g_w + t h_l + wd theta``, ``b`` the momentum buffer, and ``(alpha, beta)`` from momentum, dampening
+        and Nesterov: affine, from the four sums."""
         hyper, sums = segment.hyper, segment.sums
         momentum, dampening = hyper["momentum"], hyper["dampening"]
         if momentum == 0:
@@ -470,62 +515,19 @@ class OptimizerUpdate:
             alpha, beta = 1 - dampening, momentum
         zero = torch.zeros((), dtype=self.sum_dtype, device=s.device)
         gradient = s * sums.get("ww", zero) + t * sums.get("wh", zero) + hyper["l2"] * sums.get("wp", zero)
-        return self._host[4] * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
+        return hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
 
 
 def update_space_lambda(
-    update: OptimizerUpdate, mu: float, max_lambda: float = 1.0
+    update: OptimizerUpdate, mu: float | torch.Tensor, max_lambda: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lambda, infeasible)``: ``max_lambda`` where ``D(max_lambda) >= target = mu * max(D(0), 0)``, else ``lambda``
     within ``resolution = max_lambda *`` :data:`RESOLUTION` below a crossing: ``D(lambda) >= target > D(hi)`` for some
-    ``hi`` in ``(lambda, lambda + resolution]`` (see the module docstring); both are detached float32 0-dim device
-    tensors.
-
-    ``D(0)`` and ``D(max_lambda)`` come from one pass, read on the host: when ``D(max_lambda)`` meets the target
-    (nothing to restrict) the search ends there. When ``D(0)`` meets it, the crossing is searched in ``[0,
-    max_lambda]`` by :func:`~.crossing.bracketed_crossing` (at most three ``lambda`` per pass, one host read each).
-    When it does not (momentum or weight decay already raise the winner's term, so the target is 0), the inner grid
-    points of :data:`GRID_POINTS` take one pass; the crossing is searched between the largest grid point that meets
-    the target and the next, and where none does, ``lambda`` is the grid point with the largest ``D`` and
-    ``infeasible = 1``. Every candidate is a float32 number, as the trainer will use it."""
-    device = update.device
-    top = float32(max_lambda)
-    decreases = update.decreases
-
-    first, last = decreases([0.0, top])
-    target = mu * max(first, 0.0)
-    infeasible = False
-    if last >= target:  # the common case: nothing to restrict, no search
-        lam = top
-    elif first >= target:
-        lam, _ = bracketed_crossing(
-            lambda points: [d - target for d in decreases(points)],
-            0.0,
-            top,
-            first - target,
-            last - target,
-            max_lambda * RESOLUTION,
-            update.host_clip_coefficient(),
-        )
-    else:
-        grid = [float32(max_lambda * k / (GRID_POINTS - 1)) for k in range(GRID_POINTS)]
-        values = [first, *decreases(grid[1:-1]), last]
-        feasible = [k for k, d in enumerate(values) if d >= target]
-        if feasible:
-            k = feasible[-1]  # < GRID_POINTS - 1: D(max_lambda) misses the target
-            lam, _ = bracketed_crossing(
-                lambda points: [d - target for d in decreases(points)],
-                grid[k],
-                grid[k + 1],
-                values[k] - target,
-                values[k + 1] - target,
-                max_lambda * RESOLUTION,
-                update.host_clip_coefficient(),
-            )
-        else:
-            lam, infeasible = grid[max(range(GRID_POINTS), key=lambda k: values[k])], True
-    as_float = {"dtype": torch.float32, "device": device}
-    return torch.full((), lam, **as_float), torch.full((), float(infeasible), **as_float)
+    ``hi`` in ``(lambda, lambda + resolution]``; where no point of the :data:`GRID_POINTS`-point grid meets the
+    target, the grid point with the largest ``D`` and ``infeasible = 1``. Both are detached float32 0-dim device
+    tensors, and nothing is read back to the host: the passes follow the fixed schedule of
+    :func:`~.crossing.last_crossing` (see the module docstring). ``mu`` may be a device tensor."""
+    return last_crossing(update.decreases, float32(max_lambda), lambda first: mu * first.clamp(min=0.0), update.device)
 
 
 class UpdateSpaceRule:
@@ -554,7 +556,7 @@ class UpdateSpaceRule:
             reduce_sum=self.collectives.update_sum_reduction(),
             workspace=self.workspace,
         )
-        lam, self.infeasible = update_space_lambda(update, float(self.margin.value), self.max_lambda)
+        lam, self.infeasible = update_space_lambda(update, self.margin.value, self.max_lambda)
         return lam
 
 
