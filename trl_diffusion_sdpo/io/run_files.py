@@ -288,8 +288,9 @@ class RunFiles(TrainerCallback):
 
     # ------------------------------------------------------------------ weights
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The trainer's ``save_model``: the LoRA adapters or the denoiser, in diffusers' format, to ``output_dir``.
+    def save_gathered_weights(self, output_dir: str | None = None, internal: bool = False) -> None:
+        """The trainer's ``save_model``: the LoRA adapters or the denoiser, in diffusers' format, to ``output_dir``
+        (``internal``: inside a checkpoint save, which reports a failure itself).
 
         Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP) they are first gathered (every process must
         call this), so the files are the same as on one process whatever the engine's own save settings say. A
@@ -309,7 +310,7 @@ class RunFiles(TrainerCallback):
             folder = output_dir if output_dir is not None else trainer.args.output_dir
             writing = checkpoint_writing()
             free = writing.free_bytes(folder if os.path.isdir(folder) else trainer.args.output_dir)
-            if _internal_call or not writing.is_save_failure(err, free):  # inside save_checkpoint, which reports it
+            if internal or not writing.is_save_failure(err, free):  # inside a checkpoint save, which reports it
                 raise
             raise writing.save_failure(err, folder, trainer.args.output_dir, 0, free) from err
 
