@@ -32,7 +32,6 @@ LIBRARIES = {
 #: writes still made, each to a library with no public way to the same result
 KNOWN = {
     ("cli/help_topics.py", "_group_actions"),  # argparse: the short help's option groups, regrouped
-    ("io/resume_check.py", "_last_lr"),  # torch's LR scheduler: a learning rate changed at resume
 }
 
 

@@ -63,17 +63,22 @@ def test_a_change_that_makes_the_checkpoint_meaningless_is_refused_naming_the_fi
     assert sorted(os.listdir(run)) == before  # nothing trained, nothing written, the lock released
 
 
-def test_a_changed_learning_rate_takes_effect_and_safe_changes_are_logged(run, tmp_path, caplog):
-    trainer = build_trainer(run, str(tmp_path / "tok"), max_steps=4, learning_rate=2e-3, weight_decay=0.0)
+def test_a_changed_learning_rate_is_refused_and_safe_changes_are_logged(run, tmp_path, caplog):
+    before = sorted(os.listdir(run))
+    trainer = build_trainer(run, str(tmp_path / "tok"), max_steps=4, learning_rate=2e-3)
+    with pytest.raises(ResumeConfigError, match=r"learning_rate \(0.001 -> 0.002\) changed") as info:
+        trainer.train(resume_from_checkpoint=True)
+    assert "continues the checkpoint's learning-rate schedule" in str(info.value)
+    assert trainer.state.global_step == 0 and sorted(os.listdir(run)) == before
+
+    # The same rate: the run goes on at the restored schedule, with the safe and other changes logged.
+    trainer = build_trainer(run, str(tmp_path / "tok2"), max_steps=4, weight_decay=0.0)
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 4
     logged = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry}
-    # Steps 1-2 ran before the resume at 1e-3 (the restored history); steps 3-4 at the new rate, not the old one
-    # that the restored scheduler state would bring back.
-    assert logged == {1: 1e-3, 2: 1e-3, 3: 2e-3, 4: 2e-3}
-    assert all(group["lr"] == 2e-3 for group in trainer.optimizer.param_groups)
-    assert "learning_rate (0.001 -> 0.002)" in caplog.text and "max_steps (2 -> 4)" in caplog.text
+    assert logged == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3}
+    assert "max_steps (2 -> 4)" in caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("weight_decay (0.01 -> 0.0)" in w and "not the run the checkpoint began" in w for w in warnings)
 

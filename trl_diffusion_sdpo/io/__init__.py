@@ -14,7 +14,7 @@ from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .hub import CardMethod, RunHub, build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
-    from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
+    from .resume_check import check_resume_config, read_run_identity, write_run_identity
     from .saving import (
         has_lora_adapters,
         load_full_denoiser,
@@ -41,14 +41,12 @@ _EXPORTS = {
     "save_pipeline_components": ".saving",
     "write_training_config": ".saving",
     "adapt_trackers": ".trackers",
-    "apply_new_learning_rates": ".resume_check",
     "check_resume_config": ".resume_check",
     "read_run_identity": ".resume_check",
     "write_run_identity": ".resume_check",
 }
 
 __all__ = [
-    "apply_new_learning_rates",
     "check_resume_config",
     "read_run_identity",
     "write_run_identity",

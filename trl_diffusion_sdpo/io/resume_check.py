@@ -8,9 +8,11 @@ compared with the new run's:
   (:data:`IDENTITY_FIELDS`), and the config fields of :func:`refused_fields` (the objective, every registered
   objective's hyperparameters, the safeguard, the resolution), whose change would make the resumed run a different
   experiment on top of weights trained for another one;
-* allowed and logged at INFO (:data:`SAFE_FIELDS`): learning rate, step and epoch counts, logging, saving,
-  evaluation, validation, Hub and loader settings, which only say how the run goes on. A changed learning rate takes
-  effect (:func:`apply_new_learning_rates`; transformers' restored scheduler state would bring the old one back);
+* refused with its own reason: the learning rate (:data:`SCHEDULE_FIELDS`). transformers restores the optimizer's and
+  the scheduler's state with the checkpoint, and with it the learning rate the run began with: the new value would
+  be printed and stored but not used, so the run asks for the old one or a new run;
+* allowed and logged at INFO (:data:`SAFE_FIELDS`): step and epoch counts, logging, saving, evaluation, validation,
+  Hub and loader settings, which only say how the run goes on;
 * any other change is allowed with a WARNING naming it: the run continues, but is not the one the checkpoint began.
 """
 
@@ -23,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config.defaults import resolve_default
 from ..objectives import objective_class, registered_objectives
 from .resume_world import ResumeConfigError, plan_process_count_change, samples_seen
 from .saving import TRAINING_CONFIG_NAME
@@ -36,8 +37,8 @@ __all__ = [
     "REFUSED_FIELDS",
     "RUN_IDENTITY_NAME",
     "SAFE_FIELDS",
+    "SCHEDULE_FIELDS",
     "ResumeConfigError",
-    "apply_new_learning_rates",
     "check_resume_config",
     "read_run_identity",
     "refused_fields",
@@ -61,9 +62,10 @@ REFUSED_FIELDS = frozenset(
         "resolution",
     }
 )
+# Restored with the checkpoint's optimizer and scheduler states, whatever the new config says.
+SCHEDULE_FIELDS = frozenset({"learning_rate"})
 SAFE_FIELDS = frozenset(
     {
-        "learning_rate",
         "max_steps",
         "num_train_epochs",
         "output_dir",
@@ -191,9 +193,8 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
                 if name in config and config[name] is None:
                     loss_type = config.get("loss_type", "dpo")
                     base = getattr(trainer, "base_model_name", None)
-                    online = given.defaults_regime(name) == "online"  # the config's class names its regime
-                    config[name] = resolve_default(name, family, loss_type, online, base).value
-    safe, other, refused_names = [], [], refused_fields()
+                    config[name] = given.default_for(name, family, base, objective=loss_type).value  # its table
+    safe, other, schedule, refused_names = [], [], [], refused_fields()
     for name in sorted(set(saved) & set(current)):
         old, new = saved[name], current[name]
         if old == new or name.startswith("_") or name in NOT_SETTINGS:
@@ -201,6 +202,8 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
         change = (name, old, new)
         if name in refused_names:
             refused.append(change)
+        elif name in SCHEDULE_FIELDS:
+            schedule.append(change)
         elif name in SAFE_FIELDS:
             safe.append(change)
         else:
@@ -210,6 +213,13 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
             f"Cannot resume from {checkpoint}: {_describe(refused)} changed. The checkpoint's weights were trained "
             "for the old value(s), so the resumed run would be another experiment on top of them. Restore the old "
             "value(s), or start a new run (another output_dir, no resume_from_checkpoint) from these weights."
+        )
+    if schedule:
+        raise ResumeConfigError(
+            f"Cannot resume from {checkpoint}: {_describe(schedule)} changed. A resumed run continues the "
+            "checkpoint's learning-rate schedule: transformers restores the optimizer's and the scheduler's state "
+            "with it, so the new value would not be used. Resume with the old value, or start a new run (another "
+            "output_dir, no resume_from_checkpoint) from these weights."
         )
     if safe:
         logger.info("Resuming from %s with changed settings, applied from now on: %s", checkpoint, _describe(safe))
@@ -226,24 +236,3 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
         if change is not None:
             logger.warning(change.describe())
     return [name for name, _, _ in safe + other]
-
-
-def apply_new_learning_rates(scheduler: Any, optimizer: torch.optim.Optimizer, fresh_base_lrs: list[float]) -> bool:
-    """Make a learning rate changed at resume take effect; returns whether it changed.
-
-    transformers restores the scheduler's ``state_dict``, which for ``LambdaLR`` holds ``base_lrs`` (the old
-    learning rates), and the optimizer's, which holds each group's current ``lr``. The fresh scheduler's
-    ``base_lrs`` come back, and each group's learning rate becomes ``base_lr * lr_lambda(last_epoch)``, the value
-    the schedule gives at the resumed step.
-    """
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        return False
-    if list(scheduler.base_lrs) == list(fresh_base_lrs):
-        return False
-    scheduler.base_lrs = list(fresh_base_lrs)
-    lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, base, lr in zip(optimizer.param_groups, scheduler.base_lrs, lrs):
-        group["initial_lr"] = base
-        group["lr"] = lr
-    scheduler._last_lr = lrs
-    return True

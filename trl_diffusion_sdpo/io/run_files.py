@@ -24,7 +24,7 @@ what it does there and calls the helpers of :class:`RunFiles`, which keeps the s
   own weights (none of ours) and upload a pickled ``training_args.bin``;
 * the run's loss sum, recorded in every checkpoint, so that a resumed run logs what an uninterrupted one does.
 
-:class:`RunFiles` is also a callback: a learning rate changed at resume is applied when training begins.
+:class:`RunFiles` is also a callback: the logging window opens when training begins.
 """
 
 from __future__ import annotations
@@ -132,9 +132,6 @@ class RunFiles(TrainerCallback):
         # start of train()), and (steps, loss sum) of its part before the resumed checkpoint, until its first log.
         self._window_start: tuple[int, float] = (0, 0.0)
         self._window_before_resume: tuple[int, float] = (0, 0.0)
-        # The learning rates of the scheduler made for this train() call, before a resumed checkpoint's state
-        # replaces them (see on_train_begin).
-        self._fresh_learning_rates: list[float] = []
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
@@ -199,19 +196,9 @@ class RunFiles(TrainerCallback):
             if lock is not None:
                 lock.release()
 
-    def remember_learning_rates(self, scheduler: Any) -> None:
-        """Called with the scheduler made for a ``train()`` call, before a resumed checkpoint's state is loaded into
-        it: its base learning rates are the run's own, which :meth:`on_train_begin` applies after that load."""
-        self._fresh_learning_rates = list(getattr(scheduler, "base_lrs", []))
-
     def on_train_begin(self, args, state, control, **kwargs):
-        """After transformers restored a resumed checkpoint's optimizer and scheduler: a learning rate changed at
-        resume wins over the restored scheduler's base rates."""
-        trainer = self.trainer
-        self._window_start = (state.global_step, self._loss_logged)  # transformers' window opens here as well
-        fresh = self._fresh_learning_rates
-        if self.resumed and fresh and run_io.apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh):
-            logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
+        """The logging window opens where transformers' opens: at the resumed step."""
+        self._window_start = (state.global_step, self._loss_logged)
 
     def _fold_loss(self) -> float:
         """The sum of this ``train()`` call's per-step losses, averaged over processes: the trainer's
