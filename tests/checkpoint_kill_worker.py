@@ -26,7 +26,6 @@ from transformers.trainer_callback import TrainerState  # noqa: E402
 
 from tests.helpers.common import lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
-from trl_diffusion_sdpo.callbacks.probe import ProbeCallback  # noqa: E402
 from trl_diffusion_sdpo.io import checkpoint_writing  # noqa: E402
 from trl_diffusion_sdpo.io.checkpoints import is_checkpoint_folder  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
@@ -91,8 +90,7 @@ def build_rewind_trainer(output_dir: str, tokenizer_dir: str) -> DiffusionSDPOTr
     from tests.helpers.rewind import ScriptedAlarm
 
     trainer = build_trainer(output_dir, tokenizer_dir, **REWIND_SETTINGS)
-    probe = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProbeCallback))
-    probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=REWIND_UNHEALTHY)
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=REWIND_UNHEALTHY)
     return trainer
 
 
@@ -139,7 +137,7 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
     elif stage == "rng":
         after(trainer, "_save_rng_state", lambda d: _die())
     elif stage == "rewind_snapshot":
-        probe = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProbeCallback))
+        probe = trainer.probe_alarm  # the rewind's snapshot is its action's checkpoint part
         original_part = probe.save_checkpoint_part
 
         def save_checkpoint_part(checkpoint, *args, **kwargs):

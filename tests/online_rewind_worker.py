@@ -46,7 +46,7 @@ def main(out: str) -> None:
         peft_config=LoraConfig(**LORA),
     )  # fmt: skip
     # Every probe unhealthy, one probe enough: the alarm fires at step 1, back to step 0, and the run stops.
-    trainer.probe.rewind.rule = ProbeAlarmRule(patience=1, threshold=float("-inf"))
+    trainer.probe_alarm.signal.rule = ProbeAlarmRule(patience=1, threshold=float("-inf"))
     parameters = list(trainable_parameters(trainer.family.denoiser))
     initial = fingerprint(parameters)
     share = trainer.probe.probe.batch
@@ -54,7 +54,7 @@ def main(out: str) -> None:
     report = {
         "initial": initial,
         "trained": fingerprint(parameters),
-        "rewinds": [list(pair) for pair in trainer.probe.rewind.rewinds],
+        "rewinds": [list(pair) for pair in trainer.probe_alarm.action.rewinds],
         "steps": trainer.state.global_step,
         "readings": trainer.probe.readings,
         "share": share["latent_mean"].tolist(),

@@ -129,10 +129,10 @@ def train(out: str, job: str, config: str | None) -> dict:
     initial = fingerprint(trainable_parameters(pipe.unet))
     trainer = build_trainer(out, job, config, pipe)
     if job.startswith("resume-"):
-        trainer.probe.rewind.rule = ScriptedAlarm(2, RESUME_UNHEALTHY)
+        trainer.probe_alarm.signal.rule = ScriptedAlarm(2, RESUME_UNHEALTHY)
     elif not job.endswith("plain"):
         quiet = job.endswith("quiet")
-        trainer.probe.rewind.rule = ScriptedAlarm(1, set() if quiet else set(range(1, STEPS + 1)))
+        trainer.probe_alarm.signal.rule = ScriptedAlarm(1, set() if quiet else set(range(1, STEPS + 1)))
     parts = LocalParts(trainer)
     trainer.add_callback(parts)
     resume = _checkpoint(out) if job in ("resume-same", "resume-other") else None
@@ -155,7 +155,7 @@ def train(out: str, job: str, config: str | None) -> dict:
         "steps": trainer.state.global_step,
         "engine_steps": getattr(trainer.model_wrapped, "global_steps", None),
         "readings": [] if trainer.probe is None else [[s, m] for s, m in trainer.probe.readings],
-        "rewinds": [] if trainer.probe is None else [list(pair) for pair in trainer.probe.rewind.rewinds],
+        "rewinds": [] if trainer.probe is None else [list(pair) for pair in trainer.probe_alarm.action.rewinds],
     }
     del trainer, pipe
     gc.collect()

@@ -48,14 +48,14 @@ def main(out: str) -> None:
         pipe, args=args, train_dataset=Dataset.from_list(pickapic_rows(8)), peft_config=lora_config()
     )
     # Every probe unhealthy, one probe enough: the alarm fires at steps 1 and 2, both back to step 0.
-    trainer.probe.rewind.rule = ProbeAlarmRule(patience=1, threshold=float("-inf"))
+    trainer.probe_alarm.signal.rule = ProbeAlarmRule(patience=1, threshold=float("-inf"))
     parameters = list(trainable_parameters(trainer.family.denoiser))
     initial = fingerprint(parameters)
     trainer.train()
     report = {
         "initial": initial,
         "trained": fingerprint(parameters),
-        "rewinds": [list(pair) for pair in trainer.probe.rewind.rewinds],
+        "rewinds": [list(pair) for pair in trainer.probe_alarm.action.rewinds],
         "steps": trainer.state.global_step,
     }
     with open(os.path.join(out, f"rank-{trainer.accelerator.process_index}.json"), "w") as f:

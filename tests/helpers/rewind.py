@@ -4,10 +4,13 @@ state, an alarm scripted by step, and exact comparisons of weights and optimizer
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from trl_diffusion_sdpo.callbacks.alarm import AlarmCallback, ProbeSignal
 from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule
 from trl_diffusion_sdpo.engines.base import trainable_parameters
 
@@ -64,3 +67,25 @@ def states_equal(a: dict, b: dict) -> bool:
             if not (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other):
                 return False
     return True
+
+
+class HandDriven:
+    """An alarm on the probe driven by hand as a run drives it: the probe publishes a reading
+    (``last_reading``), then transformers calls the alarm's ``on_step_end`` and ``on_train_begin``. The alarm's
+    signal (``rule``) and ``action`` are tested apart from a training run."""
+
+    def __init__(self, rule: ProbeAlarmRule, action: Any) -> None:
+        self.probe = SimpleNamespace(last_reading=None)
+        self.alarm = AlarmCallback(ProbeSignal(self.probe, rule), action)
+        self.action = action
+
+    def begin(self, optimizer: torch.optim.Optimizer) -> None:
+        state = SimpleNamespace(global_step=0, stateful_callbacks={})
+        self.alarm.on_train_begin(None, state, None, optimizer=optimizer)
+
+    def read(self, metrics: dict, step: int, optimizer: torch.optim.Optimizer, control: Any) -> dict[str, float]:
+        """The probe of ``step`` read ``metrics``: what the next training log gets from the alarm."""
+        self.probe.last_reading = (step, metrics)
+        self.alarm.on_step_end(None, SimpleNamespace(global_step=step), control, optimizer=optimizer)
+        flags, self.alarm.pending = self.alarm.pending, {}
+        return flags

@@ -75,7 +75,7 @@ def _rewind_run(make_trainer, make_pickapic, output_dir, lora: bool, callbacks=(
     )  # fmt: skip
     # Healthy at 1 and 2, unhealthy at 3 (the checkpoint's step: one unhealthy probe so far, the snapshot step 2's)
     # and 4: the alarm fires at 4, back to step 2.
-    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -106,7 +106,7 @@ def test_a_full_tuning_run_resumed_between_the_healthy_probe_and_the_alarm_rewin
     for name in os.listdir(live):
         os.remove(live / name)
     resumed = _rewind_run(make_trainer, make_pickapic, tmp_path / "resumed", lora=False, resume=checkpoint)
-    assert straight.probe.rewind.rewinds == resumed.probe.rewind.rewinds == [(4, 2)]
+    assert straight.probe_alarm.action.rewinds == resumed.probe_alarm.action.rewinds == [(4, 2)]
     assert equal(trained_weights(resumed), trained_weights(straight))
 
 

@@ -221,11 +221,11 @@ def test_a_run_killed_between_the_weights_and_the_rewinds_snapshot_resumes_and_r
     from checkpoint-2 (its snapshot step 2's), and the alarm at step 4 restores what the uninterrupted run's does."""
     straight = build_rewind_trainer(str(tmp_path / "straight" / "out"), str(tmp_path / "straight" / "tok"))
     straight.train()
-    assert straight.probe.rewind.rewinds == [(4, 2)]
+    assert straight.probe_alarm.action.rewinds == [(4, 2)]
     resumed = _kill_then_resume(
         "rewind_snapshot", tmp_path, lora_state(straight), 2, caplog, build=build_rewind_trainer
     )
-    assert resumed.probe.rewind.rewinds == [(4, 2)]
+    assert resumed.probe_alarm.action.rewinds == [(4, 2)]
 
 
 # ----------------------------------------------------------------------------------------------- damaged bytes

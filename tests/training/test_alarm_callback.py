@@ -8,7 +8,17 @@ import os
 
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.callbacks import AlarmCallback, PathologyAction, PathologyRule, TrainingLogSignal
+from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
+from trl_diffusion_sdpo.callbacks import (
+    AlarmCallback,
+    PathologyAction,
+    PathologyRule,
+    ProbeCallback,
+    ProbeSignal,
+    RewindAction,
+    TrainingLogSignal,
+    hold_back_rows,
+)
 
 ROWS = 8
 # fires at every training log that has delta/winner: the action is tested apart from the calibrated rule
@@ -77,3 +87,56 @@ def test_the_configs_alarm_stops_at_the_log_that_fired(make_trainer, make_pickap
     assert trainer.state.global_step == 1
     assert trainer.state.log_history[0]["health/winner_pathology"] == 1.0
     assert any(c.startswith("checkpoint-1") for c in os.listdir(trainer.args.output_dir))
+
+
+class StepSpyAlarm(AlarmCallback):
+    """An alarm on the probe that records each ``on_step_end`` call: the step, whether transformers' handler made it
+    (the handler hands every callback the optimizer and the scheduler) and the probe's reading it found published."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[int, bool, int | None]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        reading = self.signal.probe.last_reading
+        handler = "optimizer" in kwargs and "lr_scheduler" in kwargs
+        self.calls.append((state.global_step, handler, None if reading is None else reading[0]))
+        return super().on_step_end(args, state, control, **kwargs)
+
+
+def test_the_probes_alarm_acts_once_per_step_through_the_handler_after_the_probe(make_trainer, make_pickapic):
+    """The probe measures and publishes in ``on_step_end``; its alarm, after it, reads that step's reading in the same
+    event, once per optimizer step, called by transformers' handler only; the figures and the flags reach the training
+    logs through their own ``on_log``. A trainer that also drove the alarm from its step or its log would call it more
+    often, or without the handler's arguments."""
+    train, held = hold_back_rows(make_pickapic(ROWS), 2)
+    probe = ProbeCallback.held_out(every=2, pairs=held)
+    alarm = StepSpyAlarm(ProbeSignal(probe, ScriptedAlarm(patience=1, unhealthy_steps={4})), RewindAction())
+    after = After()
+    trainer = make_trainer(
+        train_dataset=train,
+        callbacks=[probe, alarm, after],
+        max_steps=6,
+        logging_steps=3,
+        on_pathology="safeguard",
+        safeguard_space="none",
+    )
+    start = trained_weights(trainer)
+    trainer.train()
+    # Every step once, from the handler; at steps 2, 4 and 6 the probe had published that step's reading before
+    assert [(step, handler) for step, handler, _ in alarm.calls] == [(s, True) for s in range(1, 7)]
+    assert [published for step, _, published in alarm.calls if step % 2 == 0] == [2, 4, 6]
+    assert [step for step, _ in probe.readings] == [2, 4, 6]
+    # The alarm fired at step 4 and rewound to step 2 (step 2's reading is a restore point), then trained on with the
+    # safeguard; the rewound step was logged as it fired, outside the logging interval
+    assert alarm.action.rewinds == [(4, 2)] and trainer.safeguard is not None
+    assert not equal(trained_weights(trainer), start)
+    logs = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    assert sorted(logs) == [3, 4, 6]
+    assert [logs[s].get("health/probe_alarm") for s in (3, 4, 6)] == [0.0, 1.0, 0.0]
+    assert logs[4]["health/rewind_to"] == 2.0 and "health/rewind_to" not in logs[6]
+    readings = [metrics["probe/winner_rise_z"] for _, metrics in probe.readings]
+    assert [logs[s]["probe/winner_rise_z"] for s in (3, 4, 6)] == readings
+    # The callback after them saw the figures and the flags in the logs of the same call (the console prints them)
+    seen = {step: copy for step, _, copy in after.seen if "loss" in copy}
+    assert seen[4]["health/probe_alarm"] == 1.0 and "probe/winner_rise_z" in seen[4]

@@ -1,13 +1,13 @@
-"""A probe and a rewind built by hand and passed in ``callbacks=`` act as the config's do (docs/compose.md): a forced
-alarm restores the step-0 weights, bit for bit those of the run that the config composed; a second probe or rewind
-beside the config's is refused."""
+"""A probe and an alarm on it that rewinds, built by hand and passed in ``callbacks=``, act as the config's do
+(docs/compose.md): a forced alarm restores the step-0 weights, bit for bit those of the run that the config composed;
+a probe or a rewind beside the config field that builds another is refused."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
-from trl_diffusion_sdpo.callbacks import ProbeCallback, RewindCallback, hold_back_rows
+from trl_diffusion_sdpo.callbacks import AlarmCallback, ProbeCallback, ProbeSignal, RewindAction, hold_back_rows
 
 ROWS, HELD = 8, 2
 # The safeguard on: after its rewind the run stops with the healthy weights, whoever composed it.
@@ -20,12 +20,12 @@ def test_a_rewind_passed_in_callbacks_restores_the_step_0_weights_as_the_configs
         train_dataset=data, max_steps=4, probe_steps=1, probe_pairs=HELD, on_pathology="rewind", **SAFEGUARDED
     )
     start = trained_weights(configured)
-    configured.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})
+    configured.probe_alarm.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})
     configured.train()
 
     train, held = hold_back_rows(data, HELD, seed=configured.args.seed)  # the pairs the config's probe_steps holds
     probe = ProbeCallback.held_out(every=1, pairs=held)
-    rewind = RewindCallback(rule=ScriptedAlarm(patience=1, unhealthy_steps={1}))
+    rewind = AlarmCallback(ProbeSignal(probe, ScriptedAlarm(patience=1, unhealthy_steps={1})), RewindAction())
     composed = make_trainer(train_dataset=train, callbacks=[probe, rewind], max_steps=4, **SAFEGUARDED)
     assert equal(trained_weights(composed), start)  # the same base and seed: the same step-0 weights
     composed.train()
@@ -34,8 +34,8 @@ def test_a_rewind_passed_in_callbacks_restores_the_step_0_weights_as_the_configs
     assert equal(trained_weights(composed), start)
     assert equal(trained_weights(composed), trained_weights(configured))
     assert composed.state.global_step == configured.state.global_step == 1
-    assert composed.probe is probe and probe.rewind is rewind.rewind
-    assert probe.rewind.rewinds == configured.probe.rewind.rewinds == [(1, 0)]
+    assert composed.probe is probe and composed.probe_alarm is None  # the ones given act
+    assert rewind.action.rewinds == configured.probe_alarm.action.rewinds == [(1, 0)]
     assert [m for _, m in probe.readings] == [m for _, m in configured.probe.readings]
 
 
@@ -52,17 +52,21 @@ def test_a_hand_built_probe_reads_the_pairs_it_was_given(make_trainer, make_pick
     assert [e["step"] for e in trainer.state.log_history if "probe/delta_winner" in e] == [2, 4]
 
 
-def test_a_second_probe_or_rewind_is_refused(make_trainer, make_pickapic):
+def test_a_probe_or_rewind_beside_the_configs_is_refused(make_trainer, make_pickapic):
     data = make_pickapic(ROWS)
     train, held = hold_back_rows(data, HELD)
     with pytest.raises(ValueError, match="ProbeCallback was passed in callbacks= and the config sets probe_steps"):
         make_trainer(train_dataset=train, callbacks=[ProbeCallback.held_out(1, held)], probe_steps=1)
-    with pytest.raises(ValueError, match="RewindCallback was passed in callbacks= and the config sets on_pathology"):
+    with pytest.raises(ValueError, match="rewinding AlarmCallback was passed in callbacks= and the config sets"):
         make_trainer(
-            train_dataset=data, callbacks=[RewindCallback()], probe_steps=1, probe_pairs=HELD, on_pathology="rewind"
+            train_dataset=data,
+            callbacks=[AlarmCallback(ProbeSignal(), RewindAction())],
+            probe_steps=1,
+            probe_pairs=HELD,
+            on_pathology="rewind",
         )
-    with pytest.raises(ValueError, match="a RewindCallback acts on the probe's alarm"):
-        make_trainer(train_dataset=data, callbacks=[RewindCallback()])
+    with pytest.raises(ValueError, match="a ProbeSignal reads the held-out probe"):
+        make_trainer(train_dataset=data, callbacks=[AlarmCallback(ProbeSignal(), RewindAction())])
 
 
 def test_the_docs_example_composes_a_probe_and_a_rewind(make_pipeline, make_config, make_pickapic):
@@ -73,5 +77,5 @@ def test_the_docs_example_composes_a_probe_and_a_rewind(make_pipeline, make_conf
     names = {"pipeline": make_pipeline(), "dataset": make_pickapic(ROWS), "args": make_config(max_steps=2)}
     exec(compile(block, "docs/compose.md", "exec"), names)  # noqa: S102 (the page's own example, run as written)
     trainer, probe, rewind = names["trainer"], names["probe"], names["rewind"]
-    assert trainer.probe is probe and probe.rewind is rewind.rewind is not None
+    assert trainer.probe is probe and rewind.signal.probe is probe and rewind.action.snapshot is not None
     assert [step for step, _ in probe.readings] == [1, 2] and trainer.state.global_step == 2

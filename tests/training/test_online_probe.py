@@ -69,7 +69,7 @@ def test_an_online_probe_and_a_quiet_rewind_train_bit_for_bit_as_the_run_without
         tmp_path / "quiet", eval_prompts=EVAL_PROMPTS, lora=lora, probe_steps=1, probe_pairs=HELD,
         on_pathology="rewind",
     )  # fmt: skip
-    quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
+    quiet.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     quiet.train()
     assert equal(trained_weights(quiet), expected)
     assert not any("health/rewind_to" in e for e in quiet.state.log_history)
@@ -149,7 +149,7 @@ def test_an_online_rewind_restores_the_healthy_steps_weights_and_optimizer_state
         probe_pairs=HELD, on_pathology="rewind",
     )  # fmt: skip
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
-    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
     trainer.train()
     # Healthy at 1, unhealthy at 2 and 3: the alarm fires at 3, the run goes back to step 1 and stops there.
     healthy_weights, healthy_optimizer = recorder.at_end[1]
@@ -162,7 +162,7 @@ def test_an_online_rewind_restores_the_healthy_steps_weights_and_optimizer_state
     assert not states_equal(restored_optimizer, broken_optimizer)
     rewinds = [e for e in trainer.state.log_history if "health/rewind_to" in e]
     assert [(e["step"], e["health/rewind_to"]) for e in rewinds] == [(3, 1.0)]
-    assert trainer.safeguard is None and not trainer.probe.rewind.safeguard_on
+    assert trainer.safeguard is None and not trainer.probe_alarm.action.safeguard_on
     # The model card records the rewind as the log did, and that the run stopped with the healthy weights.
     trainer.create_model_card()
     with open(f"{trainer.args.output_dir}/README.md") as f:
@@ -181,7 +181,7 @@ def test_the_start_summary_states_the_held_back_prompts_and_how_they_were_paired
     assert "then stops with the healthy weights" in summary
     # One rule offline and online: the config's fields, at the offline config's defaults.
     offline = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
-    assert trainer.probe.rewind.rule == probe_alarm(trainer.args) == offline
+    assert trainer.probe_alarm.signal.rule == probe_alarm(trainer.args) == offline
     assert f"the alarm ({offline.describe()})" in summary
 
 
@@ -207,7 +207,7 @@ def test_an_online_run_resumed_from_a_checkpoint_probes_the_same_pairs_and_rewin
             probe_pairs=HELD, on_pathology="rewind", save_strategy="steps", save_steps=3,
         )  # fmt: skip
         # Healthy at 1 and 2, unhealthy at 3 (the checkpoint's step) and 4: the alarm fires at 4, back to step 2.
-        trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
+        trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -215,7 +215,7 @@ def test_an_online_run_resumed_from_a_checkpoint_probes_the_same_pairs_and_rewin
     run(tmp_path / "resumed", callbacks=[StopAt(3)])
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "out" / "checkpoint-3"))
     assert torch.equal(resumed.probe.probe.batch["latent_mean"], straight.probe.probe.batch["latent_mean"])
-    assert straight.probe.rewind.rewinds == resumed.probe.rewind.rewinds == [(4, 2)]
+    assert straight.probe_alarm.action.rewinds == resumed.probe_alarm.action.rewinds == [(4, 2)]
     assert resumed.probe.readings == straight.probe.readings[3:]  # step 4: the same figures
     assert equal(trained_weights(resumed), trained_weights(straight))
 

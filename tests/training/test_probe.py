@@ -44,7 +44,7 @@ def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_t
         on_pathology="rewind",
         **DPO,
     )
-    quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
+    quiet.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     quiet.train()
     assert equal(trained_weights(quiet), expected)
     assert not any("health/rewind_to" in entry for entry in quiet.state.log_history)
@@ -108,7 +108,7 @@ def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(ma
         **DPO,
     )
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
-    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
     trainer.train()
     # Healthy at 1, unhealthy at 2 and 3: the alarm fires at 3 and the run goes back to step 1.
     healthy_weights, healthy_optimizer = recorder.at_end[1]
@@ -121,7 +121,7 @@ def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(ma
     rewinds = [entry for entry in trainer.state.log_history if "health/rewind_to" in entry]
     assert [(entry["step"], entry["health/rewind_to"]) for entry in rewinds] == [(3, 1.0)]
     # The response: the safeguard on_pathology="safeguard" switches to, in force after the rewind.
-    assert trainer.safeguard is not None and trainer.probe.rewind.safeguard_on
+    assert trainer.safeguard is not None and trainer.probe_alarm.action.safeguard_on
 
 
 def test_a_safeguarded_run_stops_after_its_rewind_with_the_healthy_weights(make_trainer, make_pickapic):
@@ -137,11 +137,11 @@ def test_a_safeguarded_run_stops_after_its_rewind_with_the_healthy_weights(make_
         safeguard_mu=0.5,
     )
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
-    trainer.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={3})
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps={3})
     trainer.train()
     assert trainer.state.global_step == 3
     assert equal(trained_weights(trainer), recorder.at_end[2][0])
-    assert trainer.probe.rewind.rewinds == [(3, 2)]
+    assert trainer.probe_alarm.action.rewinds == [(3, 2)]
 
 
 def test_rewind_needs_the_probe(make_config):
@@ -181,7 +181,7 @@ def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_
     assert f"kept on disk in {trainer.args.output_dir}/rewind-healthy" in summary
     assert "safeguard_space='output', safeguard_mu=0.5" in summary
     # The alarm the run reads is the config's rule, and the summary states it.
-    assert trainer.probe.rewind.rule == probe_alarm(trainer.args)
+    assert trainer.probe_alarm.signal.rule == probe_alarm(trainer.args)
     assert f"the alarm ({probe_alarm(trainer.args).describe()})" in summary
 
 
@@ -220,13 +220,13 @@ def test_a_run_resumed_from_a_checkpoint_rewinds_as_the_uninterrupted_one(make_t
         )  # fmt: skip
         # Healthy at 1 and 2, unhealthy at 3 (the checkpoint's step: one unhealthy probe so far, the snapshot step
         # 2's) and 4: the alarm fires at 4, back to step 2.
-        trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
+        trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
     straight = run(tmp_path / "straight")
     run(tmp_path / "resumed", callbacks=[StopAt(3)])
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-3"))
-    assert straight.probe.rewind.rewinds == resumed.probe.rewind.rewinds == [(4, 2)]
+    assert straight.probe_alarm.action.rewinds == resumed.probe_alarm.action.rewinds == [(4, 2)]
     assert resumed.safeguard is not None
     assert equal(trained_weights(resumed), trained_weights(straight))

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from tests.helpers.common import lora_config
 from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.callbacks.rewind import RewindCallback
+from trl_diffusion_sdpo.callbacks import AlarmCallback, ProbeSignal, RewindAction
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
 
@@ -72,7 +72,7 @@ def bad_columns(dataset: Dataset) -> Dataset:
     "refusal,match",
     [
         ("dataset", "jpg_1"),  # the data's validation: after the frozen modules were frozen
-        ("rewind", "RewindCallback"),  # the probe's composition, near the end of __init__
+        ("rewind", "a ProbeSignal reads the held-out probe"),  # the callbacks' binding, near the end of __init__
         ("subclass", "refused after construction"),  # a subclass's check after everything __init__ did
     ],
 )
@@ -91,7 +91,7 @@ def test_a_refused_construction_leaves_the_pipeline_as_given_and_a_retry_trains(
             args=config,
             train_dataset=bad_columns(pickapic_dataset) if refusal == "dataset" else pickapic_dataset,
             peft_config=lora_config(),
-            callbacks=[RewindCallback()] if refusal == "rewind" else None,
+            callbacks=[AlarmCallback(ProbeSignal(), RewindAction())] if refusal == "rewind" else None,
         )
     assert_unchanged(pipeline, before)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from tests.helpers.rewind import ScriptedAlarm
-from trl_diffusion_sdpo.callbacks.rewind import Companion, MemorySnapshot, Rewind
+from tests.helpers.rewind import HandDriven, ScriptedAlarm
+from trl_diffusion_sdpo.callbacks.rewind import Companion, MemorySnapshot, RewindAction
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
 DPO = {"safeguard_space": "none"}
@@ -54,7 +54,7 @@ def _rewinding_trainer(make_trainer, make_pickapic, watch: StateAtStepBegin, lor
         **fields,
     )
     # Healthy at 1, unhealthy at 2 and 3: the alarm fires at 3 and the run goes back to step 1.
-    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
     return trainer
 
 
@@ -64,7 +64,7 @@ def test_a_rewind_restores_the_ema_weights_of_the_healthy_step(make_trainer, mak
     trainer = _rewinding_trainer(make_trainer, make_pickapic, watch, lora=lora, ema_decay=0.9, **DPO)
     watch.read = lambda: [p.detach().clone() for p in trainer.ema.ema.shadow_params]
     trainer.train()
-    assert [c.name for c in trainer.probe.rewind.snapshot.companions] == ["ema"]
+    assert [c.name for c in trainer.probe_alarm.action.snapshot.companions] == ["ema"]
     healthy, broken, restored = watch.seen[1], watch.seen[2], watch.seen[3]  # after steps 1, 2; after 3's rewind
     assert not _same(broken, healthy)  # the EMA moved between the healthy step and the alarm
     assert _same(restored, healthy)
@@ -112,7 +112,7 @@ def test_a_rewind_restores_the_gradient_scaler():
     weight = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     snapshot = MemorySnapshot([weight], [Companion("grad_scaler", scaler.state_dict, scaler.load_state_dict)])
-    rewind = Rewind(ScriptedAlarm(patience=1, unhealthy_steps={2}), snapshot)
+    rewind = HandDriven(ScriptedAlarm(patience=1, unhealthy_steps={2}), RewindAction(snapshot))
 
     class Control:
         should_training_stop = False
@@ -124,7 +124,7 @@ def test_a_rewind_restores_the_gradient_scaler():
         optimizer.zero_grad()
 
     scaler.scale(torch.ones(()))  # the scaler's state starts with its first use
-    rewind.begin(None, type("State", (), {"global_step": 0, "stateful_callbacks": {}})(), optimizer)
+    rewind.begin(optimizer)
     step(overflow=False)
     rewind.read({}, 1, optimizer, Control())  # healthy: the snapshot
     healthy = scaler.state_dict()

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from tests.helpers.common import StopAt
-from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
+from tests.helpers.rewind import HandDriven, ScriptedAlarm, equal, trained_weights
 from trl_diffusion_sdpo.callbacks.probe import PROBE_METRICS, HeldOutProbe
-from trl_diffusion_sdpo.callbacks.rewind import MemorySnapshot, Rewind
+from trl_diffusion_sdpo.callbacks.rewind import MemorySnapshot, RewindAction
 from trl_diffusion_sdpo.online.probe_pairs import random_states_kept
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
@@ -62,7 +62,7 @@ def test_a_rewound_runs_card_and_end_summary_name_each_rewind_and_the_safeguard_
     )  # fmt: skip
     # Healthy at 1, unhealthy at 2 and 3: back to 1, the safeguard on; healthy at 4, unhealthy at 5 and 6: back to 4,
     # and the run stops at 6.
-    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3, 5, 6})
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3, 5, 6})
     with caplog.at_level("INFO", logger=SUMMARY_LOGGER):
         trainer.train()
     trainer.create_model_card()
@@ -90,7 +90,7 @@ def test_a_quiet_rewind_runs_card_says_no_rewind_happened_and_a_run_without_the_
         train_dataset=make_pickapic(ROWS), max_steps=2, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
         output_dir=str(tmp_path / "quiet"), **DPO,
     )  # fmt: skip
-    quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
+    quiet.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     with caplog.at_level("INFO", logger=SUMMARY_LOGGER):
         quiet.train()
     quiet.create_model_card()
@@ -114,7 +114,7 @@ def test_a_resumed_run_lists_the_rewinds_before_its_resume_and_trains_on_with_th
             **DPO,
         )  # fmt: skip
         # Unhealthy at 2 and 3: back to step 1 at 3 and the safeguard on; the checkpoint is step 4's, after it.
-        trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
+        trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
         trainer.train(resume_from_checkpoint=resume)
         trainer.create_model_card()
         return trainer
@@ -175,8 +175,8 @@ def _fires(unhealthy: set[int], steps: int, patience: int) -> list[int]:
 def test_the_alarm_fires_only_on_unhealthy_probes_in_a_row(unhealthy):
     weight = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
-    rewind = Rewind(ScriptedAlarm(patience=2, unhealthy_steps=unhealthy), MemorySnapshot([weight]))
-    rewind.snapshot.take(optimizer)
+    rewind = HandDriven(ScriptedAlarm(patience=2, unhealthy_steps=unhealthy), RewindAction(MemorySnapshot([weight])))
+    rewind.action.snapshot.take(optimizer)
     control = SimpleNamespace(should_training_stop=False)
     fired = []
     for step in range(1, 9):

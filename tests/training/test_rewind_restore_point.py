@@ -1,6 +1,6 @@
 """Where a rewind goes back to (docs/safeguard.md, "The held-out probe and the rewind"): the last probe whose winner
 error's rise the probe cannot tell from zero (``probe/winner_rise_z`` at most ``RESTORE_Z``), not merely one below the
-alarm's threshold, else the start; the records say how healthy the restored step was. A ``ProbeCallback`` subclass
+alarm's threshold, else the start; the records say how healthy the restored step was. An ``AlarmCallback`` subclass
 keeps the rewind's state across a resume."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import logging
 import torch
 
 from tests.helpers.common import StopAt
-from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, trained_weights
-from trl_diffusion_sdpo.callbacks import ProbeCallback, RewindCallback, hold_back_rows
-from trl_diffusion_sdpo.callbacks.rewind import RESTORE_Z, MemorySnapshot, ProbeAlarmRule, Rewind, RewindRecord
+from tests.helpers.rewind import HandDriven, Recorder, ScriptedAlarm, equal, trained_weights
+from trl_diffusion_sdpo.callbacks import AlarmCallback, ProbeCallback, ProbeSignal, RewindAction, hold_back_rows
+from trl_diffusion_sdpo.callbacks.rewind import RESTORE_Z, MemorySnapshot, ProbeAlarmRule, RewindRecord
 from trl_diffusion_sdpo.engines.base import trainable_parameters
 
 ROWS, HELD = 8, 2
@@ -24,13 +24,15 @@ READINGS = [0.5, 1.0, 4.3, 8.0, 8.0, 8.0, 8.0]
 RULE = ProbeAlarmRule(patience=4, threshold=7.0)
 
 
-def _rewind_on(readings: list[float], rule: ProbeAlarmRule = RULE) -> tuple[Rewind, list[torch.Tensor], torch.Tensor]:
+def _rewind_on(
+    readings: list[float], rule: ProbeAlarmRule = RULE
+) -> tuple[RewindAction, list[torch.Tensor], torch.Tensor]:
     """A rewind reading ``readings`` (one probe a step from step 1) over a weight that counts the steps: the weights
     at the end of each step and the weight the run ends with."""
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=0.1)
-    rewind = Rewind(rule, MemorySnapshot([weight]))
-    rewind.begin(None, None, optimizer)
+    rewind = HandDriven(rule, RewindAction(MemorySnapshot([weight])))
+    rewind.begin(optimizer)
     control = type("Control", (), {"should_training_stop": False})()
     at_end = [weight.detach().clone()]  # step 0
     for step, z in enumerate(readings, start=1):
@@ -38,7 +40,7 @@ def _rewind_on(readings: list[float], rule: ProbeAlarmRule = RULE) -> tuple[Rewi
             weight.fill_(float(step))
         at_end.append(weight.detach().clone())
         rewind.read({ProbeAlarmRule.SIGNAL: z}, step, optimizer, control)
-    return rewind, at_end, weight.detach().clone()
+    return rewind.action, at_end, weight.detach().clone()
 
 
 def test_the_rewind_restores_the_last_step_the_probe_cannot_tell_from_zero_not_the_last_below_the_alarm():
@@ -80,7 +82,7 @@ def test_a_runs_rewind_and_warning_name_the_step_the_probe_called_healthy(make_t
     recorder.parameters = list(trainable_parameters(rewound.family.denoiser))
     rewound.probe.probe.measure = _ScriptedReadings(rewound.probe.probe, READINGS)
     rewound.train()
-    assert rewound.probe.rewind.rewinds == [(7, 2)]
+    assert rewound.probe_alarm.action.rewinds == [(7, 2)]
     assert equal(trained_weights(rewound), recorder.at_end[2][0]) and not equal(
         recorder.at_end[2][0], recorder.at_end[3][0]
     )
@@ -94,30 +96,31 @@ def test_a_runs_rewind_and_warning_name_the_step_the_probe_called_healthy(make_t
     assert warning.startswith("Step 7:") and "would restore step 2's weights" in warning
 
 
-def test_a_probe_subclass_keeps_the_rewinds_state_across_a_resume(make_trainer, make_pickapic, tmp_path):
-    class MyProbe(ProbeCallback):
+def test_an_alarm_subclass_keeps_the_rewinds_state_across_a_resume(make_trainer, make_pickapic, tmp_path):
+    class MyAlarm(AlarmCallback):
         pass
 
     train, held = hold_back_rows(make_pickapic(ROWS), HELD)
 
     def run(output_dir, callbacks=(), resume=None):
-        probe = MyProbe.held_out(every=1, pairs=held)
-        rewind = RewindCallback(rule=ScriptedAlarm(patience=1, unhealthy_steps={2}))  # rewinds at step 2, to 1
+        probe = ProbeCallback.held_out(every=1, pairs=held)
+        rule = ScriptedAlarm(patience=1, unhealthy_steps={2})  # rewinds at step 2, to 1
+        rewind = MyAlarm(ProbeSignal(probe, rule), RewindAction())
         trainer = make_trainer(
             train_dataset=train, callbacks=[probe, rewind, *callbacks], max_steps=5, on_pathology="safeguard",
             save_strategy="steps", save_steps=3, output_dir=str(output_dir), **DPO,
         )  # fmt: skip
         trainer.train(resume_from_checkpoint=resume)
-        return trainer
+        return trainer, rewind
 
-    straight = run(tmp_path / "straight")
+    straight, straight_rewind = run(tmp_path / "straight")
     run(tmp_path / "resumed", callbacks=[StopAt(3)])
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
-    assert saved["MyProbe"]["attributes"]["rewinds"] == [[2, 1]]  # transformers' key: the subclass's name
-    resumed = run(tmp_path / "resumed", resume=str(checkpoint))
-    assert resumed.probe.rewind.rewinds == straight.probe.rewind.rewinds == [(2, 1)]
-    assert resumed.probe.rewind.safeguard_on and resumed.safeguard is not None
+    assert saved["MyAlarm"]["attributes"]["rewinds"] == [[2, 1]]  # transformers' key: the subclass's name
+    resumed, resumed_rewind = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert resumed_rewind.action.rewinds == straight_rewind.action.rewinds == [(2, 1)]
+    assert resumed_rewind.action.safeguard_on and resumed.safeguard is not None
     assert equal(trained_weights(resumed), trained_weights(straight))
 
 

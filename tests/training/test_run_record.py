@@ -37,7 +37,7 @@ def test_the_card_and_the_end_summary_record_every_warning_and_alarm(
     assert trainer.args.on_pathology == "warn"
     # the probe's alarm: unhealthy at 4 and 6 (one probe enough: it fires at each), healthy for the alarm at 5 but
     # not a restore point
-    trainer.probe.alarm.rule = ScriptedAlarm(patience=1, unhealthy_steps={4, 6}, doubtful_steps=frozenset({5}))
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps={4, 6}, doubtful_steps=frozenset({5}))
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo"):
         trainer.train()
     trainer.create_model_card()
@@ -73,10 +73,7 @@ def test_health_probe_alarm_is_in_every_log_after_a_probe(make_trainer, make_pic
         on_pathology=on_pathology, **DPO,
     )  # fmt: skip
     rule = ScriptedAlarm(patience=1, unhealthy_steps={3})
-    if trainer.probe.rewind is not None:
-        trainer.probe.rewind.rule = rule
-    else:
-        trainer.probe.alarm.rule = rule
+    trainer.probe_alarm.signal.rule = rule
     trainer.train()
     training_logs = [e for e in trainer.state.log_history if "loss" in e]
     assert [e["step"] for e in training_logs if "probe/delta_winner" in e] == [e["step"] for e in training_logs]

@@ -7,8 +7,11 @@ the alarm fires; its action says what then happens:
   log being written, reduced over processes by the trainer's ``log`` before transformers appends it) by a
   :class:`~.health.PathologyRule` (:func:`~.health.winner_pathology`; the calibrated :data:`~.health.RULE` by
   default), and warns once, naming the remedies the run does not use;
+* :class:`ProbeSignal` reads the held-out probe in ``on_step_end``: the reading the probe published at the end of the
+  same step (:attr:`~.probe.ProbeCallback.last_reading`; the probe stands before the alarm), its unhealthy probes in
+  a row counted by :class:`~.rewind.ProbeAlarmRule`;
 * an action is :class:`~.guards.PathologyAction` (``warn``, ``escalate``, ``stop``, ``safeguard``: the config's
-  ``on_pathology``).
+  ``on_pathology``) or, on the probe, :class:`~.rewind.RewindAction` (``on_pathology="rewind"``).
 
 The flags an alarm writes (``health/winner_pathology``, ``health/safeguard_on``, ``health/escalations``,
 ``safeguard/mu``) go into the ``logs`` transformers hands to ``on_log`` (so the callbacks after it, the console's
@@ -17,16 +20,20 @@ which the model card and the end-of-run summary read). A reporting integration (
 runs before every callback passed in ``callbacks=`` (transformers registers them first), so it does not see the flags
 of the log in which they are written.
 
-The trainer builds the alarm its config asks for and passes it to ``transformers.Trainer`` with the callbacks it is
-given, after them. A Python user may build one and pass it in ``callbacks=``; the trainer binds every callback that
-has ``bind_to_trainer`` (the safeguard's switch, the remedies of its config), and calls none of them itself.
+The probe alarm's flags (``health/probe_alarm``, ``health/rewind_to``, ``health/rewinds``) are written the same way
+into the next training log. The trainer builds the alarms its config asks for and passes them to
+``transformers.Trainer`` after the callbacks it is given (docs/compose.md, "Events and order"). A Python user may
+build one and pass it in ``callbacks=``; the trainer binds every callback that has ``bind_to_trainer`` (the
+safeguard's switch, the remedies of its config, the probe, the rewind's snapshot), and calls none of them itself.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -35,7 +42,10 @@ from . import health
 from .guards import PathologyAction
 from .health import EVIDENCE, RULE, PathologyRule, describe, remedies
 
-__all__ = ["AlarmCallback", "TrainingLogSignal"]
+if TYPE_CHECKING:
+    from .rewind import ProbeAlarmRule
+
+__all__ = ["AlarmCallback", "ProbeSignal", "ProbeVerdict", "TrainingLogSignal"]
 
 # the pathology's warning keeps the logger name of the rule's module, which users filter on
 logger = logging.getLogger(health.__name__)
@@ -57,6 +67,8 @@ class TrainingLogSignal:
 
     #: the event the signal is read in
     event = "log"
+    #: the key of its state among a checkpoint's alarms
+    name = "training_logs"
 
     def __init__(self, rule: PathologyRule = RULE, args: Any | None = None) -> None:
         self.rule, self.args = rule, args
@@ -88,48 +100,242 @@ class TrainingLogSignal:
         return {PATHOLOGY_FLAG: float(flagged)}
 
 
+@dataclass(frozen=True)
+class ProbeVerdict:
+    """What :class:`ProbeSignal` says of the probe of optimizer step ``step`` (``metrics``: its reduced figures):
+    whether the alarm fires there, whether that probe is a restore point (:meth:`~.rewind.ProbeAlarmRule.restorable`),
+    and the last restore point so far (``healthy_step``, 0: the start; ``healthy_z``: its reading, ``None`` at the
+    start), judged by ``rule``."""
+
+    step: int
+    metrics: Mapping[str, float]
+    fired: bool
+    restore_point: bool
+    healthy_step: int
+    healthy_z: float | None
+    rule: ProbeAlarmRule
+
+
+class ProbeSignal:
+    """The held-out probe's alarm: reads the reading ``probe`` published at the end of an optimizer step
+    (:attr:`~.probe.ProbeCallback.last_reading`, its figures reduced over processes, so every process reads the same)
+    and counts the unhealthy probes in a row by ``rule`` (:class:`~.rewind.ProbeAlarmRule`: ``probe/winner_rise_z``
+    above ``probe_alarm_z`` for ``probe_alarm_patience`` probes in a row), keeping the last restore point.
+
+    Args:
+        probe: the :class:`~.probe.ProbeCallback` it reads, which must run before the alarm in ``on_step_end``
+            (stand before it in the callbacks); ``None``: the trainer's
+            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`.
+        rule: the alarm's rule; ``None``: the trainer's config's (:func:`~.rewind.probe_alarm`).
+    """
+
+    #: the event the signal is read in
+    event = "step_end"
+    #: the key of its state among a checkpoint's alarms
+    name = "probe"
+
+    def __init__(self, probe: Any | None = None, rule: ProbeAlarmRule | None = None) -> None:
+        self.probe, self.rule = probe, rule
+        self.healthy_step = 0  # the last restore point (0: the start)
+        self.healthy_z: float | None = None  # its reading (none at the start)
+        self.unhealthy_in_a_row = 0
+
+    def describe(self) -> str:
+        return "" if self.rule is None else self.rule.describe()
+
+    def bind(self, trainer: Any) -> None:
+        if self.probe is None:
+            self.probe = trainer.probe
+        if self.probe is None:
+            raise ValueError(
+                "a ProbeSignal reads the held-out probe: set probe_steps or pass a ProbeCallback in callbacks=, "
+                "before the alarm"
+            )
+        if self.rule is None:
+            from .rewind import probe_alarm  # the rewind's module loads only in a run that probes
+
+            self.rule = probe_alarm(trainer.args)
+
+    def read(self, step: int) -> ProbeVerdict | None:
+        """The verdict on the probe of step ``step``, ``None`` where the probe did not run at this step."""
+        reading = self.probe.last_reading
+        if reading is None or reading[0] != step:
+            return None
+        return self.judge(reading[1], step)
+
+    def judge(self, metrics: Mapping[str, float], step: int) -> ProbeVerdict:
+        """The verdict on a probe's ``metrics`` at ``step``, the count of unhealthy probes moved on: with ``n_0 = 0``,
+        ``n_t = n_{t-1} + 1`` at an unhealthy probe and 0 at a healthy one, the alarm fires where ``n_t`` reaches the
+        patience (and counts afresh)."""
+        self.unhealthy_in_a_row, fired = self.rule.count(self.unhealthy_in_a_row, self.rule.unhealthy(metrics, step))
+        restore_point = self.rule.restorable(metrics, step)
+        if restore_point:
+            self.healthy_step, self.healthy_z = step, float(metrics.get(self.rule.SIGNAL, math.nan))
+        return ProbeVerdict(step, metrics, fired, restore_point, self.healthy_step, self.healthy_z, self.rule)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "healthy_step": self.healthy_step,
+            "healthy_z": self.healthy_z,
+            "unhealthy_in_a_row": self.unhealthy_in_a_row,
+        }
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
+        self.healthy_z = saved.get("healthy_z")
+
+
+def _training_log(logs: Mapping[str, float]) -> bool:
+    """Whether ``logs`` is a training log: a step's (transformers writes its ``loss``) or the run's last
+    (``train_loss``), not an evaluation's (whose keys carry its prefix)."""
+    return "loss" in logs or "train_loss" in logs
+
+
 class AlarmCallback(TrainerCallback, ExportableState):
     """An alarm: ``signal`` read in its event, ``action`` taken when it fires (module docstring).
 
-    Every process reads the same signal (the training logs are reduced over processes before they are logged), so
-    every process acts at the same step. What the action has done (escalations, the safeguard's switch) is saved in
-    every checkpoint's ``trainer_state.json`` (``stateful_callbacks``) and read back when a resumed run begins.
+    Every process reads the same signal (the training logs are reduced over processes before they are logged, the
+    probe's sums before its figures are formed), so every process acts at the same step. What the signal and the
+    action have done (the unhealthy probes in a row, the restore point, escalations, the safeguard's switch, the
+    rewinds) is saved in every checkpoint's ``trainer_state.json`` (``stateful_callbacks``, under
+    :attr:`state_key`) and read back when a resumed run begins; an action with a checkpoint part (the rewind's
+    snapshot) writes it into every checkpoint before the checkpoint is marked complete.
 
     Args:
-        signal: what the alarm reads (:class:`TrainingLogSignal`).
-        action: what a firing does (:class:`~.guards.PathologyAction`; ``None``: ``PathologyAction("warn")``, the
-            signal's own warning only).
+        signal: what the alarm reads (:class:`TrainingLogSignal`, :class:`ProbeSignal`).
+        action: what a firing does (:class:`~.guards.PathologyAction`, :class:`~.rewind.RewindAction`; ``None``:
+            ``PathologyAction("warn")``, the signal's own warning only).
     """
 
-    def __init__(self, signal: TrainingLogSignal | None = None, action: PathologyAction | None = None) -> None:
+    def __init__(
+        self, signal: TrainingLogSignal | ProbeSignal | None = None, action: PathologyAction | Any | None = None
+    ) -> None:
         self.signal = TrainingLogSignal() if signal is None else signal
         self.action = PathologyAction("warn") if action is None else action
+        self.pending: dict[str, float] = {}  # the probe alarm's flags, written into the next training log
+        self.firings: list[list[Any]] = []  # the probe alarm's: [step, restore point, its reading, what was done]
+
+    @property
+    def state_key(self) -> str:
+        """The key of :meth:`state` in ``trainer_state.json``'s ``stateful_callbacks``: transformers saves each
+        callback's state under its class's name (a subclass's own), and a resumed run reads it back under this key."""
+        return type(self).__name__
 
     def bind_to_trainer(self, trainer: Any) -> None:
-        """What the signal and the action leave unset, from ``trainer``'s public surface: its config (the remedies),
-        its safeguard's margin and its :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (put in
-        force by :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.set_safeguard`)."""
+        """What the signal and the action leave unset, from ``trainer``'s public surface: its config (the remedies,
+        the probe's rule), its :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`, its safeguard's margin and its
+        :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (put in force by
+        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.set_safeguard`); a rewind's weights, optimizer and what moves
+        with them."""
         self.signal.bind(trainer)
         self.action.bind(trainer)
+
+    # ------------------------------------------------------------------ events
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal.event != "step_end":
+            return
+        verdict = self.signal.read(state.global_step)
+        if verdict is None:
+            return
+        flags, done = self.action.on_probe(verdict, control, kwargs.get("optimizer"))
+        flags = {"health/probe_alarm": float(verdict.fired), **flags}
+        if verdict.fired:
+            self.firings.append([verdict.step, verdict.healthy_step, verdict.healthy_z, done])
+            control.should_log = True  # the alarm's step is logged as it fired, also where the run stops there
+        # A log may follow several probes (logging_steps above probe_steps): it carries 1 where the alarm fired at
+        # any of them, and the last rewind's step.
+        fired = max(self.pending.get("health/probe_alarm", 0.0), flags["health/probe_alarm"])
+        self.pending = {**self.pending, **flags, "health/probe_alarm": fired}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not state.log_history:
             return
         entry = state.log_history[-1]  # this log, as transformers recorded it, with its step
-        flags = self.signal.read(state.log_history, entry, state.global_step)
-        if not flags:
+        if self.signal.event == "log":
+            flags = self.signal.read(state.log_history, entry, state.global_step)
+            if not flags:
+                return
+            self.action(flags, control, state.global_step)
+        elif not self.pending or not _training_log(logs):
             return
-        self.action(flags, control, state.global_step)
+        else:
+            flags, self.pending = self.pending, {}
         logs.update(flags)  # the callbacks after this one (the console's) see the flags
         entry.update(flags)  # and state.log_history, which the model card and the run's summary read
 
-    def state(self) -> dict[str, Any]:
-        return {"args": {}, "attributes": {"signal": self.signal.describe(), **self.action.state()}}
-
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
-        # transformers keeps a list where several alarms saved their state: this alarm's is the one of its signal
-        for entry in saved if isinstance(saved, list) else [saved] if saved else []:
-            if entry["attributes"].get("signal") == self.signal.describe():
-                self.action.restore(entry["attributes"])  # a resumed run: what the action had done
-                return
+        saved = self.saved_state(state)
+        if saved:
+            restore = getattr(self.signal, "restore", None)
+            if restore is not None:
+                restore(saved)
+            self.firings = [list(firing) for firing in saved.get("firings", [])]
+        begin = getattr(self.action, "begin", None)  # the rewind: its first snapshot, or the checkpoint's
+        if begin is not None:
+            begin(kwargs.get("optimizer"), saved)
+        elif saved:
+            self.action.restore(saved)  # a resumed run: what the action had done
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict[str, Any]:
+        signal_state = getattr(self.signal, "state", dict)()
+        done = {"firings": self.firings} if self.signal.event == "step_end" else {}
+        return {"args": {}, "attributes": {"signal": self.signal.name, **signal_state, **self.action.state(), **done}}
+
+    def saved_state(self, state: Any) -> dict[str, Any] | None:
+        """What the checkpoint a run resumes from saved of :meth:`state` (``None`` in a new run, or where the
+        checkpoint holds none). Where several alarms of one class saved theirs, transformers keeps a list, to which
+        each save appends every one's state afresh: this alarm's is the last one of its signal."""
+        saved = state.stateful_callbacks.get(self.state_key) if state.global_step else None
+        for entry in reversed(saved) if isinstance(saved, list) else [saved] if saved else []:
+            if entry["attributes"].get("signal") == self.signal.name:
+                return entry["attributes"]
+        return None
+
+    def save_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """The action's part of every checkpoint (the rewind's snapshot), written into the checkpoint being written,
+        before it is marked complete."""
+        save = getattr(self.action, "save", None)
+        if save is not None:
+            save(checkpoint, args, state)
+
+    def load_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """The checkpoint a run resumes from: the action's part (the rewind's snapshot) read when training begins."""
+        load = getattr(self.action, "load", None)
+        if load is not None:
+            load(checkpoint)
+
+    # ------------------------------------------------------------------ records
+
+    def summary(self) -> str:
+        """What the alarm reads and does, for the start summary."""
+        if self.signal.event != "step_end":
+            return f"the training logs' alarm ({self.signal.describe()}) acts as on_pathology={self.action.action!r}"
+        if hasattr(self.action, "summary"):
+            return f"on_pathology='rewind': {self.action.summary(self.signal.rule)}"
+        return f"its alarm ({self.signal.describe()}) acts as on_pathology={self.action.action!r}"
+
+    def lines(self, last_step: int) -> list[str]:
+        """The probe alarm's record, one sentence per firing (``last_step``: the run's step now), or one saying that it
+        never fired; nothing for the training logs' alarm (its flags are in ``state.log_history``)."""
+        if self.signal.event != "step_end":
+            return []
+        if hasattr(self.action, "record"):
+            return self.action.record().lines(last_step)
+        if not self.firings:
+            return [
+                f"The held-out probe's alarm ({self.signal.describe()}) never fired "
+                f"(on_pathology={self.action.action!r})."
+            ]
+        from .rewind import restore_point_note  # the rewind's module loads only in a run that probes
+
+        lines = []
+        for step, restore, z, done in self.firings:
+            text = f"Step {step}: the held-out probe's alarm fired ({self.signal.describe()})"
+            text += f"; {done}" if done else ""
+            note = restore_point_note(restore, z, self.signal.rule)
+            text += f"; on_pathology='rewind' would have gone back to step {restore}'s weights ({note})"
+            lines.append(text + ".")
+        return lines
