@@ -28,6 +28,7 @@ __all__ = [
     "one_view",
     "runs",
     "stacked_rows",
+    "to_device",
     "storage_groups",
 ]
 
@@ -104,9 +105,8 @@ class UpdateWorkspace:
             return held[2]
         sizes = self._sizes.get(run.shapes)
         if sizes is None or sizes.device != scales.device:
-            sizes = self._sizes[run.shapes] = torch.tensor(
-                [math.prod(shape) for shape in run.shapes], device=scales.device
-            )
+            sizes = torch.tensor([math.prod(shape) for shape in run.shapes])
+            sizes = self._sizes[run.shapes] = to_device(sizes, scales.device)
         eps, weights = torch.repeat_interleave(scales, sizes, dim=1, output_size=run.numel).unbind()  # no host read
         weights.mul_(run.winner)
         self._expanded = (self.generation, id(run), (eps, weights))
@@ -132,6 +132,16 @@ def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch
     if dtype in _NUMPY:  # rounded in numpy as torch would (to nearest): no conversion on the device
         numbers = numbers.astype(_NUMPY[dtype])
     return torch.from_numpy(numbers).to(device=device, dtype=dtype)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, without making the host wait: a CPU tensor bound for a CUDA device is copied from
+    pinned memory, asynchronously (a copy from pageable memory synchronizes the stream)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,7 @@ from .update_runs import (
     runs,
     stacked_rows,
     storage_groups,
+    to_device,
 )
 
 __all__ = [
@@ -294,7 +295,7 @@ class OptimizerUpdate:
                         torch._foreach_mul_(views, [winner[i] for i in run])
                         decays.append(flat.sum(dtype=self.sum_dtype) * (group["lr"] * group["weight_decay"]))
         if sums is None:
-            zeros = torch.zeros(3, dtype=self.sum_dtype)
+            zeros = torch.zeros(3, dtype=self.sum_dtype, device=device)
             sums = torch.cat([n.reshape(-1) for n in norms]).view(-1, 3).sum(0) if norms else zeros
             sums = sums.to(device)
         self._largest = max((run.numel for segment in self.segments for run in segment.runs), default=0)
@@ -439,7 +440,7 @@ class OptimizerUpdate:
         steps = [state["step"] for state in states]
         if not all(torch.is_tensor(step) for step in steps):
             steps = [torch.as_tensor(float(step)) for step in steps]  # a number: the step counts of older torch
-        step = torch.stack([local(x) for x in steps]).to(device=device, dtype=self.sum_dtype) + 1
+        step = to_device(torch.stack([local(x) for x in steps]), device).to(self.sum_dtype) + 1
         # kappa = sqrt((1 - beta2) c2 / bc2) = sqrt(beta2 / bc2)
         inverse_kappa = torch.rsqrt((1 - beta2) * c2 / (1 - torch.pow(beta2, step)))
         scales = torch.stack([inverse_kappa * eps, inverse_kappa * (lr * (1 - beta1)) / (1 - torch.pow(beta1, step))])
