@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,10 +35,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from . import callbacks as run_callbacks  # the probe's and the EMA's names resolved on first use: when chosen
-from . import families, rewards
+from . import families, objectives, rewards
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
-from .callbacks.guards import GuardState, run_control_given
-from .callbacks.health import WinnerHealth, dormant_safeguard
+from .callbacks.alarm import AlarmCallback, ProbeSignal, TrainingLogSignal
+from .callbacks.guards import PathologyAction
+from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
@@ -57,10 +59,12 @@ from .families.preparation import (
     training_arguments,
     wants_gradient_checkpointing,
 )
+from .io.checkpoints import is_marked_complete
 from .io.console import on_terminal
-from .io.run_files import RunFiles, files_hook
+from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
-from .io.trackers import make_config_trackable
+from .callbacks.state_files import StatesPart
+from .io.trackers import adapt_trackers
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
 from .step.backward import Backward, BackwardWindow, PassesInStep
@@ -80,12 +84,11 @@ from .step.stages import (
     MicroBatchStages,
     PlacedMicroBatch,
     UsableBatches,
-    adapt_guards,
 )
 
 if TYPE_CHECKING:
     from .callbacks.ema import EMAWeights
-    from .callbacks.probe import ProbeCallback
+    from .callbacks.probe import ProbeCallback, ProbePieces
     from .io.hub import CardMethod
     from .rewards import RewardFunction
     from .safeguards import Safeguard
@@ -93,6 +96,33 @@ if TYPE_CHECKING:
 __all__ = ["DiffusionSDPOTrainer"]
 
 logger = logging.getLogger(__name__)
+
+
+def _given_run_control(callbacks: list[Any], args: DiffusionSDPOConfig) -> tuple[Any, Any]:
+    """``(ema, probe)``: the :class:`~.callbacks.ema.EMAWeights` and the :class:`~.callbacks.probe.ProbeCallback`
+    among ``callbacks`` (``None`` where there is none). One beside the config field that builds another
+    (``ema_decay``, ``probe_steps``) is refused, as is an alarm on the probe that rewinds beside
+    ``on_pathology="rewind"``. A class is looked up only where its module is loaded: an instance of it needs it."""
+
+    def of(module: str, name: str) -> list[Any]:
+        loaded = sys.modules.get(f"{__package__}.callbacks.{module}")
+        return [] if loaded is None else [c for c in callbacks if isinstance(c, getattr(loaded, name))]
+
+    emas, probes = of("ema", "EMAWeights"), of("probe", "ProbeCallback")
+    rewinds = [c for c in callbacks if isinstance(c, AlarmCallback) and getattr(c.action, "action", None) == "rewind"]
+    for kind, found, field, why in (
+        ("EMAWeights", emas, args.ema_decay is not None, "the config sets ema_decay, which builds another: unset "
+         "ema_decay or pass no EMAWeights"),
+        ("ProbeCallback", probes, bool(args.probe_steps), "the config sets probe_steps, which builds another: unset "
+         "probe_steps or pass no ProbeCallback"),
+        ("rewinding AlarmCallback", rewinds, args.on_pathology == "rewind", "the config sets "
+         "on_pathology='rewind', which builds another: set on_pathology to another value or pass no RewindAction"),
+    ):  # fmt: skip
+        if found and field:
+            raise ValueError(f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind} was passed in callbacks= and {why}")
+    if len(emas) > 1 or len(probes) > 1:
+        raise ValueError("callbacks= holds two EMAWeights or two ProbeCallback: a run has one of each")
+    return (emas[0] if emas else None), (probes[0] if probes else None)
 
 
 def _undone_on_failure(init: Callable[..., None]) -> Callable[..., None]:
@@ -207,13 +237,9 @@ class DiffusionSDPOTrainer(Trainer):
         # The reward functions' module is loaded only when there are rewards to score with.
         reward_fn = None if reward_funcs is None else rewards.dataset_scoring_function(reward_funcs)
         check_one_device_per_process(args)
-        # Run control passed in callbacks= (health alarm, guards, EMA, probe, rewind), checked before the pipeline is
-        # touched; taken instead of the config's once the trainer is built.
-        if "ema" in run_control_given(callbacks or []) and args.ema_decay is not None:
-            raise ValueError(
-                "an EMAWeights was passed in callbacks= and the config sets ema_decay, which builds another: "
-                "unset ema_decay or pass no EMAWeights"
-            )
+        # Run control passed in callbacks= beside the config field that builds the same, refused before the pipeline
+        # is touched.
+        given_ema, given_probe = _given_run_control(callbacks or [], args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
         self.loss_since_log: torch.Tensor | None = None  # the training losses summed since the last log
@@ -256,6 +282,9 @@ class DiffusionSDPOTrainer(Trainer):
         # The data, validated before the denoiser is changed; the adapters; then transformers.Trainer with the
         # effective arguments.
         checkpointing = wants_gradient_checkpointing(args)  # training_arguments hands transformers' flag off
+        #: the number of complete checkpoints kept (the config's ``save_total_limit``): the trainer rotates once a
+        #: checkpoint is marked complete, and ``trainer.args.save_total_limit`` is ``None`` (see training_arguments)
+        self.save_total_limit: int | None = args.save_total_limit
         args = training_arguments(args)
         probe_pairs = None  # the probe's held-back pairs, if it runs (its module loads only then)
         if args.probe_steps:
@@ -267,21 +296,48 @@ class DiffusionSDPOTrainer(Trainer):
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
         self._eval_collator_in_use = data.eval_collator  # the one of the running evaluation (a placeholder's shape)
         prepare_denoiser(denoiser, peft_config, self._dtype, checkpointing)
+        # The run control the config asks for, registered with the callbacks given, in this order (docs/compose.md):
+        # the EMA before them (a validation given at step k samples the average that includes step k); after them the
+        # training logs' alarm, the probe and the probe's alarm (it reads the reading the probe published at the same
+        # step's end), all before transformers' console callback, which prints what they write into the logs.
+        given = list(callbacks or [])
+        ema = []
+        if args.ema_decay is not None:
+            ema = [run_callbacks.EMAWeights(trainable_parameters(denoiser), args.ema_decay, self.files.save_weights)]
+        #: the EMA weights sampling swaps in and a rewind restores: the config's (``ema_decay``), or the
+        #: :class:`~.callbacks.ema.EMAWeights` passed in ``callbacks=``
+        self.ema: EMAWeights | None = ema[0] if ema else given_ema
+        #: the config's alarm on the training logs (``on_pathology``), unless ``callbacks=`` holds an
+        #: :class:`~.callbacks.alarm.AlarmCallback` that reads them (``None`` then)
+        self.alarm: AlarmCallback | None = None
+        if not any(isinstance(c, AlarmCallback) and isinstance(c.signal, TrainingLogSignal) for c in given):
+            self.alarm = AlarmCallback(TrainingLogSignal(), PathologyAction(args.on_pathology))
+        #: the held-out probe: the config's (``probe_steps``), or the
+        #: :class:`~.callbacks.probe.ProbeCallback` passed in ``callbacks=``; bound once the trainer is built
+        self.probe: ProbeCallback | None = given_probe
+        #: the config's alarm on the probe (with ``probe_steps``): its action is ``on_pathology``'s (the training
+        #: logs' alarm's, whose record it shares), or the rewind (:class:`~.callbacks.rewind.RewindAction`)
+        self.probe_alarm: AlarmCallback | None = None
+        if args.probe_steps:  # the probe's modules load only then
+            self.probe = run_callbacks.ProbeCallback.from_config(args.probe_steps, probe_pairs)
+            if args.on_pathology == "rewind":
+                probe_action = run_callbacks.RewindAction()
+            else:
+                probe_action = self.alarm.action if self.alarm is not None else PathologyAction(args.on_pathology)
+            self.probe_alarm = AlarmCallback(ProbeSignal(self.probe), probe_action)
+        configured = [c for c in (self.alarm, self.probe if args.probe_steps else None, self.probe_alarm) if c]
         super().__init__(
             model=denoiser,
             args=args,
             data_collator=data.collator,
             train_dataset=data.train_dataset,
             eval_dataset=data.eval_dataset,
-            callbacks=callbacks,
+            callbacks=[*ema, *given, *configured],
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
-        self.add_callback(self.files)  # a learning rate changed at resume, applied when training begins
-        # report_to trackers read model.config as a transformers config
-        undo_config = make_config_trackable(denoiser)
-        if undo_config is not None:
-            self._caller_modules.on_restore(undo_config)
+        self.add_callback(self.files)  # the logging window opens when training begins
+        adapt_trackers(self.callback_handler)  # report_to trackers read model.config as a transformers config
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
@@ -301,25 +357,6 @@ class DiffusionSDPOTrainer(Trainer):
         self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied
         self.add_callback(self.stream_guard)
         self.add_callback(StartSummary(self))  # the effective rate, schedule and safeguard; warnings on traps
-        # EMA weights before validation: a validation at step k samples the average that includes step k.
-        given = run_control_given(self.callback_handler.callbacks)
-        self.ema: EMAWeights | None = given.get("ema")
-        if self.ema is not None:
-            self.ema.attach(self)
-        elif args.ema_decay is not None:
-            self.ema = run_callbacks.EMAWeights(
-                trainable_parameters(denoiser), args.ema_decay, self.files.save_weights
-            )
-            self.add_callback(self.ema)
-        # Callbacks that sample this pipeline (validation grids) bind to it, and move behind the EMA: a validation at
-        # step k samples the average that includes step k.
-        self.sampling_callbacks: list[TrainerCallback] = []
-        for callback in list(self.callback_handler.callbacks):
-            if callable(getattr(callback, "bind_to_trainer", None)):
-                callback.bind_to_trainer(self)
-                self.callback_handler.remove_callback(callback)
-                self.callback_handler.add_callback(callback)
-                self.sampling_callbacks.append(callback)
 
         # The step's stages and state.
         self.stages = MicroBatchStages(
@@ -342,33 +379,24 @@ class DiffusionSDPOTrainer(Trainer):
             lora=self.is_lora,
             trainable_elements=sum(p.numel() for p in trainable_parameters(denoiser)),
         )
+        #: the objective's auto-beta (``auto_beta``; ``None``: the configured ``beta`` throughout), adapted in
+        #: :meth:`compute_loss` to every training micro-batch's errors
+        self.auto_beta = (
+            objectives.AutoBeta.from_config(args, self.accelerator.num_processes) if args.auto_beta else None
+        )
+        # What the objective and the safeguard have learnt, in every checkpoint: a resumed run goes on from it.
+        self.files.parts.append(StatesPart(self.training_states, lambda: self.args.should_save))
         self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy, self._dtype)
-        # Diffusion-DPO's pathology, flagged in the training logs: the health alarm given, or the config's
-        self.health: WinnerHealth = given.get("health") or WinnerHealth(args=args)
-        self.health.attach(self)
         self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
-        # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts: the
-        # ones given (completed from the trainer's public surface), or the config's.
-        guards: GuardState | None = given.get("guards")
-        if guards is not None:
-            guards.attach(self)
-        else:
-            switch = self._switch_safeguard if self._dormant_safeguard is not None else None
-            margin = None if self.safeguard is None else self.safeguard.margin
-            guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
-            self.add_callback(guards)  # their state in the checkpoints
-        self.guards = guards
-        # probe_steps: held-out pairs; on_pathology="rewind"; or a probe and a rewind passed in callbacks=, bound here
-        self.probe: ProbeCallback | None = None
-        probing = [given[kind] for kind in ("probe", "rewind") if kind in given]
-        if args.probe_steps or probing:  # the probe's module loads only then
-            self.probe = run_callbacks.compose_probe(self, probe_pairs, probing)
-        if self.probe is not None:  # after the callbacks given, as the config's: it may rewind at a step's end
-            if self.probe in self.callback_handler.callbacks:
-                self.callback_handler.remove_callback(self.probe)
-            self.add_callback(self.probe)
+        # Every callback with bind_to_trainer (validation grids, the EMA, the probe, the alarms) binds to the trainer's
+        # public surface, in the order the callbacks run; the trainer calls none of their events itself.
+        self.sampling_callbacks: list[TrainerCallback] = []
+        for callback in self.callback_handler.callbacks:
+            if callable(getattr(callback, "bind_to_trainer", None)):
+                callback.bind_to_trainer(self)
+                self.sampling_callbacks.append(callback)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -446,6 +474,46 @@ class DiffusionSDPOTrainer(Trainer):
         diffusers-format LoRA adapters or denoiser that a checkpoint holds (what the EMA saves its weights with)."""
         self.files.save_weights(output_dir)
 
+    def probe_pieces(self) -> ProbePieces:
+        """What the held-out probe reads of this trainer, built here in one place
+        (:class:`~trl_diffusion_sdpo.callbacks.probe.ProbePieces`; docs/compose.md lists it): the step's stages on the
+        probe's draws, its pairs collated and placed as the evaluation's, the sum over processes, the forward's
+        context, the engine's forward and the policy."""
+        args, accelerator = self.args, self.accelerator
+
+        def stages(draws: MicroBatchDraws) -> MicroBatchStages:
+            reference = None if self.reference is None else self.reference.predict
+            tokenizer = self.family.prompt_tokenizer()
+            augmentation = Augmentation.from_config(args)
+            return MicroBatchStages(
+                self.family, self.noiser, draws, reference, augmentation, self._dtype, tokenizer, args.device
+            )
+
+        def collate(held: Dataset | None) -> tuple[Any, Callable[[list[dict[str, Any]]], dict[str, Any]]]:
+            if held is None:  # the eval split's (the first one of named splits)
+                dataset, collator = self.eval_dataset, self._eval_collator
+                dataset = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
+                return dataset, next(iter(collator.values())) if isinstance(collator, dict) else collator
+            live = copy.copy(args)
+            live.cache_latents = False  # a few pairs: encoded at the first probe, never cached
+            data = self.prepare_data(held, None, live, self.family, None)
+            return data.train_dataset, data.eval_collator
+
+        return run_callbacks.ProbePieces(
+            stages=stages,
+            collate=collate,
+            place=self.place_inputs,
+            reduce=lambda sums: accelerator.reduce(sums, reduction="sum"),
+            forward_context=self.compute_loss_context_manager,
+            probing=lambda: self.engine.probing(self.model_wrapped, self.policy),
+            policy=lambda: self.policy,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            rows_are_prompts=self.probe_rows_are_prompts,
+            has_reference=self.objective.requires_reference,
+            engine=self.engine.name,
+        )
+
     def hold_back_probe_pairs(
         self, train_dataset: Any, eval_dataset: Any, args: DiffusionSDPOConfig
     ) -> tuple[Any, Dataset | None]:
@@ -470,41 +538,133 @@ class DiffusionSDPOTrainer(Trainer):
             unwrapped = self._unwrap_cache[model] = self.accelerator.unwrap_model(model)
         return unwrapped
 
-    # ------------------------------------------------------------------ files: each hook handed to self.files
+    # ------------------------------------------------------------------ files
+    # transformers' file hooks, overridden where the run's files differ from transformers' (the state they share, and
+    # the helpers, are trainer.files: io/run_files.py). Four are private, each for want of a public hook:
+    # - _save_checkpoint: a checkpoint is trusted only once marked complete by a manifest written after every file;
+    # - _push_from_checkpoint: transformers pushes inside its _save_checkpoint, before that mark, and copies files
+    #   named as its own weights (none of ours) beside a pickled training_args.bin;
+    # - _load_from_checkpoint, _load_best_model: transformers' loaders read its own and peft's file names, or FSDP's
+    #   model copy; the checkpoints hold the weights in diffusers' format only (safetensors that load_lora_weights
+    #   reads), loaded into the engine's shards.
 
-    save_model = files_hook("save_model")
-    create_model_card = files_hook("create_model_card")
-    init_hf_repo = files_hook("init_hf_repo")
-    push_to_hub = files_hook("push_to_hub")
-    # The three private transformers.Trainer methods overridden, each for want of a public hook:
-    # - transformers writes a checkpoint in place and rotates by deleting in place; an atomic checkpoint (a killed
-    #   save leaves the previous one usable) is written aside and renamed, with its manifest, which needs the save
-    #   itself (RunFiles.save_checkpoint);
-    # - transformers' loaders read its own and peft's file names, or FSDP's model copy; the checkpoints hold the
-    #   weights in diffusers' format only (safetensors that load_lora_weights reads), loaded into the engine's
-    #   shards: on resume (_load_from_checkpoint) and for load_best_model_at_end (_load_best_model).
-    _save_checkpoint = files_hook("save_checkpoint")
-    _load_from_checkpoint = files_hook("load_weights")
-    _load_best_model = files_hook("load_best_model")
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the LoRA adapters or the denoiser, in diffusers' format, to ``output_dir`` (the output folder by
+        default), with ``training_config.json``; in the output folder of a full tuning, the rest of the pipeline.
+
+        Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP) they are first gathered (every process must call
+        this), so the files are the same as on one process whatever the engine's own save settings say. A direct call
+        failing on the filesystem (a full disk) raises :class:`.io.checkpoints.CheckpointSaveError`; with
+        ``push_to_hub`` it then pushes, as transformers' does."""
+        self.files.save_gathered_weights(output_dir, internal=_internal_call)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """transformers' checkpoint (``super()._save_checkpoint``: the weights through :meth:`save_model`, the
+        optimizer, scheduler, scaler, random and trainer states, written in place into
+        ``<output_dir>/checkpoint-<step>``), with what is ours around it, so that a kill at any point leaves a
+        checkpoint the resume can trust:
+
+        1. before it, a ``checkpoint-<step>`` a killed save of this step left removed, and ``run_identity.json``
+           written into it (a folder holding it and no manifest is a save that never finished);
+        2. after it, the checkpoint parts (the rewind's snapshot, the online generations) and the loss sum; once every
+           process is done, the engine's unused files removed and ``checkpoint_manifest.json`` (every file's size and
+           SHA-256) written last: it marks the checkpoint complete, and the resume and the rotation trust no other
+           (:mod:`.io.checkpoints`);
+        3. then the Hub push (:meth:`_push_from_checkpoint`) and the rotation (:attr:`save_total_limit`).
+
+        A save failing on the filesystem (a full disk) removes its partial folder and raises
+        :class:`.io.checkpoints.CheckpointSaveError` naming the folder and the bytes needed; the complete
+        checkpoints are untouched."""
+        folder = self.files.checkpoint_folder()
+        try:
+            self.files.begin_checkpoint(folder)
+            super()._save_checkpoint(model, trial)
+            self.files.finish_checkpoint(folder)
+        except Exception as err:
+            failure = self.files.checkpoint_failed(err, folder)
+            if failure is None:
+                raise
+            raise failure from err
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(folder)
+        self.files.rotate_checkpoints(folder)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a complete checkpoint (with ``push_to_hub``): its weights copied into the output folder with a model
+        card, uploaded in the background with the checkpoint itself per ``hub_strategy``
+        (:meth:`.io.hub.RunHub.push_checkpoint`), never a pickled ``training_args.bin``.
+
+        transformers calls this inside its ``_save_checkpoint``, before the checkpoint is marked complete: that call
+        pushes nothing, and :meth:`_save_checkpoint` calls it again once the manifest is written."""
+        if is_marked_complete(checkpoint_folder):
+            self.files.hub.push_checkpoint(checkpoint_folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """The LoRA adapters or the denoiser of a checkpoint (diffusers' files), loaded into the engine's shards where
+        it shards them; DeepSpeed loads its own engine state beside (transformers does not call this under it)."""
+        self.files.load_weights(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the weights of the best checkpoint, through :meth:`_load_from_checkpoint`."""
+        self.files.load_best_model()
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir``: the base model, the method and its paper, the hyperparameters, the
+        validation grid and a usage example that loads the weights with diffusers
+        (:meth:`.io.hub.RunHub.create_model_card`; arguments given once are remembered for later pushes' cards)."""
+        self.files.hub.create_model_card(model_name, dataset_name, tags, license)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo (``hub_model_id``, else the output folder's name); transformers' ``__init__`` calls it
+        with ``push_to_hub``."""
+        self.files.hub.init_hf_repo(token, private)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Save the weights and a model card (``kwargs``: :meth:`create_model_card`'s) to ``output_dir`` and upload
+        that folder, once the checkpoint pushes still running are done; transient Hub errors are retried
+        (:meth:`.io.hub.RunHub.push_to_hub`)."""
+        return self.files.hub.push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
 
     # ------------------------------------------------------------------ the step
 
-    def train(self, *args, **kwargs):
-        """``transformers.Trainer.train``, resumed only from a complete checkpoint (:meth:`.RunFiles.train`)."""
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, overwrite: bool = False, **kwargs: Any
+    ):
+        """``super().train(...)``, resumed only from a complete checkpoint, under the checks of
+        :meth:`.io.run_files.RunFiles.training`: the output folder's lock (a new run into a folder holding another
+        run's weights or checkpoints is refused unless ``resume_from_checkpoint`` or ``overwrite`` is given; with
+        ``overwrite`` that run's checkpoints are removed), what an interrupted save left finished or removed,
+        ``resume_from_checkpoint`` (``True``: the newest complete checkpoint; a path: refused with the reason where it
+        is incomplete or damaged) checked against this run's config, its parts loaded, and the preemption signals
+        handled while it runs. A resumed run's ``training_loss`` is the whole run's mean."""
         self.nonfinite.reset()  # what an interrupted train() left in the fused optimizer
-        with self.mixed_precision_forward.running():
-            return self.files.train(*args, **kwargs)
+        with (
+            self.mixed_precision_forward.running(),
+            self.files.training(resume_from_checkpoint, overwrite) as checkpoint,
+        ):
+            output = super().train(checkpoint, *args, **kwargs)
+        # log_training corrected the logged metrics in place; the returned loss is a copy of the old value
+        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         self.nonfinite.optimizer = super().create_optimizer(model)  # the guard drops and skips through it
         return self.nonfinite.optimizer
-
-    def create_scheduler(
-        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-    ) -> torch.optim.lr_scheduler.LRScheduler:
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self.files.remember_learning_rates(scheduler)  # before a resumed checkpoint's state replaces them
-        return scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch of Diffusion-DPO: batch -> noised pair -> predictions of the policy and the reference ->
@@ -514,8 +674,8 @@ class DiffusionSDPOTrainer(Trainer):
         accumulation window, the engine's backward and the cache clearing are Trainer's. A safeguard whose rule keeps
         the branches' gradients apart (the parameter and update spaces) wraps that call: its passes' context around
         it (:class:`.step.backward.PassesInStep`, whose loss carries the split backward into Trainer's), its hook
-        after it (``lambda``, and ``g_w + lambda * h_l`` written). Around either: the batch stage before, the guards,
-        the non-finite flag, the metrics and the run's loss sum after."""
+        after it (``lambda``, and ``g_w + lambda * h_l`` written). Around either: the batch stage before, the
+        safeguard's ``mu`` adapting, the non-finite flag, the metrics and the run's loss sum after."""
         inputs, replay = self._batch(self.place_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
@@ -537,7 +697,8 @@ class DiffusionSDPOTrainer(Trainer):
                 batch.lambdas.update(self._combine(batch.passes.branches))
             else:
                 batch.lambdas.update(batch.passes.lambdas)
-        adapt_guards(self.guards.adapting, batch.evaluation.errors, not replay, self.accelerator.sync_gradients)
+        if self.safeguard is not None:  # mu with safeguard_mu="auto", once the safeguard has read it (its hook too)
+            self.safeguard.margin.adapt(batch.evaluation.errors, not replay, self.accelerator.sync_gradients)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
         self.nonfinite.flag(loss)
@@ -557,19 +718,39 @@ class DiffusionSDPOTrainer(Trainer):
         return self.safeguard.combine(branches, self.optimizer)
 
     def _objective(
-        self, predictions: PreferencePredictions, pair_scores: torch.Tensor | None, contributes: bool
+        self,
+        objective: PreferenceObjective,
+        predictions: PreferencePredictions,
+        pair_scores: torch.Tensor | None,
+        contributes: bool,
     ) -> tuple[Evaluation, dict[str, torch.Tensor | None]]:
-        """denoising errors -> objective (with the ``beta`` in force), the loser error's gradient weighted by the
+        """denoising errors -> ``objective`` (the one in force), the loser error's gradient weighted by the
         safeguard's ``lambda`` where its hook acts on the predictions (the output space); the ``lambda`` by metric
         name."""
         weight = None if self.safeguard is None else self.safeguard.loser_weight(predictions, contributes)
-        evaluation = evaluate_objective(self.objective_in_force(), predictions, pair_scores, loser_weight=weight)
+        evaluation = evaluate_objective(objective, predictions, pair_scores, loser_weight=weight)
         return evaluation, ({} if weight is None else {"safeguard/lambda": weight})
 
     def objective_in_force(self) -> PreferenceObjective:
-        """The objective with the ``beta`` in force (the auto-beta's, or the configured one)."""
-        auto_beta = self.guards.auto_beta
-        return self.objective if auto_beta is None else auto_beta.objective(self.objective)
+        """The objective with the ``beta`` in force (the :attr:`auto_beta`'s, or the configured one)."""
+        return self.objective if self.auto_beta is None else self.auto_beta.objective(self.objective)
+
+    def values_in_force(self) -> dict[str, float]:
+        """What each training log carries of the objective and the safeguard in force: ``beta`` with the
+        :attr:`auto_beta`, and the safeguard's ``safeguard/mu`` (one host read each, at a log)."""
+        values = {} if self.auto_beta is None else {"beta": self.auto_beta.current()}
+        if self.safeguard is not None:
+            values["safeguard/mu"] = self.safeguard.margin.current()
+        return values
+
+    def training_states(self) -> dict[str, Any]:
+        """What the objective and the safeguard in force have learnt, by name, each with ``state_dict()`` /
+        ``load_state_dict()``: the :attr:`auto_beta` and the safeguard's ``mu`` (``safeguard.margin``: adapted with
+        ``safeguard_mu="auto"``, raised by ``on_pathology="escalate"``). Every checkpoint keeps them."""
+        states: dict[str, Any] = {} if self.auto_beta is None else {"auto_beta": self.auto_beta}
+        if self.safeguard is not None:
+            states["safeguard_mu"] = self.safeguard.margin
+        return states
 
     @contextlib.contextmanager
     def sampling_weights(self):
@@ -594,11 +775,12 @@ class DiffusionSDPOTrainer(Trainer):
             passes = batch.passes  # the exact rule's passes (the parameter and update spaces), else None
             policy = model if passes is None else passes.policy
             batch.noised = self.stages.noised_pair(policy, batch.inputs, "train", self.state.global_step)
+            objective = self.objective_in_force()  # one beta for every pass of the micro-batch
 
             def predict_and_evaluate(separate_branches: bool) -> tuple[torch.Tensor, PreferencePredictions]:
                 predictions = self.stages.predict_noised(policy, batch.noised, separate_branches)
                 batch.evaluation, batch.lambdas = self._objective(
-                    predictions, batch.inputs.get("pair_scores"), not batch.replay
+                    objective, predictions, batch.inputs.get("pair_scores"), not batch.replay
                 )
                 return batch.evaluation.loss, predictions
 
@@ -607,6 +789,8 @@ class DiffusionSDPOTrainer(Trainer):
             else:
                 loss = predict_and_evaluate(False)[0]
                 loss = loss * 0.0 if batch.replay else loss
+            if self.auto_beta is not None:  # the next micro-batches' beta: its window closes with the step's last
+                self.auto_beta.adapt(batch.evaluation.errors, not batch.replay, self.accelerator.sync_gradients)
             return (loss, {"logits": batch.evaluation.output.logits}) if return_outputs else loss
         mode = "train" if model.training else "eval"
         inputs, replay = self._batch(inputs, mode)
@@ -655,10 +839,7 @@ class DiffusionSDPOTrainer(Trainer):
         if mode == "train":
             self.files.log_training(logs)  # the run's loss sum; a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
-            self.health.annotate(reduced, self.state.log_history, self.state.global_step)
-            self.guards.log(reduced, self.control, self.state.global_step)
-            if self.probe is not None:
-                self.probe.annotate(reduced)
+            reduced.update(self.values_in_force())  # the beta and mu the next steps train with
         else:
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.

@@ -186,7 +186,7 @@ def test_each_checkpoint_is_pushed_once_and_only_once_it_is_marked_complete(tmp_
     """transformers pushes from inside its ``_save_checkpoint``, before the mark: the trainer's push runs after it,
     so the Hub's copy of every checkpoint holds its manifest."""
     import trl_diffusion_sdpo.io.hub as hub
-    from tests.io.test_saving import FakeHfApi
+    from tests.helpers.hub import FakeHfApi
 
     pushed: list[tuple[str, list[str]]] = []
 

@@ -88,7 +88,10 @@ def test_the_rewinds_snapshot_is_part_of_its_checkpoint_listed_and_checked_by_th
     with open(checkpoint / MANIFEST_NAME) as f:
         listed = set(json.load(f)["files"])
     snapshot = {name for name in files_under(str(checkpoint)) if name.startswith(REWIND_FOLDER + os.sep)}
-    assert len(snapshot) == 3 and snapshot <= listed
+    # the weights, the optimizer's state, the companions' states (tensors and the rest): each listed and checked
+    names = {os.path.basename(name) for name in snapshot}
+    assert names == {"weights.safetensors", "optimizer.pt", "companions.safetensors", "companions.json"}
+    assert snapshot <= listed
     assert checkpoint_problem(str(checkpoint)) == ""
     missing = sorted(snapshot)[0]
     os.remove(checkpoint / missing)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import Future
 
 import pytest
 import torch
 import yaml
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from huggingface_hub.utils import filter_repo_objects
 
 import trl_diffusion_sdpo.io.hub as hub
 from tests.helpers.common import changed_keys, snapshot
+from tests.helpers.hub import FakeHfApi, files_under
 from trl_diffusion_sdpo.io.saving import LORA_WEIGHTS_NAME
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -32,10 +31,6 @@ def unet_inputs(seed: int = 5):
 def unet_output(unet, inputs) -> torch.Tensor:
     sample, timesteps, hidden = inputs
     return unet(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
-
-
-def files_under(folder) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, fs in os.walk(folder) for f in fs)
 
 
 def test_lora_save_model_is_loaded_by_a_fresh_pipeline_with_load_lora_weights(make_pipeline, make_trainer, tmp_path):
@@ -98,41 +93,6 @@ def test_checkpoint_weights_are_the_same_files_a_user_loads(make_pipeline, make_
     fresh.load_lora_weights(str(checkpoint))
     inputs = unet_inputs()
     torch.testing.assert_close(unet_output(fresh.unet, inputs), unet_output(pipe.unet, inputs), rtol=1e-5, atol=1e-6)
-
-
-class FakeHfApi:
-    """Records Hub calls and what the uploaded folder held at upload time; never touches the network."""
-
-    instances: list[FakeHfApi] = []
-
-    def __init__(self, token=None, **kwargs):
-        self.token = token
-        self.calls: list[tuple[str, dict]] = []
-        self.uploaded: dict[str, bytes] = {}
-        FakeHfApi.instances.append(self)
-
-    def create_repo(self, **kwargs):
-        self.calls.append(("create_repo", kwargs))
-        return f"https://huggingface.co/{kwargs['repo_id']}"
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-        folder = kwargs["folder_path"]
-        prefix = kwargs.get("path_in_repo") or ""
-        names = filter_repo_objects(files_under(folder), ignore_patterns=kwargs.get("ignore_patterns"))
-        for name in names:  # what huggingface_hub would upload, as it was at the time of the call
-            with open(os.path.join(folder, name), "rb") as f:
-                self.uploaded[os.path.join(prefix, name)] = f.read()
-        if kwargs.get("run_as_future"):
-            future: Future = Future()
-            future.set_result("commit-url")
-            return future
-        return "commit-url"
-
-    def run_as_future(self, fn, *args, **kwargs):  # HfApi's background thread, run at once
-        future: Future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
 
 
 def card_metadata(readme: str) -> dict:

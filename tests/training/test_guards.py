@@ -13,8 +13,9 @@ from transformers import TrainerCallback, TrainerControl
 
 from tests.helpers.common import StopAt
 from trl_diffusion_sdpo import DiffusionSDPOConfig
+from trl_diffusion_sdpo.callbacks.alarm import TrainingLogSignal
 from trl_diffusion_sdpo.callbacks.guards import PathologyAction
-from trl_diffusion_sdpo.callbacks.health import RULE, WINDOWS, WinnerHealth, remedies
+from trl_diffusion_sdpo.callbacks.health import RULE, WINDOWS, PathologyRule, remedies
 from trl_diffusion_sdpo.objectives import AutoBeta, DenoisingErrors, build_objective
 from trl_diffusion_sdpo.objectives.auto_beta import AUTO_BETA_DECAY, AUTO_BETA_RANGE
 from trl_diffusion_sdpo.safeguards.margin import AUTO_MU_START, SafeguardMargin
@@ -221,13 +222,12 @@ def _pathological_history() -> list[dict[str, float]]:
 def _alarm(args, caplog) -> str:
     import logging
 
-    health, health_logger = WinnerHealth(args=args), "trl_diffusion_sdpo.callbacks.health"
+    signal, health_logger = TrainingLogSignal(args=args), "trl_diffusion_sdpo.callbacks.health"
     with caplog.at_level(logging.WARNING, logger=health_logger):
         recorded: list[dict[str, float]] = []
         for entry in _pathological_history():
-            logs = dict(entry)
-            health.annotate(logs, recorded, int(entry["step"]))
-            recorded.append(logs)
+            recorded.append(dict(entry))  # transformers records the log before on_log reads it
+            recorded[-1].update(signal.read(recorded, recorded[-1], int(entry["step"])))
     assert recorded[-1]["health/winner_pathology"] == 1.0
     # the alarm's records only: what else the test ran may have logged at INFO, had an earlier test lowered the level
     (message,) = [r.getMessage() for r in caplog.records if r.name == health_logger and r.levelno >= logging.WARNING]
@@ -437,7 +437,7 @@ def test_an_unset_mu_is_the_authors_value_where_they_measured_the_family_else_th
 def test_with_the_default_settings_on_the_tiny_base_the_alarm_recommends_only_what_is_off(make_trainer, caplog):
     trainer = make_trainer()
     message = _alarm(trainer.args, caplog)
-    assert trainer.health.remedies == remedies(trainer.args)  # the trainer's alarm reads the run's own config
+    assert trainer.alarm.signal.args is trainer.args  # the trainer's alarm names the remedies of the run's own config
     assert "safeguard_space='output'" not in message
     assert "safeguard_mu" not in message  # the mu in force is the authors' 0.9, not 0.5: no larger one to name
     assert "safeguard_space='update'" in message and "learning_rate" in message
@@ -488,10 +488,9 @@ def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_tr
     flagged = make_trainer(max_steps=steps, logging_steps=1, safeguard_mu=0.5, on_pathology="escalate")
     assert flagged.safeguard.margin.current() == 0.5
 
-    def always_flagged(logs, history, step):
-        logs["health/winner_pathology"] = 1.0
-
-    flagged.health.annotate = always_flagged
+    flagged.alarm.signal.rule = PathologyRule(
+        windows=1, window_steps=None, min_delta_winner=-1e9, max_implicit_acc=None
+    )
     flagged.train()
     logs = [log for log in flagged.state.log_history if "health/escalations" in log and "loss" in log]
     # escalated at the first log, then not again before WINDOWS more logs have passed under the raised mu
@@ -501,7 +500,7 @@ def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_tr
     assert flagged.safeguard.margin.current() == pytest.approx(0.75)
 
     calm = make_trainer(max_steps=2, logging_steps=1, safeguard_mu=0.5, on_pathology="escalate")
-    calm.health.annotate = lambda logs, history, step: logs.update({"health/winner_pathology": 0.0})
+    calm.alarm.signal.rule = PathologyRule(windows=1, window_steps=None, min_delta_winner=1e9, max_implicit_acc=None)
     calm.train()
     assert calm.safeguard.margin.current() == 0.5
     assert all(log["safeguard/mu"] == 0.5 for log in calm.state.log_history if "health/escalations" in log)

@@ -4,12 +4,14 @@ implicit accuracy stays low, the calibrated rule) flagged as a metric, with one 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.callbacks.health import EVIDENCE, RULE, PathologyRule, WinnerHealth, winner_pathology
+from trl_diffusion_sdpo.callbacks.alarm import TrainingLogSignal
+from trl_diffusion_sdpo.callbacks.health import EVIDENCE, RULE, PathologyRule, winner_pathology
 
 
 def _history(deltas: list[float], accuracies: list[float], logging_steps: int = 1) -> list[dict[str, float]]:
@@ -75,14 +77,14 @@ def test_the_rule_reads_the_winner_margin_and_the_accuracy_bound():
 
 
 def _replay(history: list[dict[str, float]], caplog) -> tuple[list[float], list[str]]:
-    """Annotate ``history`` one log at a time, as the trainer's ``log`` does before transformers records it."""
-    health, recorded = WinnerHealth(), []
+    """Read ``history`` one log at a time, as the alarm's ``on_log`` does once transformers has recorded it."""
+    signal, recorded = TrainingLogSignal(), []
     flags = []
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.health"):
         for entry in history:
+            recorded.append(dict(entry))  # transformers adds the log, with its step, to log_history
             logs = {k: v for k, v in entry.items() if k != "step"}
-            health.annotate(logs, recorded, int(entry["step"]))
-            recorded.append({**logs, "step": entry["step"]})  # transformers adds the step to log_history
+            logs.update(signal.read(recorded, recorded[-1], int(entry["step"])))
             if "delta/winner" in logs:
                 flags.append(logs["health/winner_pathology"])
             else:
@@ -152,7 +154,7 @@ def test_a_dormant_safeguard_switches_on_at_the_step_the_alarm_fires(make_traine
     assert [r.getMessage() for r in caplog.records if "on_pathology='safeguard'" in r.getMessage()][0].startswith(
         "Step 3"
     )
-    assert trainer.guards.state()["attributes"]["safeguard_switched_at"] == 3  # saved with each checkpoint
+    assert trainer.alarm.state()["attributes"]["safeguard_switched_at"] == 3  # saved with each checkpoint
 
 
 def test_the_dormant_safeguard_is_offline_only_and_needs_the_safeguard_off(tmp_path):
@@ -166,29 +168,32 @@ def test_the_dormant_safeguard_is_offline_only_and_needs_the_safeguard_off(tmp_p
         OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
 
 
-def test_the_dormant_safeguards_target_is_decided_per_regime_in_one_place(tmp_path, monkeypatch):
-    """Offline the switch goes to ``SWITCH_TO``; online to ``ONLINE_SWITCH_TO``, which is none, so the online config
-    refuses with the one stated reason. Given a target there, the online config takes it and the switch uses it."""
+def test_the_dormant_safeguards_target_is_the_configs_own_in_one_place(tmp_path, monkeypatch):
+    """Offline the switch goes to ``SWITCH_TO``; online to the online table's ``ONLINE_SWITCH_TO``, which is none, so
+    the online config refuses with the one stated reason. Given a target there, the online config takes it and the
+    switch uses it."""
     from trl_diffusion_sdpo import DiffusionSDPOConfig
     from trl_diffusion_sdpo.callbacks import health
-    from trl_diffusion_sdpo.callbacks.guards import GuardState
+    from trl_diffusion_sdpo.callbacks.guards import PathologyAction
+    from trl_diffusion_sdpo.online import defaults as online_defaults
     from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 
     offline = DiffusionSDPOConfig(
         output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard", safeguard_space="none"
     )
     assert health.switch_target(offline) == health.SWITCH_TO
-    assert health.ONLINE_SWITCH_TO is None
+    assert online_defaults.ONLINE_SWITCH_TO is None
     with pytest.raises(ValueError) as refused:
         OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
-    assert health.NO_ONLINE_SWITCH in str(refused.value)
+    assert online_defaults.NO_ONLINE_SWITCH in str(refused.value)
     target = {"safeguard_space": "output", "safeguard_mu": 0.7}
-    monkeypatch.setattr(health, "ONLINE_SWITCH_TO", target)
+    monkeypatch.setattr(online_defaults, "ONLINE_SWITCH_TO", target)
     online = OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
     switched = health.switched_config(online)
     assert (switched.safeguard_space, switched.safeguard_mu) == ("output", 0.7)
     assert (online.safeguard_space, health.switched_config(offline).safeguard_mu) == ("none", 0.5)
-    action = GuardState.from_config(online, 1, None, switch=lambda: None).action
+    action = PathologyAction(online.on_pathology)
+    action.bind(SimpleNamespace(args=online, safeguard=None, dormant_safeguard=SimpleNamespace(name="output")))
     assert action.switch_to == target  # the warning names what the run switches to
 
 
@@ -231,15 +236,15 @@ def test_every_process_switches_at_the_same_step_from_the_reduced_signals():
         return reduce
 
     def process(rank: int) -> None:
-        health, recorded = WinnerHealth(), []
+        signal, recorded = TrainingLogSignal(), []
         action = PathologyAction("safeguard", switch=lambda: None)
         for window, (delta, acc) in enumerate(local[rank]):
             step = 10 * (window + 1)
             stored = {"delta/winner": [torch.tensor(delta)] * 10, "implicit_acc": [torch.tensor(acc)] * 10}
             logs = reduce_metrics(stored, names, 1.0, "cpu", all_reduce_sum(rank))
-            health.annotate(logs, recorded, step)
-            action(logs, TrainerControl(), step)
-            recorded.append({**logs, "step": step})
+            recorded.append({**logs, "step": step})  # transformers records the log before on_log
+            flags = signal.read(recorded, recorded[-1], step)
+            action(flags, TrainerControl(), step)
         switched[rank] = action.switched_at
 
     threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
@@ -253,17 +258,18 @@ def test_every_process_switches_at_the_same_step_from_the_reduced_signals():
 def test_a_resumed_run_switches_again_from_the_checkpoints_state():
     from types import SimpleNamespace
 
-    from trl_diffusion_sdpo.callbacks.guards import GuardState, PathologyAction
+    from trl_diffusion_sdpo.callbacks.alarm import AlarmCallback
+    from trl_diffusion_sdpo.callbacks.guards import PathologyAction
 
     switches: list[str] = []
-    saved = GuardState(None, None, PathologyAction("safeguard", switch=lambda: switches.append("before")))
+    saved = AlarmCallback(action=PathologyAction("safeguard", switch=lambda: switches.append("before")))
     saved.action.switched_at = 30
-    state = SimpleNamespace(global_step=40, stateful_callbacks={"GuardState": saved.state()})
-    resumed = GuardState(None, None, PathologyAction("safeguard", switch=lambda: switches.append("resumed")))
+    state = SimpleNamespace(global_step=40, stateful_callbacks={"AlarmCallback": saved.state()})
+    resumed = AlarmCallback(action=PathologyAction("safeguard", switch=lambda: switches.append("resumed")))
     resumed.on_train_begin(SimpleNamespace(device="cpu"), state, None)
     assert switches == ["resumed"] and resumed.action.switched_at == 30
     # a checkpoint saved before the switch leaves the resumed run on Diffusion-DPO
-    fresh = GuardState(None, None, PathologyAction("safeguard", switch=lambda: switches.append("never")))
+    fresh = AlarmCallback(action=PathologyAction("safeguard", switch=lambda: switches.append("never")))
     fresh.on_train_begin(SimpleNamespace(device="cpu"), SimpleNamespace(global_step=10, stateful_callbacks={
-        "GuardState": GuardState(None, None, PathologyAction("safeguard")).state()}), None)  # fmt: skip
+        "AlarmCallback": AlarmCallback(action=PathologyAction("safeguard")).state()}), None)  # fmt: skip
     assert switches == ["resumed"] and fresh.action.switched_at is None

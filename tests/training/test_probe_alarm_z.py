@@ -5,15 +5,17 @@ every ``on_pathology`` acting on the alarm (``warn`` naming the step a rewind wo
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from tests.helpers.rewind import ScriptedAlarm
+from tests.helpers.rewind import HandDriven, ScriptedAlarm
+from trl_diffusion_sdpo.callbacks.guards import PathologyAction
 from trl_diffusion_sdpo.callbacks.probe import winner_rise_z
-from trl_diffusion_sdpo.callbacks.rewind import RESTORE_Z, ProbeAlarm, ProbeAlarmRule, alarm_steps, probe_alarm
+from trl_diffusion_sdpo.callbacks.rewind import RESTORE_Z, ProbeAlarmRule, alarm_steps, probe_alarm
 from trl_diffusion_sdpo.step.predictions import denoising_errors
 
 ROWS, HELD = 8, 2
@@ -107,7 +109,7 @@ def test_one_rule_offline_and_online_from_the_config_fields():
 
 
 def _forced(trainer, unhealthy: set[int], patience: int = 2) -> None:
-    trainer.probe.alarm.rule = ScriptedAlarm(patience=patience, unhealthy_steps=unhealthy)
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=patience, unhealthy_steps=unhealthy)
 
 
 def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pickapic, caplog):
@@ -117,7 +119,7 @@ def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pi
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo"):
         trainer.train()
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training "))
-    assert f"its alarm ({trainer.probe.alarm.rule.describe()}) acts as on_pathology='warn'" in summary
+    assert f"its alarm ({trainer.probe_alarm.signal.rule.describe()}) acts as on_pathology='warn'" in summary
     warnings = [
         r.getMessage()
         for r in caplog.records
@@ -144,7 +146,7 @@ def test_safeguard_switches_at_the_probes_alarm(make_trainer, make_pickapic):
     assert switch.safeguard is None
     _forced(switch, {2}, patience=1)
     switch.train()
-    assert switch.guards.action.switched_at == 2
+    assert switch.alarm.action.switched_at == 2
     assert switch.safeguard is not None and switch.state.global_step == 4
 
 
@@ -189,8 +191,9 @@ def _windows_rule(z: list[float], threshold: float, patience: int) -> list[int]:
     return fired
 
 
-class _Recorded:
+class _Recorded(PathologyAction):
     def __init__(self) -> None:
+        super().__init__("warn")
         self.calls: list[tuple[int, int]] = []
 
     def probe_alarm(self, step, control, rule, healthy_step) -> str:
@@ -212,9 +215,12 @@ def test_the_alarm_fires_at_patience_readings_above_the_threshold_counting_afres
     # the run's alarm fires at the same probes, naming the last restore point before each: a reading at most
     # RESTORE_Z, not merely below the alarm's threshold
     recorded = _Recorded()
-    alarm = ProbeAlarm(rule, recorded)
-    logged = [alarm.read(metrics, t, None)["health/probe_alarm"] for t, metrics in probes]
+    driven = HandDriven(rule, recorded)
+    control = SimpleNamespace(should_training_stop=False, should_log=False)
+    logged = [driven.read(metrics, t, None, control)["health/probe_alarm"] for t, metrics in probes]
     assert [t for t, flag in zip(range(1, len(z) + 1), logged, strict=True) if flag == 1.0] == expected
     healthy = [max((s for s in range(1, t) if z[s - 1] <= RESTORE_Z), default=0) for t in expected]
     assert recorded.calls == list(zip(expected, healthy, strict=True))
-    assert [act[0] for act in alarm.acts] == healthy and all(act[2] == "recorded" for act in alarm.acts)
+    firings = driven.alarm.firings  # [step, restore point, its reading, what was done]
+    assert [f[0] for f in firings] == expected
+    assert [f[1] for f in firings] == healthy and all(f[3] == "recorded" for f in firings)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.helpers.rewind import ScriptedAlarm
-from trl_diffusion_sdpo.io.state_files import STATES_FILE, read_state, split_tensors, write_state
+from trl_diffusion_sdpo.callbacks.state_files import STATES_FILE, read_state, split_tensors, write_state
 from trl_diffusion_sdpo.objectives.auto_beta import auto_beta
 
 

@@ -27,7 +27,8 @@ class EMAWeights(TrainerCallback):
     """An exponential moving average of ``parameters`` (diffusers' ``EMAModel``), stepped after every optimizer step.
 
     The trainer builds one from ``ema_decay``; a Python user may build one and pass it in ``callbacks=`` instead
-    (``ema_decay`` left unset), and the trainer takes it (:meth:`attach`): validation grids then sample its weights::
+    (``ema_decay`` left unset), and the trainer binds it (:meth:`bind_to_trainer`) and takes it as its
+    :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.ema`: validation grids then sample its weights::
 
         ema = EMAWeights(decay=0.999)
         DiffusionSDPOTrainer(pipe, args=config, train_dataset=pairs, callbacks=[ema])
@@ -41,9 +42,6 @@ class EMAWeights(TrainerCallback):
             :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.save_weights`, when it takes the EMA.
     """
 
-    #: what the trainer looks for in ``callbacks=`` (one of each kind of run control per run)
-    run_control = "ema"
-
     def __init__(
         self,
         parameters: Sequence[torch.nn.Parameter] | None = None,
@@ -56,8 +54,8 @@ class EMAWeights(TrainerCallback):
         self.decay, self.save = decay, save
         self.ema = None  # started with training, from the weights it starts from (a resumed checkpoint's too)
 
-    def attach(self, trainer: Any) -> None:
-        """Taken by ``trainer`` (built by hand and passed in ``callbacks=``): the weights and the save function left
+    def bind_to_trainer(self, trainer: Any) -> None:
+        """Bound to ``trainer`` (built by hand and passed in ``callbacks=``): the weights and the save function left
         unset are the trainer's (its policy's trainable weights, its
         :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.save_weights`)."""
         if self.parameters is None:

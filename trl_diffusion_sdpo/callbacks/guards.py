@@ -6,9 +6,11 @@
   alarm reaches it too (:meth:`PathologyAction.probe_alarm`; ``warn`` then warns once per unhealthy episode, naming
   the step a rewind would restore).
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
-* :class:`GuardState`: the guards that adapt as the run goes (the auto-beta, ``safeguard_mu="auto"``, the
-  escalations), each reducing over processes before it acts; what they have learnt is saved in every checkpoint's
-  trainer state and restored on resume, so a resumed run continues as the uninterrupted one.
+
+The guards that adapt as the run goes are the objective's and the safeguard's own: the auto-beta
+(:class:`~trl_diffusion_sdpo.objectives.AutoBeta`, the trainer's ``auto_beta``) and ``safeguard_mu="auto"``
+(:class:`~trl_diffusion_sdpo.safeguards.margin.SafeguardMargin`, ``safeguard.margin``), each kept in every checkpoint
+through its ``state_dict()``.
 
 The components take what they need (the trainer's save function, the margin object), never the trainer's internals.
 """
@@ -16,58 +18,27 @@ The components take what they need (the trainer's save function, the margin obje
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_callback import ExportableState
 
-from .. import objectives
 from .health import WINDOWS, switch_target
-
-if TYPE_CHECKING:
-    from ..objectives import AutoBeta
 
 __all__ = [
     "EARLY_STOPPING_METRIC",
-    "RUN_CONTROL",
-    "GuardState",
     "PathologyAction",
     "configure_early_stopping",
     "early_stopping",
-    "run_control_given",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-#: the run control a trainer takes from ``callbacks=`` instead of building it from its config, by the ``run_control``
-#: each class declares: the health alarm (:class:`~.health.WinnerHealth`), the guards (:class:`GuardState`), the EMA
-#: (:class:`~.ema.EMAWeights`), the probe and the rewind (:class:`~.probe.ProbeCallback`,
-#: :class:`~.rewind.RewindCallback`)
-RUN_CONTROL = ("health", "guards", "ema", "probe", "rewind")
-
-
-def run_control_given(callbacks: Sequence[Any]) -> dict[str, Any]:
-    """The run control among ``callbacks`` by kind (:data:`RUN_CONTROL`): one of each per run, a second refused."""
-    given: dict[str, Any] = {}
-    for callback in callbacks:
-        kind = getattr(callback, "run_control", None)
-        if kind not in RUN_CONTROL:
-            continue
-        if kind in given:
-            raise ValueError(
-                f"callbacks= holds two {type(callback).__name__} ({kind!r}): a run takes one of each kind of run "
-                f"control ({', '.join(RUN_CONTROL)})"
-            )
-        given[kind] = callback
-    return given
-
-
 class PathologyAction:
-    """What a training log flagged by ``health/winner_pathology`` does, beyond health's warning.
+    """What an alarm's firing does (the action of an :class:`~.alarm.AlarmCallback`), beyond its signal's warning.
 
-    The log it reads is reduced over every process before health annotates it (the trainer's ``log``), so every
+    The log it reads is reduced over every process before transformers records it (the trainer's ``log``), so every
     process sees the same verdict and acts at the same step: ``safeguard`` switches every process together.
 
     Args:
@@ -92,6 +63,39 @@ class PathologyAction:
         self._warned_after: int | None = None  # the healthy step of the probe alarm's episode last warned about
         self._logs_since = WINDOWS  # escalate at once; then again only once the raised mu has had WINDOWS logs
 
+    def bind(self, trainer: Any) -> None:
+        """What was left unset, from ``trainer``'s public surface (an alarm binding to it): the margin of its
+        :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard`, and for ``"safeguard"`` a switch to its
+        :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (or, where the config has none, the
+        run's :func:`~.health.switch_target`, built by
+        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard_by_name` and checked against the engine now)."""
+        if self.margin is None and trainer.safeguard is not None:
+            self.margin = trainer.safeguard.margin
+        if self.action == "safeguard" and self.switch is None:
+            target = switch_target(trainer.args)
+            dormant = trainer.dormant_safeguard
+            if dormant is None:  # built and checked against the engine now, in force when the alarm fires
+                if target is None:
+                    raise ValueError("PathologyAction('safeguard'): this run has no safeguard to switch to")
+                fields = {k.removeprefix("safeguard_"): v for k, v in target.items() if k != "safeguard_space"}
+                dormant = trainer.safeguard_by_name(target["safeguard_space"], **fields)
+            self.switch = lambda: trainer.set_safeguard(dormant)
+            self.switch_to = dict(target or {"safeguard_space": dormant.name})
+
+    def state(self) -> dict[str, Any]:
+        """What the action has done, for a checkpoint (a resumed run continues as the uninterrupted one)."""
+        done: dict[str, Any] = {"escalations": self.escalations, "logs_since": self._logs_since}
+        if self.switched_at is not None:
+            done["safeguard_switched_at"], done["safeguard_switched_by"] = self.switched_at, self.switched_by
+        return done
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """A resumed run: :meth:`state` as the checkpoint saved it; a safeguard switched on before is on again."""
+        self.escalations, self._logs_since = saved["escalations"], saved["logs_since"]
+        if saved.get("safeguard_switched_at") is not None and self.switch is not None and self.switched_at is None:
+            self.switch()  # the resumed run trains on with the safeguard the uninterrupted one switched to
+            self.switched_at, self.switched_by = saved["safeguard_switched_at"], saved.get("safeguard_switched_by")
+
     def __call__(self, logs: dict[str, float], control, step: int) -> None:
         """Act on ``logs`` (annotated by health, in place) through transformers' ``control``."""
         if "health/winner_pathology" not in logs:
@@ -111,8 +115,16 @@ class PathologyAction:
             why = "the winner's error has stayed above the reference's while the implicit accuracy grew "
             self._stop(control, step, why + "(health/winner_pathology)")
 
+    def on_probe(self, verdict: Any, control, optimizer: Any = None) -> tuple[dict[str, float], str]:
+        """The held-out probe's verdict (:class:`~.alarm.ProbeVerdict`, read by an :class:`~.alarm.AlarmCallback`
+        with a :class:`~.alarm.ProbeSignal`): where its alarm fired, :meth:`probe_alarm`. Returns what the training
+        log adds (nothing beyond the alarm's own flag) and what was done, in words."""
+        if not verdict.fired:
+            return {}, ""
+        return {}, self.probe_alarm(verdict.step, control, verdict.rule.describe(), verdict.healthy_step)
+
     def probe_alarm(self, step: int, control, rule: str, healthy_step: int) -> str:
-        """The held-out probe's alarm fired at ``step`` (:class:`~.rewind.ProbeAlarm`; ``rule``: what it reads;
+        """The held-out probe's alarm fired at ``step`` (:meth:`on_probe`; ``rule``: what it reads;
         ``healthy_step``: the last restore point, the step ``on_pathology="rewind"`` would restore). Its figures were
         reduced over every process, so every process acts here at the same step. A warning (``warn``, or an action
         that has already acted) is logged once per episode: the alarm firing again before another restore point (the
@@ -167,117 +179,6 @@ class PathologyAction:
         logger.warning("Step %d: %s; on_pathology='stop': saving a checkpoint and stopping%s.", step, why, note)
         control.should_save = True
         control.should_training_stop = True
-
-
-class GuardState(TrainerCallback, ExportableState):
-    """The guards that adapt as the run goes, and their state in the checkpoints.
-
-    The auto-beta and, with ``safeguard_mu="auto"``, the safeguard's ``mu`` (:attr:`adapting`) see every micro-batch
-    and move once its optimizer step's window closes, on every process together (the trainer's step calls them, so
-    the step reads no file of its own for them); the pathology action acts on each training log (:meth:`log`).
-    transformers writes :meth:`state` into ``trainer_state.json`` (``stateful_callbacks``) at every save, and reads
-    the file back before ``on_train_begin`` on resume, where this puts it back into the guards (every process reads
-    the same file). The values are the reduced ones, equal on every process.
-
-    The trainer builds one from its config (:meth:`from_config`); a Python user may build one and pass it in
-    ``callbacks=``, and the trainer takes it instead (:meth:`attach`), e.g. to raise ``mu`` when the alarm fires::
-
-        guards = GuardState(action=PathologyAction("escalate"))
-        DiffusionSDPOTrainer(pipe, args=config, train_dataset=pairs, callbacks=[guards])
-
-    Args:
-        auto_beta: the run's ``AutoBeta`` (``None``: no auto-beta).
-        margin: the safeguard's ``SafeguardMargin`` (``None``: the trainer's safeguard's, when it takes the guards;
-            none without a safeguard).
-        action: what a flagged log does (:class:`PathologyAction`; ``None``: ``PathologyAction("warn")``). Its
-            ``margin``, and for ``"safeguard"`` its ``switch``, are the trainer's when left unset.
-    """
-
-    #: what the trainer looks for in ``callbacks=`` (one of each kind of run control per run)
-    run_control = "guards"
-
-    def __init__(
-        self,
-        auto_beta: AutoBeta | None = None,
-        margin: Any | None = None,
-        action: PathologyAction | None = None,
-    ) -> None:
-        self.auto_beta, self.margin = auto_beta, margin
-        self.action = PathologyAction("warn") if action is None else action
-        self.adapting: list[Any] = []
-        self._adapt()
-
-    def _adapt(self) -> None:
-        moving = self.margin if self.margin is not None and self.margin.auto else None  # a fixed mu never moves
-        self.adapting = [guard for guard in (self.auto_beta, moving) if guard is not None]
-
-    def attach(self, trainer: Any) -> None:
-        """Taken by ``trainer`` (built by hand and passed in ``callbacks=``): what was left unset is the trainer's,
-        read from its public surface: the margin of :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard`, and
-        for ``PathologyAction("safeguard")`` a switch to its
-        :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (or, where the config has none, the
-        regime's :func:`~.health.switch_target`, built by
-        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard_by_name` and checked against the engine now)."""
-        if self.margin is None and trainer.safeguard is not None:
-            self.margin = trainer.safeguard.margin
-        if self.action.margin is None:
-            self.action.margin = self.margin
-        if self.action.action == "safeguard" and self.action.switch is None:
-            target = switch_target(trainer.args)
-            dormant = trainer.dormant_safeguard
-            if dormant is None:  # built and checked against the engine now, in force when the alarm fires
-                if target is None:
-                    raise ValueError("PathologyAction('safeguard'): this run's regime has no safeguard to switch to")
-                fields = {k.removeprefix("safeguard_"): v for k, v in target.items() if k != "safeguard_space"}
-                dormant = trainer.safeguard_by_name(target["safeguard_space"], **fields)
-            self.action.switch = lambda: trainer.set_safeguard(dormant)
-            self.action.switch_to = dict(target or {"safeguard_space": dormant.name})
-        self._adapt()
-
-    @classmethod
-    def from_config(cls, args, num_processes: int, margin: Any, switch: Callable[[], Any] | None = None) -> GuardState:
-        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when a safeguard runs); ``switch``
-        turns the dormant safeguard on (``on_pathology="safeguard"``)."""
-        margin = margin if args.safeguard_space != "none" else None
-        action = PathologyAction(args.on_pathology, margin, switch, switch_target(args) if switch else None)
-        # The auto-beta's module is loaded by a run that sets auto_beta only.
-        auto_beta = objectives.AutoBeta.from_config(args, num_processes) if args.auto_beta else None
-        return cls(auto_beta, margin, action)
-
-    def log(self, logs: dict[str, float], control, step: int) -> None:
-        """A training log (annotated by health): the pathology action, then the ``mu`` and ``beta`` in force."""
-        self.action(logs, control, step)
-        if self.margin is not None:
-            logs["safeguard/mu"] = self.margin.current()
-        if self.auto_beta is not None:
-            logs["beta"] = self.auto_beta.current()
-
-    def state(self) -> dict[str, Any]:
-        guards: dict[str, Any] = {"escalations": self.action.escalations, "logs_since": self.action._logs_since}
-        if self.action.switched_at is not None:
-            guards["safeguard_switched_at"] = self.action.switched_at
-            guards["safeguard_switched_by"] = self.action.switched_by
-        if self.margin is not None:
-            guards["mu"] = self.margin.current()
-        if self.auto_beta is not None and self.auto_beta.ema is not None:
-            guards["auto_beta_ema"] = float(self.auto_beta.ema)
-        return {"args": {}, "attributes": guards}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__)
-        if state.global_step == 0 or not saved:  # a new run, or a checkpoint from before the guards kept state
-            state.stateful_callbacks[type(self).__name__] = self.state()
-            return
-        guards = saved["attributes"]
-        self.action.escalations, self.action._logs_since = guards["escalations"], guards["logs_since"]
-        if guards.get("safeguard_switched_at") is not None and self.action.switch is not None:
-            self.action.switch()  # the resumed run trains on with the safeguard the uninterrupted one switched to
-            self.action.switched_at = guards["safeguard_switched_at"]
-            self.action.switched_by = guards.get("safeguard_switched_by")
-        if self.margin is not None and "mu" in guards:
-            self.margin.restore(guards["mu"], args.device)
-        if self.auto_beta is not None and "auto_beta_ema" in guards:
-            self.auto_beta.restore(guards["auto_beta_ema"], args.device)
 
 
 #: what early stopping watches unless ``metric_for_best_model`` is set: the held-out pairs' implicit accuracy (the

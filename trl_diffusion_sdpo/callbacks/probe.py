@@ -23,8 +23,10 @@ the figures are means over ``probe_pairs`` x ``probe_noise_draws`` readings.
 Its draws come from a generator of its own, seeded from the run's ``seed`` and started afresh at every probe (as an
 evaluation's), and it runs without autograd: the training draws, the data order and the weights are those of a run
 without it. Each process evaluates its share of the pairs; the sums are reduced over processes before the metrics
-are formed, so every process reads the same figures. :class:`ProbeCallback` runs it, puts its figures into the next
-training log, and hands them to the rewind (``on_pathology="rewind"``, :mod:`.rewind`) where the run asks for one.
+are formed, so every process reads the same figures. :class:`ProbeCallback` runs it at the end of a step and
+publishes the reading (:attr:`ProbeCallback.last_reading`), which the probe's alarm reads after it in the same event
+(:class:`~.alarm.ProbeSignal`; its actions, the rewind among them, in :mod:`.rewind`), and puts the figures into the
+next training log in its own ``on_log``.
 
 An online run's data are prompts: its trainer holds ``probe_pairs`` prompts back from them (or takes the first of the
 eval prompts; :func:`trl_diffusion_sdpo.online.probe_pairs.hold_back_prompts`) and pairs each once, before training,
@@ -35,29 +37,27 @@ probe then reads those pairs as it reads an offline run's.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
 from ..data.columns import prompt_column
 from ..step.predictions import denoising_errors
-from ..step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
-from .rewind import ProbeAlarm, Rewind, probe_alarm
+from ..step.stages import MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
 
 __all__ = [
     "PROBE_METRICS",
     "HeldOutProbe",
     "ProbeCallback",
-    "compose_probe",
+    "ProbePieces",
     "first_rows",
     "held_back_seed",
     "hold_back_pairs",
@@ -297,35 +297,34 @@ class HeldOutProbe:
         return torch.stack([pw.sum(), rw.sum(), pl.sum(), rl.sum(), preferred.sum(), count, d.sum(), (d * d).sum()])
 
 
-class ProbeCallback(TrainerCallback, ExportableState):
-    """Runs the probe every ``every`` optimizer steps (at the end of the step, after the optimizer's update), puts its
-    figures into the next training log (:meth:`annotate`) and hands them to ``rewind`` when the run has one.
+class ProbeCallback(TrainerCallback):
+    """Runs the probe every ``every`` optimizer steps, in ``on_step_end`` (after the optimizer's update), and publishes
+    its reading: :attr:`last_reading` (``(step, figures)``, the figures reduced over processes) for the callbacks after
+    it in that event (an :class:`~.alarm.AlarmCallback` with a :class:`~.alarm.ProbeSignal`), and its figures in the
+    next training log, written in its own ``on_log`` into the ``logs`` and ``state.log_history[-1]``.
 
     Args:
         probe: the :class:`HeldOutProbe`.
         every: ``probe_steps``.
         policy: returns the trained denoiser, unwrapped.
         device: where the reduced sums live.
-        rewind: the rewind of ``on_pathology="rewind"``, or ``None``.
         source: where the pairs come from, for the start summary.
         held: the rows :func:`hold_back_pairs` took for the probe (an online run's prompts, which its trainer pairs).
-        alarm: the probe's alarm in a run that does not rewind (:class:`~.rewind.ProbeAlarm`: it hands a firing to
-            the run's ``on_pathology``), or ``None``.
+        configured: built from the trainer's config (``probe_steps``), not by hand.
     """
 
     def __init__(
         self,
-        probe: HeldOutProbe,
+        probe: HeldOutProbe | None,
         every: int,
-        policy: Callable[[], torch.nn.Module],
+        policy: Callable[[], torch.nn.Module] | None,
         device: torch.device | str,
-        rewind: Rewind | None = None,
         source: str = "",
         held: Dataset | None = None,
-        alarm: ProbeAlarm | None = None,
+        configured: bool = False,
     ) -> None:
-        self.probe, self.every, self.policy, self.device, self.rewind = probe, every, policy, device, rewind
-        self.source, self.held, self.alarm = source, held, alarm
+        self.probe, self.every, self.policy, self.device = probe, every, policy, device
+        self.source, self.held, self.configured = source, held, configured
         self.pending: dict[str, float] = {}
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
         #: the module the probe runs, inside the block (the trainer's engine's :meth:`~.engines.Engine.probing`)
@@ -333,44 +332,42 @@ class ProbeCallback(TrainerCallback, ExportableState):
             contextlib.nullcontext(self.policy())
         )
 
-    #: what the trainer looks for among the callbacks it is given (:func:`compose_probe`)
-    run_control = "probe"
-
     @classmethod
     def held_out(cls, every: int, pairs: Dataset | None = None) -> ProbeCallback:
         """A probe built by hand, passed to the trainer in ``callbacks=`` in place of the config's ``probe_steps``:
         every ``every`` optimizer steps on ``pairs`` (preference pairs the training never sees, e.g. from
         :func:`hold_back_rows`), or on the eval split's first ``probe_pairs`` pairs where ``pairs`` is ``None``. The
-        trainer binds it to its policy and reference when it is built (:meth:`bind`)."""
+        trainer binds it to its policy and reference when it is built (:meth:`bind_to_trainer`)."""
         if every < 1:
             raise ValueError(f"every={every}: a probe runs every 1 or more optimizer steps")
         return cls(None, every, None, "cpu", held=pairs)
 
-    def bind(self, built: ProbeCallback) -> None:
-        """Take the probe, policy, device and source ``built`` for a trainer (a hand-built probe's binding)."""
-        self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
-        self.alarm, self.probing = built.alarm, built.probing
+    @classmethod
+    def from_config(cls, every: int, held: Dataset | None) -> ProbeCallback:
+        """The config's probe (``probe_steps``; ``held``: the pairs :func:`hold_back_pairs` took, ``None``: the eval
+        split's), bound when the trainer is built."""
+        return cls(None, every, None, "cpu", held=held, configured=True)
 
     @property
-    def state_key(self) -> str:
-        """The key of :meth:`state` in ``trainer_state.json``'s ``stateful_callbacks``: transformers saves each
-        callback's state under its class's name, a subclass's own, and a resumed run reads it back under this one key
-        (:meth:`saved_state`), for the rewind and the alarm alike."""
-        return type(self).__name__
+    def last_reading(self) -> tuple[int, dict[str, float]] | None:
+        """The latest probe's ``(step, figures)``, the figures (:data:`PROBE_METRICS`) equal on every process;
+        ``None`` before the first."""
+        return self.readings[-1] if self.readings else None
 
-    def saved_state(self, state: Any) -> dict[str, Any] | None:
-        """What the checkpoint a run resumes from saved of :meth:`state` (``None`` in a new run, or where the
-        checkpoint holds none)."""
-        if not state.global_step:
-            return None
-        return state.stateful_callbacks.get(self.state_key, {}).get("attributes") or None
+    def bind_to_trainer(self, trainer: Any) -> None:
+        """Bind to ``trainer``'s policy, reference and data (:func:`probe_for_trainer`, through its
+        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe_pieces`); the trainer calls it once it is built."""
+        count = trainer.args.probe_pairs if self.configured or self.held is None else len(self.held)
+        self.bind(probe_for_trainer(trainer, self.held, every=self.every, count=count))
+        if self.held is not None and not self.configured:
+            how = getattr(getattr(self.held, "info", None), "description", "") or ""
+            how = f", {how}" if how.startswith("held back") else ""
+            self.source = f"{count} pairs passed to its ProbeCallback{how}"
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        saved = self.saved_state(state)  # a resumed run: the checkpoint's alarm
-        if self.rewind is not None:
-            self.rewind.begin(args, state, kwargs["optimizer"], saved)
-        elif self.alarm is not None and saved:
-            self.alarm.restore(saved)
+    def bind(self, built: ProbeCallback) -> None:
+        """Take the probe, policy, device and source ``built`` for a trainer."""
+        self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
+        self.probing = built.probing
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -379,78 +376,72 @@ class ProbeCallback(TrainerCallback, ExportableState):
         with self.probing() as model:  # the engine's own forward: sharded weights are gathered in it
             metrics = self.probe.measure(model, self.device)
         self.readings.append((step, metrics))
-        # A log may follow several probes (logging_steps above probe_steps): it carries the last one's figures, and
-        # what the alarm did at any of them (health/probe_alarm 1 where it fired at one; the last rewind's step).
-        earlier = {k: v for k, v in self.pending.items() if k.startswith("health/")}
-        self.pending = {**earlier, **metrics}
-        if self.rewind is not None:
-            self.pending.update(self.rewind.read(metrics, step, kwargs["optimizer"], control))
-        elif self.alarm is not None:
-            self.pending.update(self.alarm.read(metrics, step, control))
-        if "health/probe_alarm" in earlier:
-            self.pending["health/probe_alarm"] = max(earlier["health/probe_alarm"], self.pending["health/probe_alarm"])
-        if self.pending.get("health/probe_alarm") == 1.0:
-            control.should_log = True  # the alarm's step is logged as it fired, also where the run stops there
+        self.pending = dict(metrics)  # a log after several probes carries the last one's figures
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # a training log (a step's, with its loss, or the run's last), never an evaluation's
+        if logs is None or not self.pending or not ("loss" in logs or "train_loss" in logs):
+            return
+        figures, self.pending = self.pending, {}
+        logs.update(figures)  # the callbacks after this one (the console's) see the figures
+        if state.log_history:
+            state.log_history[-1].update(figures)  # the entry transformers recorded for this log
 
     def summary(self) -> str:
-        """The start summary's line: what is probed, from where, its alarm's rule and what the alarm does (what the
-        rewind keeps)."""
+        """The start summary's line: what is probed, from where."""
         draws = self.probe.draws if self.probe is not None else 1
-        text = f"held-out probe every {self.every} optimizer steps on {self.source}, {draws} noise draws per pair"
-        if self.rewind is not None:
-            return f"{text}; on_pathology='rewind': {self.rewind.summary()}"
-        if self.alarm is not None:
-            return (
-                f"{text}; its alarm ({self.alarm.rule.describe()}) acts as on_pathology={self.alarm.action.action!r}"
-            )
-        return text
-
-    def annotate(self, logs: dict[str, float]) -> None:
-        """Add the latest probe's figures, not yet logged, to a training log, in place."""
-        logs.update(self.pending)
-        self.pending = {}
-
-    def save_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
-        """A part of every checkpoint (the trainer finds it among its callbacks): the rewind's snapshot, written into
-        the checkpoint being written, before it is published."""
-        if self.rewind is not None:
-            self.rewind.save(checkpoint, args, state)
-
-    def load_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
-        """The checkpoint a run resumes from: its snapshot is the rewind's when training begins."""
-        if self.rewind is not None:
-            self.rewind.load(checkpoint)
-
-    def state(self) -> dict[str, Any]:
-        if self.rewind is not None:
-            return {"args": {}, "attributes": self.rewind.state()}
-        return {"args": {}, "attributes": {} if self.alarm is None else self.alarm.state()}
+        return f"held-out probe every {self.every} optimizer steps on {self.source}, {draws} noise draws per pair"
 
 
-def _probe_batch(trainer: Any, held: Dataset | None, count: int) -> dict[str, torch.Tensor] | None:
+@dataclass(frozen=True)
+class ProbePieces:
+    """What a probe reads of the trainer it probes, handed to it in one piece
+    (:meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe_pieces`, built there in one place): the probe reads
+    these, the trainer's ``args`` and, for its alarm, what docs/compose.md lists; no other attribute of the trainer.
+
+    Attributes:
+        stages: the predict function: ``stages(draws)`` is a micro-batch's stages (noising, the policy's and the
+            reference's predictions) on the probe's own ``draws``.
+        collate: ``collate(held)`` is ``(dataset, collator)``: the held-back pairs prepared as the run's evaluation
+            data is (``held``), or the eval split and its collator (``None``); the collator turns rows into a batch.
+        place: a collated batch on the device, as the trainer places its inputs.
+        reduce: sums a tensor over the processes (the identity on one).
+        forward_context: the context the trainer runs a forward in (autocast).
+        probing: the module the probe runs, inside the block (the engine's own forward).
+        policy: the trained denoiser, unwrapped.
+        process_index: this process's index.
+        num_processes: the number of processes.
+        rows_are_prompts: the held-out rows are prompts, paired by the trainer once it is built (the online trainer).
+        has_reference: whether the objective runs a reference, which the probe compares the policy with.
+        engine: the engine's name (the probe refuses FSDP1's flattened shards).
+    """
+
+    stages: Callable[[MicroBatchDraws], MicroBatchStages]
+    collate: Callable[[Dataset | None], tuple[Any, Callable[[list[dict[str, Any]]], dict[str, Any]]]]
+    place: Callable[[dict[str, Any]], dict[str, Any]]
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    forward_context: Callable[[], contextlib.AbstractContextManager]
+    probing: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]]
+    policy: Callable[[], torch.nn.Module]
+    process_index: int
+    num_processes: int
+    rows_are_prompts: bool
+    has_reference: bool
+    engine: str
+
+
+def _probe_batch(pieces: ProbePieces, held: Dataset | None, count: int) -> dict[str, torch.Tensor] | None:
     """This process's share of the held-out pairs, collated as an evaluation's and placed on the device."""
-    args, accelerator = trainer.args, trainer.accelerator
-    if held is not None:
-        args_live = copy.copy(args)
-        args_live.cache_latents = False  # a few pairs: encoded at the first probe, never cached
-        data = trainer.prepare_data(held, None, args_live, trainer.family, None)
-        dataset, collator = data.train_dataset, data.eval_collator
-    else:
-        dataset = trainer.eval_dataset
-        if isinstance(dataset, dict):
-            dataset = next(iter(dataset.values()))
-        collator = trainer.eval_collator
-        if isinstance(collator, dict):
-            collator = next(iter(collator.values()))
+    dataset, collator = pieces.collate(held)
     rows = first_rows(dataset, count)
-    share = len(rows) // accelerator.num_processes
+    share = len(rows) // pieces.num_processes
     if share == 0:
         raise ValueError(
-            f"the probe has {len(rows)} held-out pairs for {accelerator.num_processes} processes: set probe_pairs to "
+            f"the probe has {len(rows)} held-out pairs for {pieces.num_processes} processes: set probe_pairs to "
             "at least the number of processes"
         )
-    mine = rows[accelerator.process_index * share : (accelerator.process_index + 1) * share]
-    return trainer.place_inputs(collator(mine))
+    mine = rows[pieces.process_index * share : (pieces.process_index + 1) * share]
+    return pieces.place(collator(mine))
 
 
 def first_rows(dataset: Any, count: int) -> list[dict[str, Any]]:
@@ -460,93 +451,43 @@ def first_rows(dataset: Any, count: int) -> list[dict[str, Any]]:
     return [dataset[i] for i in range(min(count, len(dataset)))]
 
 
-def compose_probe(trainer: Any, held: Dataset | None, callbacks: Sequence[Any]) -> ProbeCallback | None:
-    """The run's probe, and its rewind: the config's (``probe_steps``, ``on_pathology="rewind"``; ``held``: the pairs
-    :func:`hold_back_pairs` took), or a :class:`ProbeCallback` and a :class:`.rewind.RewindCallback` passed in
-    ``callbacks``, bound to ``trainer`` here. One of each per run: a second is refused."""
-    args = trainer.args
-    probes = [c for c in callbacks if getattr(c, "run_control", None) == "probe"]
-    rewinds = [c for c in callbacks if getattr(c, "run_control", None) == "rewind"]
-    if len(probes) > 1 or len(rewinds) > 1:
-        raise ValueError("callbacks= holds more than one ProbeCallback or RewindCallback: a run has one of each")
-    if probes and args.probe_steps:
-        raise ValueError(
-            "a ProbeCallback was passed in callbacks= and the config sets probe_steps, which builds another: unset "
-            "probe_steps or pass no ProbeCallback"
-        )
-    if rewinds and args.on_pathology == "rewind":
-        raise ValueError(
-            "a RewindCallback was passed in callbacks= and the config sets on_pathology='rewind', which builds "
-            "another: set on_pathology to another value or pass no RewindCallback"
-        )
-    if probes:
-        probe = probes[0]
-        count = args.probe_pairs if probe.held is None else len(probe.held)
-        probe.bind(probe_for_trainer(trainer, probe.held, every=probe.every, count=count))
-        if probe.held is not None:
-            how = getattr(getattr(probe.held, "info", None), "description", "") or ""
-            how = f", {how}" if how.startswith("held back") else ""
-            probe.source = f"{count} pairs passed to its ProbeCallback{how}"
-    else:
-        probe = probe_for_trainer(trainer, held)
-    if rewinds:
-        if probe is None:
-            raise ValueError(
-                "a RewindCallback acts on the probe's alarm: set probe_steps or pass a ProbeCallback in callbacks="
-            )
-        rewinds[0].attach(trainer, probe)
-    return probe
-
-
 def probe_for_trainer(
     trainer: Any, held: Dataset | None, every: int | None = None, count: int | None = None
 ) -> ProbeCallback | None:
     """The probe every ``every`` optimizer steps (``probe_steps`` by default; ``None``: off) on ``count`` held-out
-    pairs (``probe_pairs``) with the rewind of ``on_pathology="rewind"``; ``held``: the pairs held back from the
+    pairs (``probe_pairs``); ``held``: the pairs held back from the
     training data (``None``: the eval split's)."""
     args = trainer.args
     every = every or args.probe_steps
     if not every:
         return None
     count = count or args.probe_pairs
-    if not trainer.objective.requires_reference:
+    pieces: ProbePieces = trainer.probe_pieces()
+    if not pieces.has_reference:
         raise ValueError(f"probe_steps compares the policy with the reference; loss_type={args.loss_type!r} has none")
-    if trainer.engine.name == "fsdp1":
+    if pieces.engine == "fsdp1":
         raise ValueError(
             "probe_steps runs the policy on each process's pairs under the engine's own forward, which is not wired "
             "for FSDP1's flattened shards: train with FSDP2 (fsdp2.yaml), DeepSpeed, DDP or one process, or unset "
             "probe_steps"
         )
-    accelerator = trainer.accelerator
-    share = max(1, count // accelerator.num_processes)
-    draws = MicroBatchDraws(probe_seed(args.seed), share, share, accelerator.process_index,
-                            accelerator.num_processes, args.device)  # fmt: skip
-    stages = MicroBatchStages(
-        trainer.family,
-        trainer.noiser,
-        draws,
-        trainer.reference.predict,
-        Augmentation.from_config(args),
-        trainer.compute_dtype,
-        trainer.family.prompt_tokenizer(),
-        args.device,
-    )
-    prompts = trainer.probe_rows_are_prompts  # paired by the trainer once it is built (the online trainer)
+    share = max(1, count // pieces.num_processes)
+    draws = MicroBatchDraws(probe_seed(args.seed), share, share, pieces.process_index, pieces.num_processes,
+                            args.device)  # fmt: skip
+    prompts = pieces.rows_are_prompts  # paired by the trainer once it is built (the online trainer)
     probe = HeldOutProbe(
-        stages,
-        None if prompts else _probe_batch(trainer, held, count),
+        pieces.stages(draws),
+        None if prompts else _probe_batch(pieces, held, count),
         probe_seed(args.seed),
-        lambda sums: accelerator.reduce(sums, reduction="sum"),
-        trainer.compute_loss_context_manager,
+        pieces.reduce,
+        pieces.forward_context,
         draws=args.probe_noise_draws,
     )
-    rewind = Rewind.for_trainer(trainer) if args.on_pathology == "rewind" else None
-    alarm = None if rewind is not None else ProbeAlarm(probe_alarm(args), trainer.guards.action)
     # how the pairs were held back (hold_back_rows describes them), or the eval split's
     how = (held.info.description or "held back from the training data") if held is not None else None
     source = f"{count} pairs {how}" if how is not None else f"the eval split's first {count} pairs"
     if prompts:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
-    callback = ProbeCallback(probe, every, lambda: trainer.policy, args.device, rewind, source, held, alarm)
-    callback.probing = lambda: trainer.engine.probing(trainer.model_wrapped, trainer.policy)
+    callback = ProbeCallback(probe, every, pieces.policy, args.device, source, held)
+    callback.probing = pieces.probing
     return callback

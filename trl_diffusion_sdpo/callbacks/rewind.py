@@ -7,16 +7,16 @@ error rising above the reference's) in the probe's own units: a probe is unhealt
 held-out winner error's rise over the reference's, over its standard error across the probe's pairs and noise draws)
 is above ``probe_alarm_z``, and the alarm fires after ``probe_alarm_patience`` unhealthy probes in a row. One rule,
 offline and online, at any model's scale; calibrated on the stability benchmark's runs
-(benchmarks/research/alarm.md). Every ``on_pathology`` reads it when the probe runs: ``rewind`` rewinds
-(:class:`Rewind`, below); the others act through the run's pathology action (:class:`ProbeAlarm`:
-``warn`` warns, naming the step a rewind would restore; ``stop`` stops; ``safeguard`` switches; ``escalate``
-raises ``mu``).
+(benchmarks/research/alarm.md); :class:`~.alarm.ProbeSignal` counts it. Every ``on_pathology`` reads it when the probe
+runs: ``rewind`` rewinds (:class:`RewindAction`, below); the others act through the run's pathology action
+(:meth:`~.guards.PathologyAction.on_probe`: ``warn`` warns, naming the step a rewind would restore; ``stop`` stops;
+``safeguard`` switches; ``escalate`` raises ``mu``).
 
 A rewind goes back to a restore point, by a criterion stricter than the alarm's (:meth:`ProbeAlarmRule.restorable`):
 a probe whose ``probe/winner_rise_z`` is at most :data:`RESTORE_Z` (1.645, a rise the probe cannot tell from zero),
-not merely one below ``probe_alarm_z``; where no probe since the start was one, the start. At every restore point (and
-when training begins) :class:`Rewind` keeps one snapshot of the trainable weights, the optimizer's state and every
-other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``, the auto-beta's and
+not merely one below ``probe_alarm_z``; where no probe since the start was one, the start. At every restore point
+(and when training begins) :class:`RewindAction` keeps one snapshot of the trainable weights, the optimizer's state and
+every other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``, the auto-beta's and
 ``safeguard_mu="auto"``'s state, the fp16 gradient scaler's): in memory for LoRA, in ``<output_dir>/rewind-healthy/``
 for full tuning (one snapshot at a time: about three times the trainable weights with Adam, four with the EMA). One
 is enough: whether a probe is a restore point is decided when it is read, and a rewind goes back to the latest. When
@@ -32,7 +32,7 @@ for its regime:
 
 A checkpoint keeps the alarm's state (the restore point and its reading, the unhealthy probes in a row, the rewinds,
 whether the safeguard is on) in ``trainer_state.json`` and the snapshot in ``rewind-healthy/`` inside the checkpoint:
-a part of the checkpoint (:meth:`Rewind.save`, through the probe's callback), written before it is published and
+a part of the checkpoint (:meth:`RewindAction.save`, through its alarm's callback), written before it is published and
 listed in its manifest, so a kill leaves either the previous checkpoint or a whole new one, each with its snapshot,
 and a resumed run rewinds as the uninterrupted one would.
 """
@@ -52,10 +52,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
 
 from ..config.file_modes import follow_umask
 from ..engines.base import trainable_parameters
+from .state_files import read_state, write_state
 from .health import switch_target
 
 __all__ = [
@@ -65,10 +65,8 @@ __all__ = [
     "DiskSnapshot",
     "EngineSnapshot",
     "MemorySnapshot",
-    "ProbeAlarm",
     "ProbeAlarmRule",
-    "Rewind",
-    "RewindCallback",
+    "RewindAction",
     "RewindRecord",
     "alarm_steps",
     "companions",
@@ -85,7 +83,9 @@ REWIND_FOLDER = "rewind-healthy"
 #: 0). Stricter than the alarm's threshold (``probe_alarm_z``, default 7), which says only that a probe is not yet
 #: unhealthy: a reading of z = 4 is not one to go back to.
 RESTORE_Z = 1.645
-_WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "companions.pt"
+#: the companions' states (:func:`companions`) are ``companions.safetensors`` and ``companions.json``
+#: (:func:`~trl_diffusion_sdpo.callbacks.state_files.write_state`), never a pickle
+_WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "companions"
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class ProbeAlarmRule:
 
 def alarm_steps(rule: ProbeAlarmRule, probes: Iterable[tuple[int, Mapping[str, float]]]) -> list[int]:
     """The steps at which ``rule`` fires on a run's probes (``(step, metrics)`` in order), nothing acting on them:
-    the calibration's replay of a stored series and what :class:`ProbeAlarm` does as the run goes."""
+    the calibration's replay of a stored series and what :class:`~.alarm.ProbeSignal` does as the run goes."""
     in_a_row, fired = 0, []
     for step, metrics in probes:
         in_a_row, fires = rule.count(in_a_row, rule.unhealthy(metrics, step))
@@ -174,81 +174,6 @@ def restore_point_note(step: int, z: float | None, rule: ProbeAlarmRule) -> str:
     return f"an unhealthy point: its {rule.SIGNAL} {z:.2f} is above the restore criterion's {bound:g}"
 
 
-def _reading(metrics: Mapping[str, float]) -> float:
-    """A probe's ``probe/winner_rise_z`` as the records keep it (``nan`` where it has none)."""
-    return float(metrics.get(ProbeAlarmRule.SIGNAL, math.nan))
-
-
-class ProbeAlarm:
-    """The probe's alarm in a run that does not rewind: it counts the unhealthy probes in a row
-    (:class:`ProbeAlarmRule`) and, when the alarm fires, hands it to the run's pathology action
-    (``action.probe_alarm``: :meth:`~.guards.PathologyAction.probe_alarm`) with the step a rewind would have
-    restored (the last restore point, :meth:`ProbeAlarmRule.restorable`; 0, the start, before the first). It then
-    counts afresh. Each firing is kept with that step, its reading and what the action did (:meth:`lines`: the model
-    card's and the end-of-run summary's record).
-
-    Args:
-        rule: the alarm's rule.
-        action: the run's pathology action (``on_pathology``).
-    """
-
-    def __init__(self, rule: ProbeAlarmRule, action: Any) -> None:
-        self.rule, self.action = rule, action
-        self.healthy_step = 0
-        self.healthy_z: float | None = None  # the restore point's reading (none at the start)
-        self.unhealthy_in_a_row = 0
-        self.fired: list[int] = []
-        self.acts: list[list[Any]] = []  # per firing: [step a rewind would restore, its reading, what was done]
-
-    def read(self, metrics: Mapping[str, float], step: int, control: Any) -> dict[str, float]:
-        """The alarm on the probe of step ``step``; what the training log adds (``health/probe_alarm``: 1 at a
-        probe where the alarm fired, else 0)."""
-        unhealthy = self.rule.unhealthy(metrics, step)
-        self.unhealthy_in_a_row, fires = self.rule.count(self.unhealthy_in_a_row, unhealthy)
-        if self.rule.restorable(metrics, step):
-            self.healthy_step, self.healthy_z = step, _reading(metrics)
-        if not fires:
-            return {"health/probe_alarm": 0.0}
-        self.fired.append(step)
-        done = self.action.probe_alarm(step, control, self.rule.describe(), self.healthy_step)
-        self.acts.append([self.healthy_step, self.healthy_z, done or ""])
-        return {"health/probe_alarm": 1.0}
-
-    def lines(self) -> list[str]:
-        """One sentence per firing, or one saying that the alarm never fired."""
-        if not self.fired:
-            return [
-                f"The held-out probe's alarm ({self.rule.describe()}) never fired "
-                f"(on_pathology={self.action.action!r})."
-            ]
-        acts = self.acts if len(self.acts) == len(self.fired) else [[None, None, ""]] * len(self.fired)
-        lines = []
-        for step, (restore, z, done) in zip(self.fired, acts, strict=True):
-            text = f"Step {step}: the held-out probe's alarm fired ({self.rule.describe()})"
-            text += f"; {done}" if done else ""
-            if restore is not None:
-                note = restore_point_note(restore, z, self.rule)
-                text += f"; on_pathology='rewind' would have gone back to step {restore}'s weights ({note})"
-            lines.append(text + ".")
-        return lines
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "healthy_step": self.healthy_step,
-            "healthy_z": self.healthy_z,
-            "unhealthy_in_a_row": self.unhealthy_in_a_row,
-            "fired": self.fired,
-            "acts": self.acts,
-        }
-
-    def restore(self, saved: Mapping[str, Any]) -> None:
-        """A resumed run's alarm: the checkpoint's (:meth:`state`)."""
-        self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
-        self.healthy_z = saved.get("healthy_z")
-        self.fired = list(saved["fired"])
-        self.acts = [list(act) for act in saved.get("acts", [])]
-
-
 @dataclass(frozen=True)
 class Companion:
     """A state that moves with training beside the weights and the optimizer, so a rewind puts it back with them:
@@ -258,42 +183,26 @@ class Companion:
     get: Callable[[], Any]
     put: Callable[[Any], None]
 
+    @classmethod
+    def of(cls, name: str, held: Any) -> Companion:
+        """The companion read and put back through ``held``'s public ``state_dict()`` / ``load_state_dict()``."""
+        return cls(name, held.state_dict, held.load_state_dict)
+
 
 def companions(trainer: Any) -> list[Companion]:
-    """What moves with ``trainer``'s training besides the trainable weights and the optimizer's state: the EMA
-    weights (``ema_decay``), the auto-beta's EMA and ``beta`` (``auto_beta``), ``mu`` with ``safeguard_mu="auto"``
-    and the gradient scaler (fp16). A fixed ``mu`` moves only with ``on_pathology="escalate"``, which a rewinding
-    run does not have."""
-    device = trainer.args.device
-    found: list[Companion] = []
-    if trainer.ema is not None:
-        ema = trainer.ema  # its EMAModel is made when training begins: read at each snapshot
-        found.append(Companion("ema", lambda: ema.ema.state_dict(), lambda state: _put_ema(ema.ema, state, device)))
-    auto_beta = trainer.guards.auto_beta
-    if auto_beta is not None:
-
-        def put_auto_beta(state: dict[str, torch.Tensor | None]) -> None:
-            auto_beta.ema, auto_beta.beta = (
-                None if t is None else t.to(device) for t in (state["ema"], state["beta"])
-            )
-
-        found.append(Companion("auto_beta", lambda: {"ema": auto_beta.ema, "beta": auto_beta.beta}, put_auto_beta))
-    margin = trainer.guards.margin
-    if margin is not None and margin.auto:
-
-        def put_mu(value: torch.Tensor | float) -> None:
-            margin.value = value.to(device) if isinstance(value, torch.Tensor) else value
-
-        found.append(Companion("safeguard_mu", lambda: margin.value, put_mu))
-    scaler = trainer.accelerator.scaler
-    if scaler is not None:
-        found.append(Companion("grad_scaler", scaler.state_dict, scaler.load_state_dict))
-    return found
-
-
-def _put_ema(ema: Any, state: dict[str, Any], device: torch.device | str) -> None:
-    ema.load_state_dict(state)  # diffusers' EMAModel, which copies what it is given
-    ema.to(device=device)  # a snapshot read from disk holds its shadow weights on the CPU
+    """What moves with ``trainer``'s training besides the trainable weights and the optimizer's state, each read and
+    put back through its own ``state_dict()`` / ``load_state_dict()``: the EMA weights (``ema_decay``,
+    :class:`~.ema.EMAWeights`), the objective's auto-beta (``auto_beta``, ``trainer.auto_beta``), the safeguard's
+    ``mu`` with ``safeguard_mu="auto"`` (``trainer.safeguard.margin``) and the gradient scaler (fp16, accelerate's).
+    A fixed ``mu`` moves only with ``on_pathology="escalate"``, which a rewinding run does not have."""
+    margin = None if trainer.safeguard is None else trainer.safeguard.margin
+    held = {
+        "ema": trainer.ema,
+        "auto_beta": trainer.auto_beta,
+        "safeguard_mu": margin if margin is not None and margin.auto else None,
+        "grad_scaler": trainer.accelerator.scaler,
+    }
+    return [Companion.of(name, state) for name, state in held.items() if state is not None]
 
 
 class MemorySnapshot:
@@ -335,15 +244,16 @@ class MemorySnapshot:
         return self.weights, self.optimizer_state, self.companion_states
 
     def write(self, folder: str) -> None:
-        """The snapshot into ``folder`` (a checkpoint's), as safetensors and ``torch.save`` of the optimizer's and
-        the companions' states."""
+        """The snapshot into ``folder`` (a checkpoint's): the weights as safetensors, the optimizer's state as
+        ``torch.save`` writes it (read back with ``weights_only=True``), the companions' states as safetensors and
+        JSON."""
         weights, state, companion_states = self._load()
         os.makedirs(folder, exist_ok=True)
         save_file(
             {str(i): w.detach().cpu().contiguous() for i, w in enumerate(weights)}, os.path.join(folder, _WEIGHTS)
         )
         torch.save(state, os.path.join(folder, _OPTIMIZER))
-        torch.save(companion_states, os.path.join(folder, _COMPANIONS))
+        write_state(folder, _COMPANIONS, companion_states)
 
     def read(self, folder: str) -> None:
         """The snapshot :meth:`write` put in ``folder``."""
@@ -378,7 +288,7 @@ class DiskSnapshot(MemorySnapshot):
             save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.parameters)},
                       os.path.join(tmp, _WEIGHTS))  # fmt: skip
             torch.save(optimizer.state_dict(), os.path.join(tmp, _OPTIMIZER))
-            torch.save({c.name: c.get() for c in self.companions}, os.path.join(tmp, _COMPANIONS))
+            write_state(tmp, _COMPANIONS, {c.name: c.get() for c in self.companions})
             follow_umask(tmp)  # safetensors writes its file owner-only
             shutil.rmtree(self.folder, ignore_errors=True)
             os.replace(tmp, self.folder)
@@ -425,7 +335,7 @@ class EngineSnapshot(DiskSnapshot):
         self.wait()
         self.engine.save_training_state(tmp, optimizer)
         if self.main:
-            torch.save({c.name: c.get() for c in self.companions}, os.path.join(tmp, _COMPANIONS))
+            write_state(tmp, _COMPANIONS, {c.name: c.get() for c in self.companions})
         self.wait()  # every process's part is written
         if self.main:
             follow_umask(tmp)
@@ -439,7 +349,7 @@ class EngineSnapshot(DiskSnapshot):
             raise RuntimeError("the rewind has no healthy snapshot to restore")
         with _schedule_kept(optimizer):
             self.engine.load_training_state(self.folder, optimizer)
-        states = torch.load(os.path.join(self.folder, _COMPANIONS), map_location="cpu", weights_only=True)
+        states = read_state(self.folder, _COMPANIONS)
         for companion in self.companions:
             companion.put(states[companion.name])
 
@@ -468,7 +378,7 @@ def _read(
     tensors = load_file(os.path.join(folder, _WEIGHTS))
     weights = [tensors[str(i)].to(p.device, p.dtype) for i, p in enumerate(parameters)]
     state = torch.load(os.path.join(folder, _OPTIMIZER), map_location="cpu", weights_only=True)
-    companion_states = torch.load(os.path.join(folder, _COMPANIONS), map_location="cpu", weights_only=True)
+    companion_states = read_state(folder, _COMPANIONS)
     return weights, state, companion_states
 
 
@@ -508,55 +418,62 @@ class RewindRecord:
         return lines
 
 
-class Rewind:
-    """The alarm on the probe's figures and the rewind it triggers (module docstring).
+class RewindAction:
+    """``on_pathology="rewind"``: the action of an :class:`~.alarm.AlarmCallback` reading the held-out probe
+    (:class:`~.alarm.ProbeSignal`). At every restore point of the probe (and when training begins) it keeps the
+    snapshot; when the alarm fires it puts the weights, the optimizer state and their companions back to it, then
+    switches the dormant safeguard on (the first time) or stops (module docstring).
 
     Args:
-        rule: the alarm's rule.
-        snapshot: where the last healthy step's weights and optimizer state are kept.
-        switch: turns the dormant safeguard on (the trainer's); ``None``: the run stops after its rewind.
+        snapshot: where the last restore point's weights and optimizer state are kept; ``None``: the trainer's, when
+            the alarm binds (:meth:`bind`).
+        switch: turns the dormant safeguard on; ``None``: the trainer's
+            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` when it binds, else the run stops after
+            its rewind.
         switch_to: the fields of that safeguard, for the log line.
     """
 
+    #: the on_pathology value it acts as
+    action = "rewind"
+
     def __init__(
         self,
-        rule: ProbeAlarmRule,
-        snapshot: MemorySnapshot,
+        snapshot: MemorySnapshot | None = None,
         switch: Callable[[], Any] | None = None,
         switch_to: Mapping[str, Any] | None = None,
     ) -> None:
-        self.rule, self.snapshot, self.switch = rule, snapshot, switch
+        self.snapshot, self.switch = snapshot, switch
         self.switch_to = dict(switch_to or {})
-        self.healthy_step = 0  # the restore point: the snapshot's step (0: the start)
-        self.healthy_z: float | None = None  # its probe's reading (none at the start)
-        self.unhealthy_in_a_row = 0
+        self.rule: ProbeAlarmRule | None = None  # the alarm's, which judged the restore points (from its verdicts)
         self.rewinds: list[tuple[int, int]] = []  # (step fired, step restored)
         self.restored_z: list[float | None] = []  # each restored step's reading
         self.safeguard_on = False
         self.resume_folder: str | None = None  # the snapshot of the checkpoint resumed from (load)
 
-    @classmethod
-    def for_trainer(cls, trainer: Any) -> Rewind:
-        """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk; under an engine
-        that shards the weights or the optimizer state, each process's part on disk (:class:`EngineSnapshot`)."""
-        args = trainer.args
-        parameters = list(trainable_parameters(trainer.policy))  # in the optimizer's order
-        moving = companions(trainer)
-        accelerator = trainer.accelerator
-        folder = os.path.join(args.output_dir, REWIND_FOLDER)
-        on_disk = (parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving)
-        if trainer.engine.shards_training_state:  # each process's part, through the engine, LoRA's too
-            snapshot: MemorySnapshot = EngineSnapshot(trainer.engine, *on_disk)
-        elif trainer.is_lora:
-            snapshot = MemorySnapshot(parameters, moving)
-        else:
-            snapshot = DiskSnapshot(*on_disk)
+    def bind(self, trainer: Any) -> None:
+        """What was left unset, for ``trainer``: LoRA's snapshot in memory, full tuning's on disk, under an engine that
+        shards the weights or the optimizer state each process's part on disk (:class:`EngineSnapshot`), each with
+        the :func:`companions`; the switch to its dormant safeguard."""
+        if self.snapshot is None:
+            args = trainer.args
+            parameters = list(trainable_parameters(trainer.policy))  # in the optimizer's order
+            moving = companions(trainer)
+            accelerator = trainer.accelerator
+            folder = os.path.join(args.output_dir, REWIND_FOLDER)
+            on_disk = (parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving)
+            if trainer.engine.shards_training_state:  # each process's part, through the engine, LoRA's too
+                self.snapshot = EngineSnapshot(trainer.engine, *on_disk)
+            elif trainer.is_lora:
+                self.snapshot = MemorySnapshot(parameters, moving)
+            else:
+                self.snapshot = DiskSnapshot(*on_disk)
         dormant = trainer.dormant_safeguard
-        switch = None if dormant is None else functools.partial(trainer.set_safeguard, dormant)
-        return cls(probe_alarm(args), snapshot, switch, switch_target(args) if switch else None)
+        if self.switch is None and dormant is not None:
+            self.switch = functools.partial(trainer.set_safeguard, dormant)
+            self.switch_to = dict(switch_target(trainer.args) or {"safeguard_space": dormant.name})
 
-    def summary(self) -> str:
-        """What the alarm reads, what is kept and what follows a rewind, for the start summary."""
+    def summary(self, rule: ProbeAlarmRule) -> str:
+        """What the alarm (``rule``) reads, what is kept and what follows a rewind, for the start summary."""
         elements = self.snapshot.elements
         then = (
             "then trains on with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
@@ -565,25 +482,20 @@ class Rewind:
         )
         beside = "".join(f", {c.name}" for c in self.snapshot.companions)
         return (
-            f"the alarm ({self.rule.describe()}) restores the weights, optimizer state{beside} of the last probe with "
-            f"{self.rule.describe_restore()} (else of the start), one snapshot ({elements:,} weights and their "
+            f"the alarm ({rule.describe()}) restores the weights, optimizer state{beside} of the last probe with "
+            f"{rule.describe_restore()} (else of the start), one snapshot ({elements:,} weights and their "
             f"optimizer state{beside}) kept {self.snapshot.where()}; the learning-rate schedule goes on counting "
             f"steps; {then}"
         )
 
     # ------------------------------------------------------------------ the run
 
-    def begin(
-        self, args: Any, state: Any, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any] | None = None
-    ) -> None:
+    def begin(self, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any] | None = None) -> None:
         """When training begins: the weights it starts from are the first restore point; a resumed run takes the
-        checkpoint's alarm state (``saved``: :meth:`state` as the checkpoint holds it, which the probe's callback
-        reads under its own key) and snapshot instead."""
+        checkpoint's record (``saved``: :meth:`state` as its alarm saved it) and snapshot instead."""
         if not saved:
             self.snapshot.take(optimizer)
             return
-        self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
-        self.healthy_z = saved.get("healthy_z")
         self.rewinds = [tuple(pair) for pair in saved["rewinds"]]
         self.restored_z = list(saved.get("restored_z", [None] * len(self.rewinds)))
         if saved["safeguard_on"] and self.switch is not None:
@@ -593,23 +505,20 @@ class Rewind:
             raise RuntimeError("a resumed rewind needs its checkpoint's snapshot (load) before training begins")
         self.snapshot.read(self.resume_folder)
 
-    def read(self, metrics: Mapping[str, float], step: int, optimizer: torch.optim.Optimizer, control) -> dict:
-        """The alarm on the probe of step ``step``: a restore point's weights (:meth:`ProbeAlarmRule.restorable`)
-        become the snapshot; ``patience`` unhealthy probes in a row rewind to the last one. Returns what the training
-        log adds: ``health/probe_alarm`` (1 where the alarm fired, else 0) at every probe, ``health/rewind_to`` and
-        ``health/rewinds`` at a rewind."""
-        unhealthy = self.rule.unhealthy(metrics, step)
-        self.unhealthy_in_a_row, fires = self.rule.count(self.unhealthy_in_a_row, unhealthy)
-        if self.rule.restorable(metrics, step):
-            self.healthy_step, self.healthy_z = step, _reading(metrics)
+    def on_probe(self, verdict: Any, control, optimizer: torch.optim.Optimizer) -> tuple[dict[str, float], str]:
+        """Act on the probe's verdict (:class:`~.alarm.ProbeVerdict`): a restore point's weights become the
+        snapshot; where the alarm fired, every process restores it. Returns what the training log adds at a rewind
+        (``health/rewind_to``, ``health/rewinds``) and what was done, in words."""
+        self.rule = verdict.rule
+        if verdict.restore_point:
             self.snapshot.take(optimizer)
-        if not fires:
-            return {"health/probe_alarm": 0.0}
+        if not verdict.fired:
+            return {}, ""
+        step, healthy_step, healthy_z = verdict.step, verdict.healthy_step, verdict.healthy_z
         self.snapshot.restore(optimizer)
-        self.rewinds.append((step, self.healthy_step))
-        self.restored_z.append(self.healthy_z)
-        stop = self.safeguard_on or self.switch is None
-        if stop:
+        self.rewinds.append((step, healthy_step))
+        self.restored_z.append(healthy_z)
+        if self.safeguard_on or self.switch is None:
             control.should_training_stop = True
             then = "training stops with these weights"
         else:
@@ -624,21 +533,17 @@ class Rewind:
             "Step %d: on_pathology='rewind': %s; the trainable weights, the optimizer state%s are back at step %d "
             "(%s; the learning-rate schedule goes on counting steps) and %s.",
             step,
-            self.rule.describe(),
+            verdict.rule.describe(),
             "".join(f", {c.name}" for c in self.snapshot.companions),
-            self.healthy_step,
-            restore_point_note(self.healthy_step, self.healthy_z, self.rule),
+            healthy_step,
+            restore_point_note(healthy_step, healthy_z, verdict.rule),
             then,
         )
-        return {
-            "health/probe_alarm": 1.0,
-            "health/rewind_to": float(self.healthy_step),
-            "health/rewinds": float(len(self.rewinds)),
-        }
+        return {"health/rewind_to": float(healthy_step), "health/rewinds": float(len(self.rewinds))}, then
 
     def record(self) -> RewindRecord:
         """What this run's rewind has done so far, the steps before a resume included (:meth:`begin` reads them
-        back). The safeguard is only ever switched on at the first rewind (:meth:`read`)."""
+        back). The safeguard is only ever switched on at the first rewind (:meth:`on_probe`)."""
         switched_at = self.rewinds[0][0] if self.safeguard_on and self.rewinds else None
         return RewindRecord(tuple(self.rewinds), switched_at, dict(self.switch_to), tuple(self.restored_z), self.rule)
 
@@ -646,9 +551,6 @@ class Rewind:
 
     def state(self) -> dict[str, Any]:
         return {
-            "healthy_step": self.healthy_step,
-            "healthy_z": self.healthy_z,
-            "unhealthy_in_a_row": self.unhealthy_in_a_row,
             "rewinds": [list(pair) for pair in self.rewinds],
             "restored_z": self.restored_z,
             "safeguard_on": self.safeguard_on,
@@ -664,30 +566,3 @@ class Rewind:
     def load(self, checkpoint: str) -> None:
         """Before a resumed run begins: its snapshot is ``checkpoint``'s (read in :meth:`begin`)."""
         self.resume_folder = os.path.join(checkpoint, REWIND_FOLDER)
-
-
-class RewindCallback(TrainerCallback):
-    """``on_pathology="rewind"`` built by hand: pass it in ``callbacks=`` with the run's probe (``probe_steps``, or a
-    hand-built :class:`~trl_diffusion_sdpo.callbacks.probe.ProbeCallback`). When the trainer is built it attaches a
-    :class:`Rewind` to that probe (:meth:`attach`): the probe hands it every reading, and its alarm restores the last
-    healthy step's weights and optimizer state; then it puts the trainer's
-    :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` in force where there is one, else the run stops
-    with the healthy weights.
-
-    Args:
-        rule: the alarm's rule; ``None``: the run's config's (:func:`probe_alarm`).
-    """
-
-    #: what the trainer looks for among the callbacks it is given
-    run_control = "rewind"
-
-    def __init__(self, rule: ProbeAlarmRule | None = None) -> None:
-        self.rule = rule
-        self.rewind: Rewind | None = None
-
-    def attach(self, trainer: Any, probe: Any) -> None:
-        """A :class:`Rewind` for ``trainer``'s weights, its optimizer and what moves with them, read by ``probe``."""
-        rewind = Rewind.for_trainer(trainer)
-        if self.rule is not None:
-            rewind.rule = self.rule
-        probe.rewind = self.rewind = rewind

@@ -4,20 +4,18 @@ every firing of the held-out probe's alarm with what ``on_pathology`` did there,
 ``on_pathology="rewind"`` with the step it restored and how healthy that step's probe read, the switch of the
 safeguard and the escalations of ``mu``. Each is read from where it is kept: the start summary's warnings from the
 start summary (computed afresh when a resumed run starts), the training logs' alarm from ``state.log_history``, the
-probe's alarm and the rewind from their states (:meth:`~trl_diffusion_sdpo.callbacks.rewind.ProbeAlarm.lines`,
-:meth:`~trl_diffusion_sdpo.callbacks.rewind.Rewind.record`) and the switch from the pathology action's, all of which
-a checkpoint saves and a resumed run reads back.
+probe's alarm and the rewind from their states (:meth:`~trl_diffusion_sdpo.callbacks.alarm.AlarmCallback.lines`,
+:meth:`~trl_diffusion_sdpo.callbacks.rewind.RewindAction.record`) and the switch from the pathology action's, all of
+which a checkpoint saves and a resumed run reads back.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..callbacks.health import describe
-
 __all__ = ["run_events"]
 
-#: the training log's verdict of the training logs' pathology alarm (:class:`~..callbacks.health.WinnerHealth`)
+#: the training log's verdict of the training logs' pathology alarm (:class:`~..callbacks.alarm.TrainingLogSignal`)
 _FLAG = "health/winner_pathology"
 
 
@@ -28,12 +26,10 @@ def run_events(trainer: Any) -> list[str]:
     step = trainer.state.global_step
     lines = [f"At the start: {warning}" for warning in _start_warnings(trainer)]
     lines += _training_log_alarm(trainer)
-    probe = getattr(trainer, "probe", None)
-    if probe is not None and probe.rewind is not None:
-        lines += probe.rewind.record().lines(step)
-    elif probe is not None and probe.alarm is not None:
-        lines += probe.alarm.lines()
-    action = getattr(getattr(trainer, "guards", None), "action", None)  # on_pathology's
+    for callback in trainer.callback_handler.callbacks:  # the alarms on the probe, the config's or given
+        if getattr(getattr(callback, "signal", None), "event", None) == "step_end":
+            lines += callback.lines(step)
+    action = getattr(getattr(trainer, "alarm", None), "action", None)  # on_pathology's
     if action is not None and action.action == "safeguard" and action.switch is not None:
         settings = ", ".join(f"{k}={v!r}" for k, v in action.switch_to.items())
         switched = action.switched_at
@@ -67,13 +63,13 @@ def _training_log_alarm(trainer: Any) -> list[str]:
     flagged = [int(entry["step"]) for entry in trainer.state.log_history if entry.get(_FLAG) == 1.0]
     if not flagged:
         return []
-    health = getattr(trainer, "health", None)
-    rule = f": {describe(health.rule)}" if health is not None else ""
+    alarm = getattr(trainer, "alarm", None)  # the config's alarm on the training logs
+    rule = f": {alarm.signal.describe()}" if alarm is not None else ""
     text = (
         f"Step {flagged[0]}: the training logs' pathology alarm fired ({_FLAG}{rule}) and a warning named the "
         "remedies not in use"
     )
-    action = getattr(getattr(trainer, "guards", None), "action", None)
+    action = getattr(alarm, "action", None)
     if action is not None and action.action == "stop":
         text += "; on_pathology='stop' saved a checkpoint and stopped training there"
     if len(flagged) > 1:

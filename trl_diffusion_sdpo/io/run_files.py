@@ -117,7 +117,7 @@ class RunFiles(TrainerCallback):
     ``state``, ``accelerator``, ``model``, ``model_wrapped``, ``optimizer``, ``lr_scheduler``, ``engine``,
     ``family``, ``pipeline``, ``is_lora`` and ``base_model_name``; keeps transformers' own ``hub_model_id`` and
     ``push_in_progress`` on the trainer, where transformers reads them. Built before ``transformers.Trainer.__init__``,
-    which may call :meth:`init_hf_repo`: it reads nothing at construction. The trainer adds it as a callback.
+    which may call the trainer's ``init_hf_repo``: it reads nothing at construction. The trainer adds it as a callback.
     """
 
     def __init__(self, trainer: Trainer) -> None:

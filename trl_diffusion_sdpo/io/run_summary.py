@@ -182,8 +182,10 @@ class StartSummary(TrainerCallback):
         defaults = {**getattr(trainer, "resolved_defaults", {}), **getattr(trainer, "machine_choices", {})}
         report = getattr(trainer, "train_data_report", None)
         summary = start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults, report)
-        probe = getattr(trainer, "probe", None)  # probe_steps: the held-out pairs and the rewind
-        logger.info(summary if probe is None else f"{summary}\n  {probe.summary()}")
+        probe = getattr(trainer, "probe", None)  # probe_steps: the held-out pairs, and its alarm (the rewind)
+        alarm = getattr(trainer, "probe_alarm", None)
+        line = None if probe is None else probe.summary() + ("" if alarm is None else f"; {alarm.summary()}")
+        logger.info(summary if line is None else f"{summary}\n  {line}")
         self.warnings = start_warnings(given, args, trainer.family, lora, max_steps)
         for message in self.warnings:
             logger.warning(message)

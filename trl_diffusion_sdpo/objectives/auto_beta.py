@@ -122,7 +122,7 @@ class AutoBeta:
         return {"ema": self.ema, "beta": self.beta}
 
     def load_state_dict(self, state: dict[str, torch.Tensor | float | None]) -> None:
-        """The state :meth:`state_dict` gave (tensors or numbers), copied onto :attr:`device` as float32; ``beta`` is
+        """The state :meth:`state_dict` gave (tensors or numbers), copied onto the run's device as float32; ``beta`` is
         formed again from ``ema`` where the state has none. An open window is dropped."""
         self.ema, beta = (_on(state.get(key), self.device) for key in ("ema", "beta"))
         if beta is None and self.ema is not None:

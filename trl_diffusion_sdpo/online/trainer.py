@@ -404,7 +404,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
             pending.cancel()
         self._pending = {}
         step = self.state.global_step
-        self.files.save_checkpoint()
+        self._save_checkpoint(self.model_wrapped, None)  # the last optimizer step, marked complete
         checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         raise RewardError(
             f"{failure or 'A reward function failed on another process'}\nTraining stopped before optimizer step "

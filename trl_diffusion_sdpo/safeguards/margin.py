@@ -109,7 +109,7 @@ class SafeguardMargin:
 
     def load_state_dict(self, state: dict[str, torch.Tensor | float]) -> None:
         """The ``mu`` :meth:`state_dict` gave (a tensor or a number): with ``"auto"`` a float32 tensor of its own on
-        :attr:`device`, a fixed ``mu`` a float. An open window is dropped."""
+        the run's device, a fixed ``mu`` a float. An open window is dropped."""
         value = state["value"]
         if self.auto:
             self.value = torch.as_tensor(value, dtype=torch.float32).to(self.device, copy=True)
