@@ -41,6 +41,7 @@ from .callbacks.alarm import AlarmCallback, ProbeSignal, TrainingLogSignal
 from .callbacks.guards import PathologyAction
 from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
+from .callbacks.state_files import StatesPart
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
 from .data.columns import prompt_column
@@ -63,7 +64,6 @@ from .io.checkpoints import is_marked_complete
 from .io.console import on_terminal
 from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
-from .callbacks.state_files import StatesPart
 from .io.trackers import adapt_trackers
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for

@@ -55,8 +55,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config.file_modes import follow_umask
 from ..engines.base import trainable_parameters
-from .state_files import read_state, write_state
 from .health import switch_target
+from .state_files import read_state, write_state
 
 __all__ = [
     "RESTORE_Z",

@@ -6,8 +6,9 @@ diffusers' ``state_dict()`` return. :func:`write_state` writes its tensors to ``
 path in the nest (``ema/shadow_params/0``), and the rest to ``<name>.json``, where a tensor stands as
 ``{"__tensor__": path}``; :func:`read_state` puts the two back together (tensors on the CPU, tuples as lists).
 
-:class:`StatesPart` keeps named states in every checkpoint (a :class:`~trl_diffusion_sdpo.io.run_files.CheckpointPart`): the trainer's
-auto-beta and its safeguard's ``mu``, read and put back through their ``state_dict()`` / ``load_state_dict()``.
+:class:`StatesPart` keeps named states in every checkpoint (a
+:class:`~trl_diffusion_sdpo.io.run_files.CheckpointPart`): the trainer's auto-beta and its safeguard's ``mu``, read
+and put back through their ``state_dict()`` / ``load_state_dict()``.
 """
 
 from __future__ import annotations
