@@ -301,6 +301,101 @@ def package_lines(package_dir: Path) -> dict:
     return {"files": len(files), "lines": sum(physical_lines(path) for path in files)}
 
 
+#: the core an upstream pull request would take, by part (docs/design.md's "The core" names the same modules): a
+#: trainer on transformers.Trainer running Diffusion-DPO and the output-space safeguard on the SD, SDXL, SD3 and
+#: FLUX.1 families, with its config, data, probe, alarm, EMA and saving; everything else sits on top of it
+CORE: dict[str, tuple[str, ...]] = {
+    "trainer": ("__init__.py", "trainer.py"),
+    "config": tuple(
+        f"config/{name}.py"
+        for name in (
+            "__init__",
+            "_lazy",
+            "checks",
+            "defaults",
+            "fields",
+            "file_modes",
+            "messages",
+            "pathology",
+            "rules",
+        )
+    ),
+    "Diffusion-DPO objective": ("objectives/__init__.py", "objectives/base.py", "objectives/dpo.py"),
+    "the step": ("step/__init__.py", "step/stages.py", "step/predictions.py", "step/frozen_reference.py"),
+    "output-space safeguard": (
+        "safeguards/__init__.py",
+        "safeguards/base.py",
+        "safeguards/output.py",
+        "safeguards/margin.py",
+    ),
+    "engines (one process, DDP)": ("engines/__init__.py", "engines/base.py", "engines/plain.py"),
+    "SD, SDXL, SD3, FLUX.1 families": tuple(
+        f"families/{name}.py"
+        for name in (
+            "__init__",
+            "base",
+            "registry",
+            "loading",
+            "preparation",
+            "noising",
+            "flow",
+            "sd",
+            "sdxl",
+            "sd3",
+            "flux",
+        )
+    ),
+    "data": tuple(
+        f"data/{name}.py"
+        for name in (
+            "__init__",
+            "errors",
+            "names",
+            "columns",
+            "formats",
+            "pickapic",
+            "validation",
+            "transforms",
+            "collators",
+            "preparation",
+            "training_data",
+            "progress",
+        )
+    ),
+    "probe, alarm, EMA": (
+        "callbacks/__init__.py",
+        "callbacks/probe.py",
+        "callbacks/alarm.py",
+        "callbacks/health.py",
+        "callbacks/guards.py",
+        "callbacks/ema.py",
+        "callbacks/interruptions.py",
+        "callbacks/state_files.py",
+    ),
+    "saving": (
+        "io/__init__.py",
+        "io/run_files.py",
+        "io/saving.py",
+        "io/checkpoints.py",
+        "io/checkpoint_writing.py",
+        "io/hub.py",
+        "io/console.py",
+        "io/run_summary.py",
+    ),
+}
+
+
+def core_lines(package_dir: Path) -> dict:
+    """The lines of each part of :data:`CORE` and of the whole, the package's lines beside, and the core modules
+    that no longer exist (a renamed module must be renamed here too)."""
+    parts, missing = {}, []
+    for part, files in CORE.items():
+        present = [package_dir / name for name in files if (package_dir / name).is_file()]
+        missing += [name for name in files if not (package_dir / name).is_file()]
+        parts[part] = sum(physical_lines(path) for path in present)
+    return {"parts": parts, "lines": sum(parts.values()), "missing": missing}
+
+
 #: the attributes a module reads to decide by the run's regime, and the functions it calls to
 REGIME_NAMES = frozenset({"regime", "defaults_regime", "is_online", "is_online_config"})
 REGIME_FUNCTIONS = frozenset({"is_online", "is_online_config"})
@@ -378,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_description("cpu"),
         "checkout": args.checkout or checkout_id(root),
         "package": package_lines(package_dir),
+        "core": core_lines(package_dir),
         "config_fields": config_fields(root),
         "trainer_overrides": overrides(root),
         "trainer_methods_called_around_the_mro": {"count": len(around), "where": around},
@@ -408,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         f"package: {run['package']['lines']} lines in {run['package']['files']} files; config fields beyond "
         + ", ".join(f"{name} {found['count']}" for name, found in run["config_fields"].items())
     )
+    core = run["core"]
+    print(f"core: {core['lines']} lines ({', '.join(f'{k} {v}' for k, v in core['parts'].items())})")
     print(f"Trainer methods called around the MRO: {around}; regime decisions outside online/: {len(regime)}")
     print(
         f"private trainer attributes read outside trainer.py: {len(reads)}; is_online reads outside online/: "
