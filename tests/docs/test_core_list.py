@@ -1,0 +1,37 @@
+"""docs/design.md's table of the core names the parts and modules that benchmarks/tools/reviewer_figures.py counts
+(its ``CORE``), and every module it names exists."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _core() -> dict[str, tuple[str, ...]]:
+    sys.path.insert(0, str(ROOT / "benchmarks" / "tools"))
+    try:
+        return importlib.import_module("reviewer_figures").CORE
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks" / "tools"))
+
+
+def _documented() -> dict[str, tuple[str, ...]]:
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text.split("<!-- core: begin -->")[1].split("<!-- core: end -->")[0]
+    rows = [line.strip("|").split("|") for line in table.strip().splitlines()[2:]]
+    return {
+        part.strip(): tuple(name.strip().strip("`") for name in modules.split(",")) for part, _lines, modules in rows
+    }
+
+
+def test_the_design_documents_core_is_the_one_the_figures_count() -> None:
+    assert _documented() == _core()
+
+
+def test_every_core_module_exists() -> None:
+    package = ROOT / "trl_diffusion_sdpo"
+    missing = [name for files in _core().values() for name in files if not (package / name).is_file()]
+    assert not missing, f"core modules that no longer exist (rename them in CORE and docs/design.md): {missing}"
