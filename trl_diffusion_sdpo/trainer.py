@@ -24,7 +24,7 @@ import functools
 import logging
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -398,6 +398,7 @@ class DiffusionSDPOTrainer(Trainer):
                 callback.bind_to_trainer(self)
                 self.sampling_callbacks.append(callback)
         self._eval_metric_prefix: str | None = None
+        self._next_log: dict[str, float] = {}  # what callbacks handed log_next since the last training log
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
     def _switch_safeguard(self) -> None:
@@ -512,6 +513,7 @@ class DiffusionSDPOTrainer(Trainer):
             rows_are_prompts=self.probe_rows_are_prompts,
             has_reference=self.objective.requires_reference,
             engine=self.engine.name,
+            publish=self.log_next,
         )
 
     def hold_back_probe_pairs(
@@ -840,11 +842,21 @@ class DiffusionSDPOTrainer(Trainer):
             self.files.log_training(logs)  # the run's loss sum; a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             reduced.update(self.values_in_force())  # the beta and mu the next steps train with
+            if "loss" in logs or "train_loss" in logs:  # a step's log or the run's last, not the time's alone
+                reduced.update(self._next_log)
+                self._next_log = {}
         else:
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
         logs.update(reduced)
         super().log(logs, start_time)
+
+    def log_next(self, metrics: Mapping[str, float]) -> None:
+        """Put ``metrics`` into the next training log: a callback that measures between logs (the held-out probe and
+        its alarm, in ``on_step_end``) hands its figures here, and :meth:`log` adds them before transformers records
+        the log, so ``state.log_history``, every callback's ``on_log`` and the ``report_to`` integrations receive
+        them. A key handed again before that log replaces the earlier value."""
+        self._next_log.update(metrics)
 
     def metric_names(self) -> list[str]:
         """The metrics each micro-batch records (the data's, the objective's, the safeguard's): the same list on every

@@ -121,6 +121,9 @@ def test_the_probes_alarm_acts_once_per_step_through_the_handler_after_the_probe
         on_pathology="safeguard",
         safeguard_space="none",
     )
+    # Where a report_to integration stands: before every callback given (transformers registers them first)
+    integration = After()
+    trainer.callback_handler.callbacks.insert(0, integration)
     start = trained_weights(trainer)
     trainer.train()
     # Every step once, from the handler; at steps 2, 4 and 6 the probe had published that step's reading before
@@ -140,3 +143,7 @@ def test_the_probes_alarm_acts_once_per_step_through_the_handler_after_the_probe
     # The callback after them saw the figures and the flags in the logs of the same call (the console prints them)
     seen = {step: copy for step, _, copy in after.seen if "loss" in copy}
     assert seen[4]["health/probe_alarm"] == 1.0 and "probe/winner_rise_z" in seen[4]
+    # and so did the integration before them: the trainer's log carried what the probe and its alarm handed it
+    reported = {step: copy for step, _, copy in integration.seen if "loss" in copy}
+    assert [reported[s]["probe/winner_rise_z"] for s in (3, 4, 6)] == readings
+    assert [reported[s]["health/probe_alarm"] for s in (3, 4, 6)] == [0.0, 1.0, 0.0]

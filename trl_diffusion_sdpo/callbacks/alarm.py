@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -212,7 +212,10 @@ class AlarmCallback(TrainerCallback, ExportableState):
     ) -> None:
         self.signal = TrainingLogSignal() if signal is None else signal
         self.action = PathologyAction("warn") if action is None else action
-        self.pending: dict[str, float] = {}  # the probe alarm's flags, written into the next training log
+        self.pending: dict[str, float] = {}  # the probe alarm's flags for the next training log
+        #: puts them into that log before transformers records it (the trainer's ``log_next``, bound with the alarm);
+        #: ``None``: this callback writes them in its ``on_log``
+        self.publish: Callable[[Mapping[str, float]], None] | None = None
         self.firings: list[list[Any]] = []  # the probe alarm's: [step, restore point, its reading, what was done]
 
     @property
@@ -229,6 +232,7 @@ class AlarmCallback(TrainerCallback, ExportableState):
         with them."""
         self.signal.bind(trainer)
         self.action.bind(trainer)
+        self.publish = trainer.log_next
 
     # ------------------------------------------------------------------ events
 
@@ -247,6 +251,8 @@ class AlarmCallback(TrainerCallback, ExportableState):
         # any of them, and the last rewind's step.
         fired = max(self.pending.get("health/probe_alarm", 0.0), flags["health/probe_alarm"])
         self.pending = {**self.pending, **flags, "health/probe_alarm": fired}
+        if self.publish is not None:
+            self.publish(self.pending)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not state.log_history:
@@ -258,6 +264,9 @@ class AlarmCallback(TrainerCallback, ExportableState):
                 return
             self.action(flags, control, state.global_step)
         elif not self.pending or not _training_log(logs):
+            return
+        elif self.publish is not None:  # the trainer's log carried them
+            self.pending = {}
             return
         else:
             flags, self.pending = self.pending, {}

@@ -40,7 +40,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,7 +325,10 @@ class ProbeCallback(TrainerCallback):
     ) -> None:
         self.probe, self.every, self.policy, self.device = probe, every, policy, device
         self.source, self.held, self.configured = source, held, configured
-        self.pending: dict[str, float] = {}
+        self.pending: dict[str, float] = {}  # the figures for the next training log, where none publishes them
+        #: puts the figures into the next training log before transformers records it (the trainer's ``log_next``,
+        #: bound with the probe); ``None``: this callback writes them in its ``on_log``
+        self.publish: Callable[[Mapping[str, float]], None] | None = None
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
         #: the module the probe runs, inside the block (the trainer's engine's :meth:`~.engines.Engine.probing`)
         self.probing: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] = lambda: (
@@ -367,7 +370,7 @@ class ProbeCallback(TrainerCallback):
     def bind(self, built: ProbeCallback) -> None:
         """Take the probe, policy, device and source ``built`` for a trainer."""
         self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
-        self.probing = built.probing
+        self.probing, self.publish = built.probing, built.publish
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -376,7 +379,10 @@ class ProbeCallback(TrainerCallback):
         with self.probing() as model:  # the engine's own forward: sharded weights are gathered in it
             metrics = self.probe.measure(model, self.device)
         self.readings.append((step, metrics))
-        self.pending = dict(metrics)  # a log after several probes carries the last one's figures
+        if self.publish is not None:  # a log after several probes carries the last one's figures
+            self.publish(metrics)
+        else:
+            self.pending = dict(metrics)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # a training log (a step's, with its loss, or the run's last), never an evaluation's
@@ -414,6 +420,8 @@ class ProbePieces:
         rows_are_prompts: the held-out rows are prompts, paired by the trainer once it is built (the online trainer).
         has_reference: whether the objective runs a reference, which the probe compares the policy with.
         engine: the engine's name (the probe refuses FSDP1's flattened shards).
+        publish: ``publish(figures)`` puts the probe's figures into the next training log (the trainer's
+            :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.log_next`), where the ``report_to`` integrations get them.
     """
 
     stages: Callable[[MicroBatchDraws], MicroBatchStages]
@@ -428,6 +436,7 @@ class ProbePieces:
     rows_are_prompts: bool
     has_reference: bool
     engine: str
+    publish: Callable[[Mapping[str, float]], None] | None = None
 
 
 def _probe_batch(pieces: ProbePieces, held: Dataset | None, count: int) -> dict[str, torch.Tensor] | None:
@@ -489,5 +498,5 @@ def probe_for_trainer(
     if prompts:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
     callback = ProbeCallback(probe, every, pieces.policy, args.device, source, held)
-    callback.probing = pieces.probing
+    callback.probing, callback.publish = pieces.probing, pieces.publish
     return callback
