@@ -176,3 +176,14 @@ def test_report_to_tracker_records_metrics_and_the_unet_config(tracker, make_tra
 
         wandb.finish()
     check(root)
+
+
+def test_a_tracker_given_is_found_by_its_class_and_by_itself(make_trainer):
+    """The trainer hands trackers the model as they read it through an adapter in the tracker's place; the trainer's
+    own ``pop_callback`` / ``remove_callback`` still find the tracker by its class or by the instance given."""
+    given, other = TensorBoardCallback(tb_writer=RecordingWriter()), TensorBoardCallback(tb_writer=RecordingWriter())
+    trainer = make_trainer(max_steps=1, report_to="none", callbacks=[given, other])
+    popped = trainer.pop_callback(TensorBoardCallback)
+    assert isinstance(popped, TensorBoardCallback) and popped == given
+    trainer.remove_callback(other)
+    assert not [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)]

@@ -101,10 +101,20 @@ class TrackerAdapter(TrainerCallback):
     """One reporting callback (``tracker``), its events handed the model as :class:`ModelForTrackers`.
 
     Its other attributes read through to the tracker (a TensorBoard callback's ``tb_writer``, which the validation
-    images are written with)."""
+    images are written with). It answers the tracker's class and equals the tracker, so the trainer's
+    ``pop_callback`` / ``remove_callback`` find it by the tracker's class or by the instance given."""
 
     def __init__(self, tracker: TrainerCallback) -> None:
         self.tracker = tracker
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self.tracker)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or other is self.tracker
+
+    __hash__ = object.__hash__
 
     def __getattr__(self, name: str) -> Any:
         if name == "tracker":  # not set yet (a copy being built): no recursion
