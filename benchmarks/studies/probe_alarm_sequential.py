@@ -421,6 +421,28 @@ def tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def safeguard_sentence(result: dict[str, Any]) -> str:
+    """What docs/safeguard.md states of the choice (a test compares): the chosen rule against the rule before, on
+    the calibration parts and on the held-out model."""
+    new, old = result["figures"]["chosen"], result["figures"]["before"]
+
+    def part(f: dict[str, Any]) -> str:
+        n, a, d = f["runs"], f["alarms"], f["delay_probes"]
+        return (
+            f"{a['healthy']} of {n['healthy']} healthy runs and {a['breaking']} of {n['breaking']} breaking ones, "
+            f"a median {d['median']:g} probes [quartiles {d['q1']:g}, {d['q3']:g}] from the start of the fall"
+        )
+
+    cal, held = "calibration", "held-out model"
+    first = min(r["fall_start"] for r in result["runs"] if r["model"] != "benchmark" and r["class"] == "breaking")
+    return (
+        f"On the benchmark's runs the CUSUM fired on {part(new[cal])}, where the earlier rule "
+        f"({result['rules']['before']['describe']}) fired on {part(old[cal])}; on the held-out model (never chosen "
+        f"on; its fall is seen first at step {first}, so its delays are lower bounds) the CUSUM fired on {part(new[held])}, "
+        f"the earlier rule on {part(old[held])}"
+    )
+
+
 def compute(path: Path = SOURCE) -> dict[str, Any]:
     result = analyse(path)
     result["chosen_beats_before"] = beats(result)

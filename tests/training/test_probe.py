@@ -195,14 +195,17 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
 
     fields = DiffusionSDPOConfig.__dataclass_fields__
     z, patience, draws = (fields[f].default for f in ("probe_alarm_z", "probe_alarm_patience", "probe_noise_draws"))
+    k, h = (fields[f].default for f in ("probe_alarm_cusum_k", "probe_alarm_cusum_h"))
+    assert f"(`probe_alarm_rule`, default `{fields['probe_alarm_rule'].default}`)" in page
+    assert f"exceeds `probe_alarm_cusum_h` (defaults {k:g} and {h:g})" in page
     assert (
-        f"above `probe_alarm_z` (default {z:g}), and the alarm fires after `probe_alarm_patience` (default "
-        f"{patience})" in page
+        f"after `probe_alarm_patience` (default {patience}) probes in a row above `probe_alarm_z` (default {z:g})"
+        in page
     )
     assert f"`probe_noise_draws` times (default {draws}," in page
     # One rule online: the online page names the same fields and no rule of its own.
     online = " ".join((root / "docs" / "online.md").read_text().split())
-    assert "the same rule online as offline" in online and "above `probe_alarm_z`" in online
+    assert "the same rule online as offline" in online and "the config's `probe_alarm_rule`" in online
     runs = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-cost-tiny.json").read_text())["runs"]
     shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page

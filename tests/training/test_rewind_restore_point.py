@@ -76,7 +76,15 @@ class _ScriptedReadings:
 
 
 def test_a_runs_rewind_and_warning_name_the_step_the_probe_called_healthy(make_trainer, make_pickapic, caplog):
-    settings = dict(max_steps=7, probe_steps=1, probe_pairs=HELD, probe_alarm_z=7.0, probe_alarm_patience=4, **DPO)
+    settings = dict(
+        max_steps=7,
+        probe_steps=1,
+        probe_pairs=HELD,
+        probe_alarm_rule="in_a_row",
+        probe_alarm_z=7.0,
+        probe_alarm_patience=4,
+        **DPO,
+    )
     recorder = Recorder()
     rewound = make_trainer(train_dataset=make_pickapic(ROWS), callbacks=[recorder], on_pathology="rewind", **settings)
     recorder.parameters = list(trainable_parameters(rewound.family.denoiser))

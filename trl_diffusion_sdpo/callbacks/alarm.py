@@ -119,8 +119,9 @@ class ProbeVerdict:
 class ProbeSignal:
     """The held-out probe's alarm: reads the reading ``probe`` published at the end of an optimizer step
     (:attr:`~.probe.ProbeCallback.last_reading`, its figures reduced over processes, so every process reads the same)
-    and counts the unhealthy probes in a row by ``rule`` (:class:`~.rewind.ProbeAlarmRule`: ``probe/winner_rise_z``
-    above ``probe_alarm_z`` for ``probe_alarm_patience`` probes in a row), keeping the last restore point.
+    and moves ``rule``'s statistic on (:class:`~.rewind.ProbeAlarmRule`: by default the CUSUM of
+    ``probe/winner_rise_z``, ``S_t = max(0, S_(t-1) + z_t - probe_alarm_cusum_k)``, firing above
+    ``probe_alarm_cusum_h``; or the unhealthy probes in a row), keeping the last restore point.
 
     Args:
         probe: the :class:`~.probe.ProbeCallback` it reads, which must run before the alarm in ``on_step_end``
@@ -138,7 +139,7 @@ class ProbeSignal:
         self.probe, self.rule = probe, rule
         self.healthy_step = 0  # the last restore point (0: the start)
         self.healthy_z: float | None = None  # its reading (none at the start)
-        self.unhealthy_in_a_row = 0
+        self.alarm_statistic = 0.0  # the rule's statistic: the CUSUM's sum, or the unhealthy probes in a row
 
     def describe(self) -> str:
         return "" if self.rule is None else self.rule.describe()
@@ -164,10 +165,10 @@ class ProbeSignal:
         return self.judge(reading[1], step)
 
     def judge(self, metrics: Mapping[str, float], step: int) -> ProbeVerdict:
-        """The verdict on a probe's ``metrics`` at ``step``, the count of unhealthy probes moved on: with ``n_0 = 0``,
-        ``n_t = n_{t-1} + 1`` at an unhealthy probe and 0 at a healthy one, the alarm fires where ``n_t`` reaches the
-        patience (and counts afresh)."""
-        self.unhealthy_in_a_row, fired = self.rule.count(self.unhealthy_in_a_row, self.rule.unhealthy(metrics, step))
+        """The verdict on a probe's ``metrics`` at ``step``, the rule's statistic moved on
+        (:meth:`~.rewind.ProbeAlarmRule.advance`: the CUSUM ``S_t = max(0, S_(t-1) + z_t - k)`` firing above ``h``, or
+        the unhealthy probes in a row firing at the patience), starting afresh from 0 where it fires."""
+        self.alarm_statistic, fired = self.rule.advance(self.alarm_statistic, metrics, step)
         restore_point = self.rule.restorable(metrics, step)
         if restore_point:
             self.healthy_step, self.healthy_z = step, float(metrics.get(self.rule.SIGNAL, math.nan))
@@ -177,11 +178,13 @@ class ProbeSignal:
         return {
             "healthy_step": self.healthy_step,
             "healthy_z": self.healthy_z,
-            "unhealthy_in_a_row": self.unhealthy_in_a_row,
+            "alarm_statistic": self.alarm_statistic,
         }
 
     def restore(self, saved: Mapping[str, Any]) -> None:
-        self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
+        self.healthy_step = saved["healthy_step"]
+        # a checkpoint written before the CUSUM saved the in-a-row count under its own name
+        self.alarm_statistic = float(saved.get("alarm_statistic", saved.get("unhealthy_in_a_row", 0)))
         self.healthy_z = saved.get("healthy_z")
 
 

@@ -1,11 +1,12 @@
 """The held-out probe's alarm, and ``on_pathology="rewind"``: back to the last step the probe called healthy.
 
-The alarm (:class:`ProbeAlarmRule`, from the config's ``probe_alarm_z`` and ``probe_alarm_patience``:
-:func:`probe_alarm`) reads the probe's reduced figures (:mod:`.probe`), so every process reaches the same verdict at
-the same step. It reads the pathology as the paper defines it (Fu et al., arXiv 2511.03317: the winner's denoising
-error rising above the reference's) in the probe's own units: a probe is unhealthy when ``probe/winner_rise_z`` (the
-held-out winner error's rise over the reference's, over its standard error across the probe's pairs and noise draws)
-is above ``probe_alarm_z``, and the alarm fires after ``probe_alarm_patience`` unhealthy probes in a row. One rule,
+The alarm (:class:`ProbeAlarmRule`, from the config's ``probe_alarm_rule`` and its parameters: :func:`probe_alarm`)
+reads the probe's reduced figures (:mod:`.probe`), so every process reaches the same verdict at the same step. It
+reads the pathology as the paper defines it (Fu et al., arXiv 2511.03317: the winner's denoising error rising above
+the reference's) in the probe's own units, ``probe/winner_rise_z`` (the held-out winner error's rise over the
+reference's, over its standard error across the probe's pairs and noise draws): by default a one-sided CUSUM,
+``S_t = max(0, S_(t-1) + z_t - probe_alarm_cusum_k)``, fires when ``S_t`` exceeds ``probe_alarm_cusum_h``; with
+``probe_alarm_rule="in_a_row"``, after ``probe_alarm_patience`` probes in a row above ``probe_alarm_z``. One rule,
 offline and online, at any model's scale; calibrated on the stability benchmark's runs
 (benchmarks/research/alarm.md); :class:`~.alarm.ProbeSignal` counts it. Every ``on_pathology`` reads it when the probe
 runs: ``rewind`` rewinds (:class:`RewindAction`, below); the others act through the run's pathology action
@@ -90,12 +91,18 @@ _WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "comp
 
 @dataclass(frozen=True)
 class ProbeAlarmRule:
-    """The held-out probe's alarm on the series of its readings ``z_1, z_2, ...`` of ``probe/winner_rise_z``.
+    """The held-out probe's alarm on the series of its readings ``z_1, z_2, ...`` of ``probe/winner_rise_z`` (a
+    reading without a spread to measure, ``nan``: fewer than two pair-draws, reads as ``z_t = 0``, no rise).
 
-    Probe ``t`` is unhealthy when ``z_t > threshold`` (a reading without a spread to measure, ``nan``: fewer than two
-    pair-draws, is healthy). With ``n_0 = 0`` and ``n_t = n_{t-1} + 1`` at an unhealthy probe, ``0`` at a healthy one,
-    the alarm fires at the probe where ``n_t`` reaches ``patience``, and counts afresh from there (``n_t = 0``):
-    :meth:`count`, :func:`alarm_steps`.
+    * ``statistic="in_a_row"``: probe ``t`` is unhealthy when ``z_t > threshold``; with ``n_0 = 0`` and
+      ``n_t = n_(t-1) + 1`` at an unhealthy probe, ``0`` at a healthy one, the alarm fires at the probe where ``n_t``
+      reaches ``patience``.
+    * ``statistic="cusum"`` (:meth:`cusum`): the one-sided CUSUM ``S_0 = 0``,
+      ``S_t = max(0, S_(t-1) + z_t - threshold)`` (``threshold``: the allowance ``k``, the reading a healthy run
+      stays below), fires at the probe where ``S_t > limit`` (``h``); ``patience`` is not read. Evidence adds up over
+      probes, so a rise well above ``k`` fires at once and one just above it after a few probes.
+
+    Either statistic counts afresh from 0 after it fires (:meth:`advance`, :func:`alarm_steps`).
 
     A rewind goes back to the last probe that is a restore point (:meth:`restorable`), by a criterion stricter than
     the alarm's: ``z_t`` at most ``min(restore_z, threshold)``, a rise the probe cannot tell from zero.
@@ -104,12 +111,20 @@ class ProbeAlarmRule:
     patience: int
     threshold: float
     restore_z: float = RESTORE_Z
+    statistic: str = "in_a_row"
+    limit: float = 0.0
 
     #: the probe's figure the rule reads (:func:`~.probe.winner_rise_z`)
     SIGNAL = "probe/winner_rise_z"
 
+    @classmethod
+    def cusum(cls, allowance: float, limit: float, restore_z: float = RESTORE_Z) -> ProbeAlarmRule:
+        """The CUSUM rule with allowance ``k = allowance`` and limit ``h = limit``."""
+        return cls(patience=1, threshold=allowance, restore_z=restore_z, statistic="cusum", limit=limit)
+
     def unhealthy(self, metrics: Mapping[str, float], step: int) -> bool:
-        """Whether the probe of optimizer step ``step`` (``metrics``: its reduced figures) shows the pathology."""
+        """Whether the probe of optimizer step ``step`` (``metrics``: its reduced figures) shows the pathology: its
+        ``z`` above ``threshold`` (for the CUSUM: a reading that adds to the sum)."""
         return metrics[self.SIGNAL] > self.threshold
 
     def restorable(self, metrics: Mapping[str, float], step: int) -> bool:
@@ -125,12 +140,30 @@ class ProbeAlarmRule:
         )
 
     def count(self, in_a_row: int, unhealthy: bool) -> tuple[int, bool]:
-        """``(n_t, fired)``: the unhealthy probes in a row after a probe (``unhealthy``: its verdict) that followed
-        ``in_a_row`` of them, and whether the alarm fires at it (``n_t`` then starts again from 0)."""
+        """``(n_t, fired)`` of ``statistic="in_a_row"``: the unhealthy probes in a row after a probe (``unhealthy``:
+        its verdict) that followed ``in_a_row`` of them, and whether the alarm fires at it (``n_t`` then starts again
+        from 0)."""
         in_a_row = in_a_row + 1 if unhealthy else 0
         return (0, True) if in_a_row >= self.patience else (in_a_row, False)
 
+    def advance(self, state: float, metrics: Mapping[str, float], step: int) -> tuple[float, bool]:
+        """``(state_t, fired)``: the statistic after the probe of step ``step`` (``metrics``) that followed
+        ``state`` (``n_(t-1)`` or ``S_(t-1)``), and whether the alarm fires at it (the statistic then starts again
+        from 0)."""
+        if self.statistic != "cusum":
+            in_a_row, fired = self.count(int(state), self.unhealthy(metrics, step))
+            return float(in_a_row), fired
+        z = metrics[self.SIGNAL]
+        total = max(0.0, state + (0.0 if math.isnan(z) else z) - self.threshold)
+        return (0.0, True) if total > self.limit else (total, False)
+
     def describe(self) -> str:
+        if self.statistic == "cusum":
+            return (
+                f"the CUSUM of {self.SIGNAL} (the held-out winner error's rise over the reference's, in standard "
+                f"errors across the probe's pairs and noise draws), S_t = max(0, S_(t-1) + z_t - {self.threshold:g}), "
+                f"above {self.limit:g}"
+            )
         count = "at a single probe" if self.patience == 1 else f"for {self.patience} probes in a row"
         return (
             f"{self.SIGNAL} (the held-out winner error's rise over the reference's, in standard errors across the "
@@ -141,20 +174,23 @@ class ProbeAlarmRule:
 def alarm_steps(rule: ProbeAlarmRule, probes: Iterable[tuple[int, Mapping[str, float]]]) -> list[int]:
     """The steps at which ``rule`` fires on a run's probes (``(step, metrics)`` in order), nothing acting on them:
     the calibration's replay of a stored series and what :class:`~.alarm.ProbeSignal` does as the run goes."""
-    in_a_row, fired = 0, []
+    state, fired = 0.0, []
     for step, metrics in probes:
-        in_a_row, fires = rule.count(in_a_row, rule.unhealthy(metrics, step))
+        state, fires = rule.advance(state, metrics, step)
         if fires:
             fired.append(step)
     return fired
 
 
 def probe_alarm(args: Any) -> ProbeAlarmRule:
-    """The alarm's rule for ``args``'s run: its config's ``probe_alarm_z`` and ``probe_alarm_patience``, whose defaults
-    (the config's fields) were calibrated on the stability benchmark's runs, offline and online alike, and checked
-    without recalibrating on a larger model at another resolution:
-    ``benchmarks/results/probe/cpu-probe-alarm-z-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
-    benchmarks/research/alarm.md)."""
+    """The alarm's rule for ``args``'s run: its config's ``probe_alarm_rule``, with ``probe_alarm_cusum_k`` and
+    ``probe_alarm_cusum_h`` (the CUSUM, the default) or ``probe_alarm_z`` and ``probe_alarm_patience``
+    (``in_a_row``). The defaults (the config's fields) were chosen by the detection delay they reach at a stated
+    false-alarm rate on the stability benchmark's runs, offline and online alike, and checked without recalibrating
+    on a larger model at another resolution: ``benchmarks/results/probe/cpu-probe-alarm-sequential.json``
+    (``benchmarks/studies/probe_alarm_sequential.py``, benchmarks/research/alarm.md)."""
+    if getattr(args, "probe_alarm_rule", "in_a_row") == "cusum":
+        return ProbeAlarmRule.cusum(args.probe_alarm_cusum_k, args.probe_alarm_cusum_h)
     return ProbeAlarmRule(patience=args.probe_alarm_patience, threshold=args.probe_alarm_z)
 
 
