@@ -37,7 +37,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from . import callbacks as run_callbacks  # the probe's and the EMA's names resolved on first use: when chosen
 from . import families, objectives, rewards
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
-from .callbacks.alarm import AlarmCallback, ProbeSignal, TrainingLogSignal
+from .callbacks.alarm import AlarmCallback, ProbeSignal, TrainingLogAlarm, TrainingLogSignal
 from .callbacks.guards import PathologyAction
 from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
@@ -311,7 +311,7 @@ class DiffusionSDPOTrainer(Trainer):
         #: :class:`~.callbacks.alarm.AlarmCallback` that reads them (``None`` then)
         self.alarm: AlarmCallback | None = None
         if not any(isinstance(c, AlarmCallback) and isinstance(c.signal, TrainingLogSignal) for c in given):
-            self.alarm = AlarmCallback(TrainingLogSignal(), PathologyAction(args.on_pathology))
+            self.alarm = TrainingLogAlarm(TrainingLogSignal(), PathologyAction(args.on_pathology))
         #: the held-out probe: the config's (``probe_steps``), or the
         #: :class:`~.callbacks.probe.ProbeCallback` passed in ``callbacks=``; bound once the trainer is built
         self.probe: ProbeCallback | None = given_probe

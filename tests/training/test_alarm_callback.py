@@ -147,3 +147,29 @@ def test_the_probes_alarm_acts_once_per_step_through_the_handler_after_the_probe
     reported = {step: copy for step, _, copy in integration.seen if "loss" in copy}
     assert [reported[s]["probe/winner_rise_z"] for s in (3, 4, 6)] == readings
     assert [reported[s]["health/probe_alarm"] for s in (3, 4, 6)] == [0.0, 1.0, 0.0]
+
+
+def test_the_configs_alarms_register_without_transformers_duplicate_warning(make_trainer, make_pickapic):
+    """A run with the probe builds an alarm on the training logs and one on the probe: transformers warns when a
+    second callback of one class is registered (its list of callbacks printed into the run's log), so the two are of
+    two classes, and each keeps its state under its own key."""
+    from transformers.utils import logging as transformers_logging
+
+    records: list[str] = []
+
+    class Keep(transformers_logging.logging.Handler):
+        def emit(self, record) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep()
+    transformers_logging.add_handler(handler)
+    try:
+        trainer = make_trainer(
+            train_dataset=make_pickapic(ROWS), max_steps=1, probe_steps=1, probe_pairs=2, safeguard_space="none"
+        )
+    finally:
+        transformers_logging.remove_handler(handler)
+    assert trainer.alarm is not None and trainer.probe_alarm is not None
+    assert type(trainer.alarm) is not type(trainer.probe_alarm)
+    assert trainer.alarm.state_key != trainer.probe_alarm.state_key
+    assert not [message for message in records if "there is already one" in message]

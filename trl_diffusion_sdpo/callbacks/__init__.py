@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..config._lazy import lazy_attributes
-from .alarm import AlarmCallback, ProbeSignal, TrainingLogSignal
+from .alarm import AlarmCallback, ProbeSignal, TrainingLogAlarm, TrainingLogSignal
 from .guards import PathologyAction
 from .health import PathologyRule
 
@@ -56,6 +56,7 @@ __all__ = [
     "ProbePieces",
     "ProbeSignal",
     "RewindAction",
+    "TrainingLogAlarm",
     "TrainingLogSignal",
     "hold_back_pairs",
     "hold_back_rows",

@@ -45,7 +45,7 @@ from .health import EVIDENCE, RULE, PathologyRule, describe, remedies
 if TYPE_CHECKING:
     from .rewind import ProbeAlarmRule
 
-__all__ = ["AlarmCallback", "ProbeSignal", "ProbeVerdict", "TrainingLogSignal"]
+__all__ = ["AlarmCallback", "ProbeSignal", "ProbeVerdict", "TrainingLogAlarm", "TrainingLogSignal"]
 
 # the pathology's warning keeps the logger name of the rule's module, which users filter on
 logger = logging.getLogger(health.__name__)
@@ -351,3 +351,13 @@ class AlarmCallback(TrainerCallback, ExportableState):
             text += f"; on_pathology='rewind' would have gone back to step {restore}'s weights ({note})"
             lines.append(text + ".")
         return lines
+
+
+class TrainingLogAlarm(AlarmCallback):
+    """The alarm on the training logs that the trainer builds from ``on_pathology``: an :class:`AlarmCallback` of a
+    :class:`TrainingLogSignal`, under a class of its own so that beside an alarm on the probe (an
+    :class:`AlarmCallback` of a :class:`ProbeSignal`) transformers holds callbacks of two classes: it warns when a
+    second callback of one class is registered, and keeps their saved states under one key."""
+
+    def __init__(self, signal: TrainingLogSignal | None = None, action: PathologyAction | Any | None = None) -> None:
+        super().__init__(TrainingLogSignal() if signal is None else signal, action)
