@@ -87,7 +87,10 @@ def load_before(commit: str) -> dict[str, object]:
     return modules
 
 
-SAFEGUARDS = {"parameter": {"safeguard_space": "parameter"}, "update": {"safeguard_space": "update"}}
+SAFEGUARDS = {
+    "parameter": {"safeguard_space": "parameter", "safeguard_passes": "one"},
+    "update": {"safeguard_space": "update"},
+}
 PAIRS = 4
 # Operations that read a tensor's value back to the host (``.item()``, ``bool()``, ``float()`` and ``.tolist()`` of
 # a device tensor end in ``_local_scalar_dense``; ``equal`` and ``is_nonzero`` return host values): on an
@@ -171,10 +174,14 @@ def run(
     bf16: bool = False,
     build_pipeline: Callable[[str], object] | None = None,
     config: dict | None = None,
+    safeguards: tuple[str, ...] = ("parameter", "update"),
+    pairs: int = PAIRS,
+    between_rounds: Callable[[int], None] | None = None,
 ) -> dict:
     """One trainer run per tuning, the safeguards alternating step by step (see the module docstring);
     ``build_pipeline(tokenizer_dir)`` (the tiny SD pipeline by default) and ``config`` (more config fields) set the
-    model and the run."""
+    model and the run, ``safeguards`` the rows beside Diffusion-DPO's (of :data:`SAFEGUARDS`), ``pairs`` the pairs per
+    step; ``between_rounds(round)``, when given, runs before each round's first step, outside every clock."""
     from conftest import fast_config_values, lora_config, pickapic_rows
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -183,7 +190,7 @@ def run(
     from trl_diffusion_sdpo.safeguards import safeguard_for
     from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
-    names = ["dpo", "parameter", "parameter_before", "update", "update_before"]
+    names = ["dpo", *(f"{name}{suffix}" for name in safeguards for suffix in ("", "_before"))]
     names = names if before else [name for name in names if not name.endswith("before")]
     steps = (rounds + 2) * len(names)  # a warmup round, the timed rounds, the profiled round
     build_pipeline = build_pipeline or (
@@ -195,13 +202,13 @@ def run(
             **fast_config_values(f"{workdir}/out"),
             "max_steps": steps,
             "logging_steps": 10**6,
-            "per_device_train_batch_size": PAIRS,
+            "per_device_train_batch_size": pairs,
             "bf16": bf16,
             "safeguard_space": "none",  # the "dpo" row: plain Diffusion-DPO, not the offline default's output space
             **(config or {}),
         }
     )
-    dataset = Dataset.from_list(pickapic_rows(PAIRS))  # one batch per epoch: every step reads the same rows
+    dataset = Dataset.from_list(pickapic_rows(pairs))  # one batch per epoch: every step reads the same rows
     trainer = DiffusionSDPOTrainer(
         pipeline, args=args, train_dataset=dataset, peft_config=lora_config() if lora else None
     )
@@ -230,6 +237,8 @@ def run(
             self.clock = (0.0, 0.0)
 
         def begin(self, step: int) -> None:
+            if between_rounds is not None and step % len(names) == 0:
+                between_rounds(step // len(names))
             trainer.safeguard = safeguards[names[step % len(names)]]
             _switch_taps(safeguards, names[step % len(names)])
             if step >= profiled:
