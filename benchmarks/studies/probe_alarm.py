@@ -253,7 +253,7 @@ def _calibration_record(
     return {
         "grid": grid_record(grid),
         "rules": {name: asdict(rule) for name, rule in rules.items()},
-        "package_rule": asdict(DELTA_RULES[mode]),
+        "package_rule": {"patience": earlier.patience, "threshold": earlier.threshold},
         "package_rule_is_calibrated": package == rules["calibrated"],
         "chosen_on": on_choose,
         "aim": {"precision": 0.9, "recall": 0.9},
@@ -460,12 +460,15 @@ Z_GRID: Grid = {"winner_rise_z": ((True,), Z_THRESHOLDS)}
 SIGNALS["winner_rise_z"] = lambda r: r["winner_rise_z"]
 
 
-def package_z_rule() -> ProbeRule:
-    """The package's rule at the config's defaults (``probe_alarm_z``, ``probe_alarm_patience``: their one home)."""
-    from trl_diffusion_sdpo import DiffusionSDPOConfig
+#: the package's rule in the probe's units before its CUSUM: ``winner_rise_z`` above 7 at 4 probes in a row (this
+#: calibration chose it; ``probe_alarm_sequential.py`` compares the CUSUM with it)
+IN_A_ROW_RULE = ProbeRule("winner_rise_z", True, 7.0, 4)
 
-    fields = DiffusionSDPOConfig.__dataclass_fields__
-    return ProbeRule("winner_rise_z", True, fields["probe_alarm_z"].default, fields["probe_alarm_patience"].default)
+
+def package_z_rule() -> ProbeRule:
+    """The rule in the probe's units the package read before its CUSUM (``probe_alarm_sequential.py`` chose that):
+    ``winner_rise_z`` above 7 at 4 probes in a row, the rule this calibration chose."""
+    return IN_A_ROW_RULE
 
 
 def load_z_runs(path: Path = Z_SOURCE) -> list[dict[str, Any]]:

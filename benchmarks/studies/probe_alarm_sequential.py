@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alarm_calibration import TOLERANCE, write_page_block  # noqa: E402
-from probe_alarm import Z_SOURCE, _source, load_z_runs, z_series  # noqa: E402
+from probe_alarm import IN_A_ROW_RULE, Z_SOURCE, _source, load_z_runs, z_series  # noqa: E402
 
 SOURCE = Z_SOURCE
 OUTPUT = ROOT / "benchmarks" / "results" / "probe" / "cpu-probe-alarm-sequential.json"
@@ -62,7 +62,7 @@ START, END = "<!-- probe-alarm-sequential-tables:start -->", "<!-- probe-alarm-s
 PROBE_STEPS = 5  # the runs' probe_steps: delays are counted in probes
 FAR_TARGET = 0.05  # the stated false-alarm rate: at most 5 % of healthy runs alarm
 DRAWS, JITTER_SEED = 2000, 0
-BEFORE = ("in_a_row", 7.0, 4.0)  # the package's rule before this study (probe_alarm_z=7, probe_alarm_patience=4)
+BEFORE = ("in_a_row", IN_A_ROW_RULE.threshold, float(IN_A_ROW_RULE.patience))  # the package's rule before this study
 #: per family, its two parameters' names and grids (in the probe's units: standard errors, probes)
 GRID: dict[str, tuple[tuple[str, str], tuple[float, ...], tuple[float, ...]]] = {
     "in_a_row": (

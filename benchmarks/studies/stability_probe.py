@@ -73,12 +73,12 @@ REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
 
 
 def package_rule() -> dict[str, Any]:
-    """The alarm's rule a run reads at the config's defaults (``probe_alarm_z``, ``probe_alarm_patience``) and the
+    """The alarm's rule a run reads at the config's defaults (``probe_alarm_z``, ``probe_alarm_limit``) and the
     probe's figure it reads, as a run records it (``probe_alarm``)."""
     from trl_diffusion_sdpo import DiffusionSDPOConfig
 
     fields = DiffusionSDPOConfig.__dataclass_fields__
-    rule = ProbeAlarmRule(patience=fields["probe_alarm_patience"].default, threshold=fields["probe_alarm_z"].default)
+    rule = ProbeAlarmRule.cusum(fields["probe_alarm_z"].default, fields["probe_alarm_limit"].default)
     return {**dataclasses.asdict(rule), "signal": ProbeAlarmRule.SIGNAL}
 
 

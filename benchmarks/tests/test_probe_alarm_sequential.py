@@ -105,11 +105,8 @@ def test_the_result_file_is_its_recomputation_and_its_choice_is_the_packages_def
 
     fields = DiffusionSDPOConfig.__dataclass_fields__
     chosen = written["rules"]["chosen"]
-    assert fields["probe_alarm_rule"].default == chosen["family"] == "cusum"
-    assert (fields["probe_alarm_cusum_k"].default, fields["probe_alarm_cusum_h"].default) == (chosen["a"], chosen["b"])
-    # the earlier rule is the in-a-row option's defaults
-    before = written["rules"]["before"]
-    assert (fields["probe_alarm_z"].default, fields["probe_alarm_patience"].default) == (before["a"], before["b"])
+    assert chosen["family"] == "cusum"
+    assert (fields["probe_alarm_z"].default, fields["probe_alarm_limit"].default) == (chosen["a"], chosen["b"])
     assert written["chosen_beats_before"]["all"]
 
 

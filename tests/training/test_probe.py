@@ -164,7 +164,7 @@ def test_offline_and_online_configs_read_one_rule_from_the_config_fields():
     offline = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
     online = probe_alarm(OnlineDiffusionSDPOConfig(output_dir="unused", use_cpu=True))
     assert offline == online
-    assert probe_alarm(SimpleNamespace(probe_alarm_z=1.5, probe_alarm_patience=3)) == ProbeAlarmRule(3, 1.5)
+    assert probe_alarm(SimpleNamespace(probe_alarm_z=1.5, probe_alarm_limit=3.0)) == ProbeAlarmRule.cusum(1.5, 3.0)
 
 
 def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_kept(
@@ -194,18 +194,13 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
     from trl_diffusion_sdpo import DiffusionSDPOConfig
 
     fields = DiffusionSDPOConfig.__dataclass_fields__
-    z, patience, draws = (fields[f].default for f in ("probe_alarm_z", "probe_alarm_patience", "probe_noise_draws"))
-    k, h = (fields[f].default for f in ("probe_alarm_cusum_k", "probe_alarm_cusum_h"))
-    assert f"(`probe_alarm_rule`, default `{fields['probe_alarm_rule'].default}`)" in page
-    assert f"exceeds `probe_alarm_cusum_h` (defaults {k:g} and {h:g})" in page
-    assert (
-        f"after `probe_alarm_patience` (default {patience}) probes in a row above `probe_alarm_z` (default {z:g})"
-        in page
-    )
+    k, h, draws = (fields[f].default for f in ("probe_alarm_z", "probe_alarm_limit", "probe_noise_draws"))
+    assert "`S_t = max(0, S_(t-1) + z_t - probe_alarm_z)`" in page
+    assert f"exceeds `probe_alarm_limit` (defaults {k:g} and {h:g})" in page
     assert f"`probe_noise_draws` times (default {draws}," in page
     # One rule online: the online page names the same fields and no rule of its own.
     online = " ".join((root / "docs" / "online.md").read_text().split())
-    assert "the same rule online as offline" in online and "the config's `probe_alarm_rule`" in online
+    assert "the same rule online as offline" in online and "above `probe_alarm_z`" in online
     runs = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-cost-tiny.json").read_text())["runs"]
     shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page

@@ -57,20 +57,19 @@ def test_a_checkpoint_carries_the_sum_and_a_resumed_signal_fires_where_the_unint
     assert resumed.judge({SIGNAL: 8.0}, 5).fired  # 7.5, as the uninterrupted signal
 
 
-def test_the_defaults_build_the_cusum_and_in_a_row_keeps_its_own_fields():
+def test_the_config_builds_the_cusum_from_its_fields():
     from trl_diffusion_sdpo import DiffusionSDPOConfig
 
     config = DiffusionSDPOConfig(output_dir="unused", use_cpu=True)
     rule = probe_alarm(config)
-    assert (rule.statistic, rule.threshold, rule.limit) == ("cusum", config.probe_alarm_cusum_k,
-                                                             config.probe_alarm_cusum_h)  # fmt: skip
-    # at the defaults, readings of 8: 1.5 a probe fires at the fifth; the in-a-row rule (above 7, 4 in a row) at
-    # the fourth; both are the config's
-    assert _fired(rule, [8.0] * 5) == [5]
-    in_a_row = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True, probe_alarm_rule="in_a_row"))
-    assert _fired(in_a_row, [8.0] * 5) == [4]
-    with pytest.raises(ValueError, match="probe_alarm_rule"):
-        DiffusionSDPOConfig(output_dir="unused", use_cpu=True, probe_alarm_rule="sprt")
+    assert (rule.statistic, rule.threshold, rule.limit) == ("cusum", config.probe_alarm_z, config.probe_alarm_limit)
+    # readings of 8 at k 7, h 3.5: 1, 2, 3, 4 fires at the fourth; the earlier rule (above 7, 4 in a row) alike
+    set_ = probe_alarm(
+        DiffusionSDPOConfig(output_dir="unused", use_cpu=True, probe_alarm_z=7.0, probe_alarm_limit=3.5)
+    )
+    assert _fired(set_, [8.0] * 5) == [4] == _fired(ProbeAlarmRule(4, 7.0), [8.0] * 5)
+    with pytest.raises(ValueError, match="probe_alarm_limit"):
+        DiffusionSDPOConfig(output_dir="unused", use_cpu=True, probe_alarm_limit=-1.0)
 
 
 def test_the_start_summary_and_records_describe_the_cusum():

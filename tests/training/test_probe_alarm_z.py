@@ -1,4 +1,4 @@
-"""The held-out probe's alarm in its own units (``probe/winner_rise_z``, ``probe_alarm_z``, ``probe_alarm_patience``):
+"""The held-out probe's alarm in its own units (``probe/winner_rise_z``, ``probe_alarm_z``, ``probe_alarm_limit``):
 the statistic against scipy's one-sample t on the per-pair, per-draw differences, the one rule offline and online, and
 every ``on_pathology`` acting on the alarm (``warn`` naming the step a rewind would restore)."""
 
@@ -102,15 +102,10 @@ def test_one_rule_offline_and_online_from_the_config_fields():
     defaults = [probe_alarm(kind(output_dir="unused", use_cpu=True)) for kind in kinds]
     assert defaults[0] == defaults[1]
     fields = DiffusionSDPOConfig.__dataclass_fields__
-    assert fields["probe_alarm_rule"].default == "cusum"
-    k, h = fields["probe_alarm_cusum_k"].default, fields["probe_alarm_cusum_h"].default
-    assert defaults[0] == ProbeAlarmRule.cusum(k, h)
-    set_ = [probe_alarm(kind(output_dir="unused", use_cpu=True, probe_alarm_rule="in_a_row", probe_alarm_z=1.25,
-                             probe_alarm_patience=3)) for kind in kinds]  # fmt: skip
-    assert set_ == [ProbeAlarmRule(3, 1.25)] * 2
-    cusum = [probe_alarm(kind(output_dir="unused", use_cpu=True, probe_alarm_cusum_k=2.0, probe_alarm_cusum_h=3.0))
-             for kind in kinds]  # fmt: skip
-    assert cusum == [ProbeAlarmRule.cusum(2.0, 3.0)] * 2
+    assert defaults[0] == ProbeAlarmRule.cusum(fields["probe_alarm_z"].default, fields["probe_alarm_limit"].default)
+    set_ = [probe_alarm(kind(output_dir="unused", use_cpu=True, probe_alarm_z=1.25, probe_alarm_limit=3.0))
+            for kind in kinds]  # fmt: skip
+    assert set_ == [ProbeAlarmRule.cusum(1.25, 3.0)] * 2
 
 
 def _forced(trainer, unhealthy: set[int], patience: int = 2) -> None:

@@ -80,9 +80,8 @@ def test_a_runs_rewind_and_warning_name_the_step_the_probe_called_healthy(make_t
         max_steps=7,
         probe_steps=1,
         probe_pairs=HELD,
-        probe_alarm_rule="in_a_row",
         probe_alarm_z=7.0,
-        probe_alarm_patience=4,
+        probe_alarm_limit=3.5,
         **DPO,
     )
     recorder = Recorder()

@@ -120,8 +120,8 @@ class ProbeSignal:
     """The held-out probe's alarm: reads the reading ``probe`` published at the end of an optimizer step
     (:attr:`~.probe.ProbeCallback.last_reading`, its figures reduced over processes, so every process reads the same)
     and moves ``rule``'s statistic on (:class:`~.rewind.ProbeAlarmRule`: by default the CUSUM of
-    ``probe/winner_rise_z``, ``S_t = max(0, S_(t-1) + z_t - probe_alarm_cusum_k)``, firing above
-    ``probe_alarm_cusum_h``; or the unhealthy probes in a row), keeping the last restore point.
+    ``probe/winner_rise_z``, ``S_t = max(0, S_(t-1) + z_t - probe_alarm_z)``, firing above ``probe_alarm_limit``; or
+    the unhealthy probes in a row), keeping the last restore point.
 
     Args:
         probe: the :class:`~.probe.ProbeCallback` it reads, which must run before the alarm in ``on_step_end``
@@ -182,9 +182,7 @@ class ProbeSignal:
         }
 
     def restore(self, saved: Mapping[str, Any]) -> None:
-        self.healthy_step = saved["healthy_step"]
-        # a checkpoint written before the CUSUM saved the in-a-row count under its own name
-        self.alarm_statistic = float(saved.get("alarm_statistic", saved.get("unhealthy_in_a_row", 0)))
+        self.healthy_step, self.alarm_statistic = saved["healthy_step"], float(saved["alarm_statistic"])
         self.healthy_z = saved.get("healthy_z")
 
 

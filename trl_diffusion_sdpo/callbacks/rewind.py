@@ -1,12 +1,11 @@
 """The held-out probe's alarm, and ``on_pathology="rewind"``: back to the last step the probe called healthy.
 
-The alarm (:class:`ProbeAlarmRule`, from the config's ``probe_alarm_rule`` and its parameters: :func:`probe_alarm`)
-reads the probe's reduced figures (:mod:`.probe`), so every process reaches the same verdict at the same step. It
-reads the pathology as the paper defines it (Fu et al., arXiv 2511.03317: the winner's denoising error rising above
-the reference's) in the probe's own units, ``probe/winner_rise_z`` (the held-out winner error's rise over the
-reference's, over its standard error across the probe's pairs and noise draws): by default a one-sided CUSUM,
-``S_t = max(0, S_(t-1) + z_t - probe_alarm_cusum_k)``, fires when ``S_t`` exceeds ``probe_alarm_cusum_h``; with
-``probe_alarm_rule="in_a_row"``, after ``probe_alarm_patience`` probes in a row above ``probe_alarm_z``. One rule,
+The alarm (:class:`ProbeAlarmRule`, from the config's ``probe_alarm_z`` and ``probe_alarm_limit``:
+:func:`probe_alarm`) reads the probe's reduced figures (:mod:`.probe`), so every process reaches the same verdict at
+the same step. It reads the pathology as the paper defines it (Fu et al., arXiv 2511.03317: the winner's denoising
+error rising above the reference's) in the probe's own units, ``probe/winner_rise_z`` (the held-out winner error's
+rise over the reference's, over its standard error across the probe's pairs and noise draws): a one-sided CUSUM,
+``S_t = max(0, S_(t-1) + z_t - probe_alarm_z)``, fires when ``S_t`` exceeds ``probe_alarm_limit``. One rule,
 offline and online, at any model's scale; calibrated on the stability benchmark's runs
 (benchmarks/research/alarm.md); :class:`~.alarm.ProbeSignal` counts it. Every ``on_pathology`` reads it when the probe
 runs: ``rewind`` rewinds (:class:`RewindAction`, below); the others act through the run's pathology action
@@ -183,15 +182,13 @@ def alarm_steps(rule: ProbeAlarmRule, probes: Iterable[tuple[int, Mapping[str, f
 
 
 def probe_alarm(args: Any) -> ProbeAlarmRule:
-    """The alarm's rule for ``args``'s run: its config's ``probe_alarm_rule``, with ``probe_alarm_cusum_k`` and
-    ``probe_alarm_cusum_h`` (the CUSUM, the default) or ``probe_alarm_z`` and ``probe_alarm_patience``
-    (``in_a_row``). The defaults (the config's fields) were chosen by the detection delay they reach at a stated
-    false-alarm rate on the stability benchmark's runs, offline and online alike, and checked without recalibrating
-    on a larger model at another resolution: ``benchmarks/results/probe/cpu-probe-alarm-sequential.json``
-    (``benchmarks/studies/probe_alarm_sequential.py``, benchmarks/research/alarm.md)."""
-    if getattr(args, "probe_alarm_rule", "in_a_row") == "cusum":
-        return ProbeAlarmRule.cusum(args.probe_alarm_cusum_k, args.probe_alarm_cusum_h)
-    return ProbeAlarmRule(patience=args.probe_alarm_patience, threshold=args.probe_alarm_z)
+    """The alarm's rule for ``args``'s run: the CUSUM of its config's ``probe_alarm_z`` (the allowance ``k``) and
+    ``probe_alarm_limit`` (``h``), whose defaults (the config's fields) were chosen by the detection delay they reach
+    at a stated false-alarm rate on the stability benchmark's runs, offline and online alike, and checked without
+    recalibrating on a larger model at another resolution:
+    ``benchmarks/results/probe/cpu-probe-alarm-sequential.json`` (``benchmarks/studies/probe_alarm_sequential.py``,
+    benchmarks/research/alarm.md)."""
+    return ProbeAlarmRule.cusum(args.probe_alarm_z, args.probe_alarm_limit)
 
 
 def restore_point_note(step: int, z: float | None, rule: ProbeAlarmRule) -> str:

@@ -56,11 +56,8 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "probe_pairs",
             "probe_pairs_seed",
             "probe_noise_draws",
-            "probe_alarm_rule",
-            "probe_alarm_cusum_k",
-            "probe_alarm_cusum_h",
             "probe_alarm_z",
-            "probe_alarm_patience",
+            "probe_alarm_limit",
         ),
     ),
     "Parameters that control the data": (

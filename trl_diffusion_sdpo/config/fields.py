@@ -31,7 +31,6 @@ from .rules import (
     NOISING_MODES,
     NONFINITE_ACTIONS,
     PATHOLOGY_ACTIONS,
-    PROBE_ALARM_RULES,
     SAFEGUARD_PASSES,
     SAFEGUARD_SCOPES,
     SAFEGUARD_SPACES,
@@ -211,7 +210,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(offline, with `safeguard_space='none'`): train as Diffusion-DPO until it fires, then switch to the "
         "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
         "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires "
-        "(`probe_alarm_rule`), put the "
+        "(`probe_alarm_z`, `probe_alarm_limit`), put the "
         "trainable weights, the optimizer state, the EMA weights, the auto-beta, an automatic `safeguard_mu` and the "
         "fp16 gradient scaler back to the last probe that could not tell the winner error's rise from zero (else the "
         "start), logged as `health/rewind_to` (the "
@@ -251,34 +250,19 @@ class DiffusionSDPOConfig(TrainingArguments):
         "to measure. Each draw is one more forward of the policy and the reference on the probe's pairs "
         "(docs/safeguard.md states the cost).",
     )
-    probe_alarm_rule: str = option(
-        "cusum",
-        "The held-out probe's alarm, on `probe/winner_rise_z` (the held-out winner error's rise over the reference's, "
-        "over its standard error across the probe's pairs and noise draws: the probe's own units, without the errors' "
-        "scale), offline and online alike. `cusum`: a one-sided CUSUM, `S_t = max(0, S_(t-1) + z_t - "
-        "probe_alarm_cusum_k)` from `S_0 = 0`, fires when `S_t` exceeds `probe_alarm_cusum_h`. `in_a_row`: fires "
-        "after `probe_alarm_patience` probes in a row above `probe_alarm_z`. Either starts afresh after it fires. "
-        "Every `on_pathology` reads it when the probe runs (docs/safeguard.md: the rule and its calibration).",
-        choices=list(PROBE_ALARM_RULES),
-    )
-    probe_alarm_cusum_k: float = option(
-        6.5,
-        "The CUSUM's allowance (`probe_alarm_rule='cusum'`): each probe adds its `probe/winner_rise_z` minus this to "
-        "the sum, so readings below it drain the sum and readings above it add up.",
-    )
-    probe_alarm_cusum_h: float = option(
-        6.0,
-        "The CUSUM's limit (`probe_alarm_rule='cusum'`): the alarm fires at the probe whose sum exceeds this.",
-    )
     probe_alarm_z: float = option(
-        7.0,
-        "With `probe_alarm_rule='in_a_row'`: a probe is unhealthy when `probe/winner_rise_z` is above this; the alarm "
-        "fires after `probe_alarm_patience` unhealthy probes in a row.",
+        6.5,
+        "The held-out probe's alarm, a one-sided CUSUM of `probe/winner_rise_z` (the held-out winner error's rise "
+        "over the reference's, over its standard error across the probe's pairs and noise draws: the probe's own "
+        "units, without the errors' scale), offline and online alike: `S_t = max(0, S_(t-1) + z_t - probe_alarm_z)` "
+        "from `S_0 = 0`, so a probe above this adds to the sum and one below it drains it; the alarm fires where "
+        "`S_t` exceeds `probe_alarm_limit`, and the sum starts again from 0. Every `on_pathology` reads it when the "
+        "probe runs (docs/safeguard.md: the rule and its calibration).",
     )
-    probe_alarm_patience: int = option(
-        4,
-        "With `probe_alarm_rule='in_a_row'`: the unhealthy probes in a row (`probe/winner_rise_z` above "
-        "`probe_alarm_z`) at which the held-out probe's alarm fires.",
+    probe_alarm_limit: float = option(
+        6.0,
+        "The held-out probe's alarm fires at the probe whose CUSUM (`probe_alarm_z`) exceeds this: one probe above "
+        "`probe_alarm_z` by more than this fires at once, smaller rises after a few probes.",
     )
     # Data
     resolution: int = option(

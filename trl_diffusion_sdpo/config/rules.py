@@ -31,7 +31,6 @@ __all__ = [
     "NOISING_MODES",
     "NONFINITE_ACTIONS",
     "PATHOLOGY_ACTIONS",
-    "PROBE_ALARM_RULES",
     "SAFEGUARD_PASSES",
     "SAFEGUARD_SCOPES",
     "SAFEGUARD_SPACES",
@@ -53,8 +52,6 @@ SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
 PATHOLOGY_ACTIONS = ("warn", "escalate", "stop", "safeguard", "rewind")
-# The held-out probe's alarm statistics (callbacks.rewind.ProbeAlarmRule reads them).
-PROBE_ALARM_RULES = ("cusum", "in_a_row")
 # Kept equal to families.inversion's NOISING_MODES / INVERSION_NETWORKS and objectives.dspo's DSPO_FORMS (tests
 # check): ``--help`` lists them, and the config imports no family or objective. The objective checks dspo_form.
 NOISING_MODES = ("forward", "inversion")
@@ -80,10 +77,7 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "probe_pairs": Range(1, integer=True, hint="At least the number of processes."),
     "probe_pairs_seed": Range(0, integer=True, optional=True, hint="None: the run's seed."),
     "probe_noise_draws": Range(1, integer=True),
-    "probe_alarm_rule": Choice(PROBE_ALARM_RULES),
-    "probe_alarm_cusum_k": Range(0),
-    "probe_alarm_cusum_h": Range(0),
-    "probe_alarm_patience": Range(1, integer=True),
+    "probe_alarm_limit": Range(0),
     # the data
     "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
     "num_frames": Range(1, integer=True, optional=True, hint="Wan needs 4k + 1 frames (81, 33, 17, ...)."),
