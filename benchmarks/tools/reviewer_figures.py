@@ -59,6 +59,7 @@ from loaded_modules import (  # noqa: E402
     store_run,
 )
 
+from tests.helpers.core import CORE  # noqa: E402
 from tests.helpers.source_scans import is_online_reads_in, is_private, private_trainer_reads_in  # noqa: E402
 
 PACKAGE = "trl_diffusion_sdpo"
@@ -299,90 +300,6 @@ def package_lines(package_dir: Path) -> dict:
     """The package's Python files and their physical lines."""
     files = sorted(package_dir.rglob("*.py"))
     return {"files": len(files), "lines": sum(physical_lines(path) for path in files)}
-
-
-#: the core an upstream pull request would take, by part (docs/design.md's "The core" names the same modules): a
-#: trainer on transformers.Trainer running Diffusion-DPO and the output-space safeguard on the SD, SDXL, SD3 and
-#: FLUX.1 families, with its config, data, probe, alarm, EMA and saving; everything else sits on top of it
-CORE: dict[str, tuple[str, ...]] = {
-    "trainer": ("__init__.py", "trainer.py"),
-    "config": tuple(
-        f"config/{name}.py"
-        for name in (
-            "__init__",
-            "_lazy",
-            "checks",
-            "defaults",
-            "fields",
-            "file_modes",
-            "messages",
-            "pathology",
-            "rules",
-        )
-    ),
-    "Diffusion-DPO objective": ("objectives/__init__.py", "objectives/base.py", "objectives/dpo.py"),
-    "the step": ("step/__init__.py", "step/stages.py", "step/predictions.py", "step/frozen_reference.py"),
-    "output-space safeguard": (
-        "safeguards/__init__.py",
-        "safeguards/base.py",
-        "safeguards/output.py",
-        "safeguards/margin.py",
-    ),
-    "engines (one process, DDP)": ("engines/__init__.py", "engines/base.py", "engines/plain.py"),
-    "SD, SDXL, SD3, FLUX.1 families": tuple(
-        f"families/{name}.py"
-        for name in (
-            "__init__",
-            "base",
-            "registry",
-            "loading",
-            "preparation",
-            "noising",
-            "flow",
-            "sd",
-            "sdxl",
-            "sd3",
-            "flux",
-        )
-    ),
-    "data": tuple(
-        f"data/{name}.py"
-        for name in (
-            "__init__",
-            "errors",
-            "names",
-            "columns",
-            "formats",
-            "pickapic",
-            "validation",
-            "transforms",
-            "collators",
-            "preparation",
-            "training_data",
-            "progress",
-        )
-    ),
-    "probe, alarm, EMA": (
-        "callbacks/__init__.py",
-        "callbacks/probe.py",
-        "callbacks/alarm.py",
-        "callbacks/health.py",
-        "callbacks/guards.py",
-        "callbacks/ema.py",
-        "callbacks/interruptions.py",
-        "callbacks/state_files.py",
-    ),
-    "saving": (
-        "io/__init__.py",
-        "io/run_files.py",
-        "io/saving.py",
-        "io/checkpoints.py",
-        "io/checkpoint_writing.py",
-        "io/hub.py",
-        "io/console.py",
-        "io/run_summary.py",
-    ),
-}
 
 
 def core_lines(package_dir: Path) -> dict:

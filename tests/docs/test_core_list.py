@@ -1,21 +1,13 @@
 """docs/design.md's table of the core names the parts and modules that benchmarks/tools/reviewer_figures.py counts
-(its ``CORE``), and every module it names exists."""
+(``tests.helpers.core.CORE``), and every module it names exists."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
+from tests.helpers.core import CORE
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _core() -> dict[str, tuple[str, ...]]:
-    sys.path.insert(0, str(ROOT / "benchmarks" / "tools"))
-    try:
-        return importlib.import_module("reviewer_figures").CORE
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks" / "tools"))
 
 
 def _documented() -> dict[str, tuple[str, ...]]:
@@ -28,10 +20,10 @@ def _documented() -> dict[str, tuple[str, ...]]:
 
 
 def test_the_design_documents_core_is_the_one_the_figures_count() -> None:
-    assert _documented() == _core()
+    assert _documented() == CORE
 
 
 def test_every_core_module_exists() -> None:
     package = ROOT / "trl_diffusion_sdpo"
-    missing = [name for files in _core().values() for name in files if not (package / name).is_file()]
+    missing = [name for files in CORE.values() for name in files if not (package / name).is_file()]
     assert not missing, f"core modules that no longer exist (rename them in CORE and docs/design.md): {missing}"
