@@ -401,12 +401,6 @@ class DiffusionSDPOTrainer(Trainer):
         self._next_log: dict[str, float] = {}  # what callbacks handed log_next since the last training log
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
-    def _switch_safeguard(self) -> None:
-        """``on_pathology="safeguard"``: the dormant safeguard in force from the next micro-batch on. Called from the
-        training log, whose signals are reduced over every process, so every process switches at the same step."""
-        if self._dormant_safeguard is not None:
-            self.set_safeguard(self._dormant_safeguard)
-
     # ------------------------------------------------------------------ what callbacks read and set
 
     @property
