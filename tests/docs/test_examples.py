@@ -24,6 +24,7 @@ from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.cli.main import main as cli_main
 from trl_diffusion_sdpo.cli.train import main as train_main
 from trl_diffusion_sdpo.cli.train import parse_args
+from trl_diffusion_sdpo.io.checkpoints import file_sha256
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -31,6 +32,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import train_sd15  # noqa: E402
 import train_sdxl  # noqa: E402
+
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
@@ -337,9 +339,12 @@ def test_train_command_resumes_from_the_newest_checkpoint_with_resume_true(local
     first_loss = next(entry for entry in state["log_history"] if "loss" in entry)
     first_loss["loss"] = 12345.0
     state_file.write_text(json.dumps(state))
-    manifest = out / "checkpoint-2" / "checkpoint_manifest.json"
-    if manifest.is_file():  # the checkpoint's checksums cover trainer_state.json; keep the marked file valid
-        manifest.unlink()
+    # the completion mark's checksums cover trainer_state.json: record the edited file there, as a save would have
+    manifest_path = out / "checkpoint-2" / "checkpoint_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["trainer_state.json"] = state_file.stat().st_size
+    manifest["sha256"]["trainer_state.json"] = file_sha256(str(state_file))
+    manifest_path.write_text(json.dumps(manifest))
     resumed = train_main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"])
     losses = {entry["step"]: entry["loss"] for entry in resumed.state.log_history if "loss" in entry}
     assert resumed.state.global_step == 3 and sorted(losses) == [1, 2, 3] and losses[1] == 12345.0
