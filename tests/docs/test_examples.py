@@ -34,7 +34,6 @@ import train_sd15  # noqa: E402
 import train_sdxl  # noqa: E402
 
 
-
 def _png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((size[1], size[0], 3), color, np.uint8)).save(buffer, format="PNG")
