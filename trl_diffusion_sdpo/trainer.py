@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import is_compiled_module
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
@@ -528,10 +529,15 @@ class DiffusionSDPOTrainer(Trainer):
         """``accelerator.unwrap_model(model)``, looked up once per wrapper: the lookup walks every module for compiled
         regions (milliseconds on a UNet), and the policy is needed every step (the LoRA reference, the exact rule's
         passes). One entry per wrapper, as a step asks with both ``self.model`` and the engine's wrapper (DDP's), each
-        held weakly (a discarded DDP wrapper's buckets are not kept alive)."""
+        held weakly (a discarded DDP wrapper's buckets are not kept alive). A compiled wrapper (``torch_compile``)
+        gives the denoiser compiled with the run's settings, so that the exact rule's passes run compiled: taken out
+        with ``keep_torch_compile=False``, since accelerate's default re-points the wrapper's module past DDP's."""
         unwrapped = self._unwrap_cache.get(model)
         if unwrapped is None:
-            unwrapped = self._unwrap_cache[model] = self.accelerator.unwrap_model(model)
+            unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+            if is_compiled_module(model):
+                unwrapped = torch.compile(unwrapped, **self.accelerator.state.dynamo_plugin.to_kwargs())
+            self._unwrap_cache[model] = unwrapped
         return unwrapped
 
     # ------------------------------------------------------------------ files

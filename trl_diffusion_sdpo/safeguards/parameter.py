@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import is_compiled_module
 
 from ..engines import Engine
 from ..engines.base import trainable_parameters
@@ -348,9 +349,20 @@ class ParameterSpaceBackward:
     # ------------------------------------------------------------------ which passes
 
     def _decide(self, policy: torch.nn.Module) -> None:
-        """One pass where the engine, the trainable weights and ``passes`` allow it; else why not, said once."""
+        """One pass where the engine, the trainable weights and ``passes`` allow it; else why not, said once. A
+        compiled ``policy`` (``torch_compile``) runs the per-branch passes: the one pass's per-layer taps write the
+        branches' gradients from inside autograd Functions, which break ``torch.compile``'s graph at every layer,
+        while each per-branch pass is a plain forward and backward of the compiled module."""
         self._decided = True
-        reason = "safeguard_passes='two'" if self.passes_option == "two" else self.collectives.one_pass_reason()
+        if self.passes_option == "two":
+            reason = "safeguard_passes='two'"
+        elif is_compiled_module(policy):
+            reason = (
+                "the denoiser is compiled (torch_compile), which captures the per-branch passes whole and would "
+                "break its graph at every per-layer tap of the one pass"
+            )
+        else:
+            reason = self.collectives.one_pass_reason()
         if reason is None:
             store = self.collectives.one_pass_store(policy, trainable_parameters(policy))
             if store.uncovered:
