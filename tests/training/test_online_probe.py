@@ -16,7 +16,7 @@ from peft import LoraConfig
 from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
 from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, states_equal, trained_weights
 from trl_diffusion_sdpo import DiffusionSDPOConfig
-from trl_diffusion_sdpo.callbacks.probe import probe_seed
+from trl_diffusion_sdpo.callbacks.probe import probe_seed, stratified_draw
 from trl_diffusion_sdpo.callbacks.rewind import probe_alarm
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.demo.shapes import all_captions
@@ -27,6 +27,15 @@ from trl_diffusion_sdpo.online.generation import image_seed
 
 HELD = 2
 EVAL_PROMPTS = [c.text for c in all_captions()[8:12]]  # not among the training prompts
+
+
+def held_and_kept(prompts: list[str], seed: int, count: int = HELD) -> tuple[list[str], list[str]]:
+    """The prompts the probe holds back, drawn apart from the package (a seeded stratified draw: every prompt differs
+    here, so a plain draw without replacement), and the training prompts left, each in the given order."""
+    drawn = set(stratified_draw(prompts, count, seed))
+    return [p for i, p in enumerate(prompts) if i in drawn], [p for i, p in enumerate(prompts) if i not in drawn]
+
+
 DPO = {"safeguard_space": "none"}
 
 
@@ -77,7 +86,8 @@ def test_an_online_probe_and_a_quiet_rewind_train_bit_for_bit_as_the_run_without
 
 @pytest.mark.slow  # by default: the bit-for-bit test above and test_the_held_out_prompts_are_never_sampled_...
 def test_prompts_held_back_from_training_leave_the_run_as_one_on_the_other_prompts(tmp_path):
-    plain = online_trainer(tmp_path / "plain", prompts=PROMPTS[:-HELD])
+    seed = online_config(tmp_path / "unused").seed  # the run's seed draws the held-back prompts
+    plain = online_trainer(tmp_path / "plain", prompts=held_and_kept(PROMPTS, seed)[1])
     plain.train()
     probed = online_trainer(tmp_path / "probed", probe_steps=1, probe_pairs=HELD)
     probed.train()
@@ -120,9 +130,9 @@ def test_the_held_out_prompts_are_never_sampled_for_training_and_their_pairs_are
         return red_minus_blue(prompts, images)
 
     trainer = online_trainer(tmp_path, reward=recording, probe_steps=1, probe_pairs=HELD, max_steps=4)
-    held = PROMPTS[-HELD:]
+    held, kept = held_and_kept(PROMPTS, trainer.args.seed)
     assert seen == [p for p in held for _ in range(trainer.args.num_generations)]  # the probe's pairing, once
-    assert list(trainer.train_dataset["prompt"]) == PROMPTS[:-HELD]
+    assert list(trainer.train_dataset["prompt"]) == kept
     # The probe's pairs: the initial policy's samples of the held-out prompts at the probe's seeds, never at the
     # training stream's (the run's seed), each prompt's best against its worst.
     batch = trainer.probe.probe.batch
@@ -136,7 +146,7 @@ def test_the_held_out_prompts_are_never_sampled_for_training_and_their_pairs_are
     torch.testing.assert_close(batch["prompt_embeds"], embeds)
     seen.clear()
     trainer.train()
-    assert seen and set(seen) <= set(PROMPTS[:-HELD])
+    assert seen and set(seen) <= set(kept)
 
 
 @pytest.mark.parametrize(  # the snapshot on disk by default: test_probe.py's test_a_rewind_restores_the_last_...
@@ -176,13 +186,35 @@ def test_the_start_summary_states_the_held_back_prompts_and_how_they_were_paired
     with caplog.at_level("INFO", logger="trl_diffusion_sdpo.io.run_summary"):
         trainer.train()
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training "))
-    assert f"on {HELD} pairs of {HELD} prompts held back from the training prompts" in summary
+    seed = trainer.args.seed
+    assert (
+        f"on {HELD} pairs of {HELD} prompts held back from the training prompts (drawn at random with seed {seed})"
+        in summary
+    )
     assert "sampled once before training by the initial policy" in summary
     assert "then stops with the healthy weights" in summary
     # One rule offline and online: the config's fields, at the offline config's defaults.
     offline = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
     assert trainer.probe_alarm.signal.rule == probe_alarm(trainer.args) == offline
     assert f"the alarm ({offline.describe()})" in summary
+
+
+def test_an_online_probe_draws_its_prompts_across_a_sorted_prompt_list_with_its_own_seed():
+    from types import SimpleNamespace
+
+    from trl_diffusion_sdpo.online.probe_pairs import hold_back_prompts
+
+    prompts = sorted(f"{colour} shape {i}" for colour in ("blue", "green", "red") for i in range(8))  # by prompt
+    data = Dataset.from_dict({"prompt": prompts})
+    args = SimpleNamespace(probe_steps=5, probe_pairs=6, seed=42, probe_pairs_seed=None)
+    train, held = hold_back_prompts(data, None, args)
+    assert list(held["prompt"]) == held_and_kept(prompts, 42, 6)[0]
+    assert list(held["prompt"]) != prompts[-6:] and len({p.split()[0] for p in held["prompt"]}) > 1
+    assert sorted(list(train["prompt"]) + list(held["prompt"])) == prompts  # every prompt once, on one side
+    assert "drawn at random with seed 42" in held.info.description
+    # probe_pairs_seed draws them in place of the run's seed
+    _, other = hold_back_prompts(data, None, SimpleNamespace(**{**vars(args), "probe_pairs_seed": 7}))
+    assert list(other["prompt"]) == held_and_kept(prompts, 7, 6)[0] != list(held["prompt"])
 
 
 def test_an_online_probe_refuses_what_it_cannot_honour(tmp_path):

@@ -59,6 +59,7 @@ __all__ = [
     "ProbeCallback",
     "ProbePieces",
     "first_rows",
+    "held_back_how",
     "held_back_seed",
     "hold_back_pairs",
     "hold_back_rows",
@@ -213,11 +214,24 @@ def _prompts(dataset: Dataset) -> list[Any] | None:
     return [value if isinstance(value, str) else repr(value) for value in values]
 
 
+_HELD_BACK = "held back from the training data ({})"
+
+
 def _described(held: Dataset, how: str) -> Dataset:
     """``held`` with ``info.description`` saying how it was held back from the training data (``select`` and
     ``from_list`` give each dataset an info of its own: the training part's stays as it was)."""
-    held.info.description = f"held back from the training data ({how})"
+    held.info.description = _HELD_BACK.format(how)
     return held
+
+
+def held_back_how(held: Any) -> str:
+    """How :func:`hold_back_rows` drew ``held`` (the words inside its description's parentheses: "drawn at random
+    with seed 42", "its last 4 rows", ...); "how is not recorded" for rows held back elsewhere."""
+    description = getattr(getattr(held, "info", None), "description", None) or ""
+    before, _, after = _HELD_BACK.partition("{}")
+    if description.startswith(before) and description.endswith(after):
+        return description[len(before) : len(description) - len(after)]
+    return "how is not recorded"
 
 
 class HeldOutProbe:

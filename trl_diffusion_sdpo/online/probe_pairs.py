@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
-from ..callbacks.probe import first_rows, hold_back_rows, probe_seed
+from ..callbacks.probe import first_rows, held_back_seed, hold_back_rows, probe_seed
 from .generation import GeneratedPairs, GenerationSettings, GenerationStage
 
 __all__ = [
@@ -48,12 +48,16 @@ PROBE_PAIR_MODE = "best-worst"
 def hold_back_prompts(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
     """``(train_dataset, held)``: the online run's probe prompts (``None`` without ``probe_steps``): the first
     ``probe_pairs`` of ``eval_dataset``'s prompts, else ``probe_pairs`` prompts held back from ``train_dataset`` as
-    :func:`~trl_diffusion_sdpo.callbacks.probe.hold_back_rows` holds rows back; the trainer pairs them."""
+    the offline probe holds rows back (:func:`~trl_diffusion_sdpo.callbacks.probe.hold_back_pairs`): drawn at random
+    with ``probe_pairs_seed`` (else the run's ``seed``), stratified where prompts repeat; a streamed dataset's first
+    ones. The trainer pairs them."""
     if not getattr(args, "probe_steps", None):
         return train_dataset, None
     count = args.probe_pairs
     if eval_dataset is None:
-        return hold_back_rows(train_dataset, count, "prompts")
+        if isinstance(train_dataset, IterableDataset):
+            return hold_back_rows(train_dataset, count, "prompts")
+        return hold_back_rows(train_dataset, count, "prompts", seed=held_back_seed(args))
     held = first_rows(eval_dataset, count)
     if len(held) < count:
         raise ValueError(

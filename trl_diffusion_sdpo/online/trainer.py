@@ -281,7 +281,8 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
 
     def _pair_probe_prompts(self, probe: ProbeCallback, from_eval: bool) -> None:
         """The probe's held-out prompts paired (:mod:`.probe_pairs`) and what the start summary says of them."""
-        from .probe_pairs import PROBE_PAIR_MODE, held_out_pairs  # only a run that probes loads them
+        from ..callbacks.probe import held_back_how  # only a run that probes loads the probe's modules
+        from .probe_pairs import PROBE_PAIR_MODE, held_out_pairs  # the pairing too, in a run that probes
 
         started = time.perf_counter()
         made = held_out_pairs(self, probe.held)
@@ -290,7 +291,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         where = (
             f"the eval prompts' first {made.prompts}"
             if from_eval
-            else f"{made.prompts} prompts held back from the training prompts (their last rows; a stream's first)"
+            else f"{made.prompts} prompts held back from the training prompts ({held_back_how(probe.held)})"
         )
         probe.source = (
             f"{made.pairs} pairs of {where}, sampled once before training by the initial policy with the run's "
