@@ -341,13 +341,15 @@ def run(parts: Path, worker: int, workers: int, cells: list[str] | None) -> int:
         for s in SETTINGS
         if not (parts / f"{run_key(c, s, seed)}.json").exists()
     ]
-    # the first cells' first seeds, then the rest's first seeds, then every later seed; within them seed by seed,
-    # the held-out model's cells last (its base may still be pretraining)
+    # the first cells' first seeds, then the rest's first seeds, then every later seed; the held-out model's cells
+    # after the others' (its base may still be pretraining), then seed by seed
     rank = {c: i for i, c in enumerate(CELLS)}
-    todo.sort(key=lambda t: (t[2] >= FIRST_SEEDS, rank[t[0]] >= FIRST, t[2], t[0].model != CALIBRATION_MODEL))
+    todo.sort(key=lambda t: (t[2] >= FIRST_SEEDS, rank[t[0]] >= FIRST, t[0].model != CALIBRATION_MODEL, t[2]))
     print(f"{len(todo)} runs to do", flush=True)
     for cell, setting, seed in todo:
         result = train_one(cell, setting, seed)
+        if result["last_step"] < MAX_STEPS and len(result["rewinds"]) < 2:  # preempted (SIGTERM): whole runs only
+            raise RuntimeError(f"{run_key(cell, setting, seed)} stopped at step {result['last_step']}")
         path = parts / f"{run_key(cell, setting, seed)}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
