@@ -5,6 +5,7 @@ the host than Diffusion-DPO's, and holds one gradient-sized buffer beyond Diffus
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -12,11 +13,12 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
-from tests.helpers.host_reads import safeguard_host_reads
+from tests.helpers.host_reads import StepHostReads
 from trl_diffusion_sdpo.objectives import PreferencePredictions
 from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.safeguards.gradients.per_branch import BranchGradientSplitter
 from trl_diffusion_sdpo.safeguards.parameter import loss_cotangents
+from trl_diffusion_sdpo.step.backward import PassesInStep
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 PAIRS = 2
@@ -191,10 +193,45 @@ def test_a_compiled_step_equals_the_eager_per_branch_step(make_trainer, fresh_dy
     assert worst <= 64
 
 
-def test_a_compiled_step_reads_nothing_more_back_to_the_host_than_diffusion_dpo(make_trainer, fresh_dynamo):
-    reads = safeguard_host_reads(make_trainer, ["none", "parameter", "update"], **COMPILED)
-    for name in ("parameter", "update"):
-        assert len(reads[name]) <= len(reads["none"]), (name, reads[name], reads["none"])
+def _compiled_step_reads(make_trainer, monkeypatch, **overrides) -> list[str]:
+    """The host reads of a compiled run's second optimizer step (its first compiles and decides the passes),
+    counting those inside the passes too: autograd runs a backward with no torch-function mode on, so the passes that
+    Trainer's backward carries (:class:`~trl_diffusion_sdpo.step.backward.PassesInStep`) re-enter the step's
+    counter."""
+    counted = StepHostReads(lambda step: step == 1)
+    carried = PassesInStep._backward
+
+    def backward_counted(passes, scale):
+        with counted._counter if counted._counter is not None else contextlib.nullcontext():
+            carried(passes, scale)
+
+    monkeypatch.setattr(PassesInStep, "_backward", backward_counted)
+    trainer = make_trainer(max_steps=2, logging_steps=1000, callbacks=[counted], **overrides, **COMPILED)
+    trainer.train()
+    return counted.reads[1]
+
+
+def test_a_compiled_step_reads_nothing_more_back_to_the_host_than_diffusion_dpo(make_trainer, monkeypatch):
+    dpo = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space="none")
+    for space in ("parameter", "update"):
+        torch._dynamo.reset()
+        reads = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space=space)
+        assert len(reads) <= len(dpo), (space, reads, dpo)
+
+
+def test_the_counter_sees_a_read_inside_the_carried_passes(make_trainer, monkeypatch):
+    """Planted: ``<g_w, g_w>`` read on the host between the winner's and the loser's pass (inside Trainer's
+    backward) is counted."""
+    winner_pass = BranchGradientSplitter.backward_winner
+
+    def reading(store, *args, **kwargs):
+        winner_sq = winner_pass(store, *args, **kwargs)
+        winner_sq.item()
+        return winner_sq
+
+    monkeypatch.setattr(BranchGradientSplitter, "backward_winner", reading)
+    reads = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space="parameter")
+    assert any(read.startswith("item at " + __file__) for read in reads), reads
 
 
 # ---------------------------------------------------------------------------------------------- memory
