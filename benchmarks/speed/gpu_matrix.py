@@ -122,13 +122,22 @@ def build_model(spec: ModelSpec, opts: argparse.Namespace, workdir: str, base: s
     return pipeline
 
 
-def cell_plan(opts: argparse.Namespace) -> list[tuple[str, str, str]]:
-    """Each cell's key, safeguard setting and base, in order: the setting's name alone with one ``--base``; with
-    several, ``setting@base`` for every base and setting (bases outer)."""
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def cell_plan(opts: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """Each cell's key, safeguard setting, base and compile mode, in order: the setting's name alone with one
+    ``--base`` and eager; ``setting+mode`` for a ``--compile-modes`` mode other than ``none`` (Trainer's
+    ``torch_compile`` with ``torch_compile_mode=mode``); with several bases, ``...@base`` (bases outer, then modes)."""
     settings, bases = opts.settings.split(","), opts.base.split(",")
-    if len(bases) == 1:
-        return [(setting, setting, bases[0]) for setting in settings]
-    return [(f"{setting}@{base}", setting, base) for base in bases for setting in settings]
+    modes = opts.compile_modes.split(",")
+    plan = []
+    for base in bases:
+        for mode in modes:
+            for setting in settings:
+                key = setting if mode == "none" else f"{setting}+{mode}"
+                plan.append((key if len(bases) == 1 else f"{key}@{base}", setting, base, mode))
+    return plan
 
 
 # estimate-memory's safeguard term per setting (the per-pair scope has none: its refusal or its own buffer)
@@ -179,6 +188,8 @@ SETTING_KEYS = (
     "budget_s",
     "grace_s",
     "threads",
+    "compile_modes",
+    "profile_steps",
 )
 MEMORY_MEASURES = {"cuda": "torch.cuda.max_memory_allocated, reset before each step", "cpu": "process RSS (CPU)"}
 
@@ -189,9 +200,15 @@ class CellRecorder:
     The floor's inputs are the trainer's first noised micro-batch (latents, timesteps, conditioning, target), kept
     fixed: the harness's floor with the step's own shapes, whatever the family."""
 
-    def __init__(self, trainer, device: str, bf16: bool) -> None:
+    def __init__(self, trainer, device: str, bf16: bool, profile_from: int | None = None) -> None:
         self.trainer, self.device, self.bf16 = trainer, device, bf16
         self.clock, self.memory = Clock(device), MemorySampler(device)
+        self.profile_from = profile_from  # the steps from this one on (1-based) run under torch.profiler
+        self.profiler: Any = None
+        self.step_began = 0.0
+        self.host_s: list[float] = []  # from a step's start to its end on the host, before the device is waited for
+        self.busy: list[float] = []  # profiled steps: the device's kernels' busy time over the step's wall time
+        self.profiled = 0
         self.steps: list[float] = []
         self.floors: list[float] = []
         self.step_peaks: list[int | None] = []
@@ -216,10 +233,23 @@ class CellRecorder:
                 recorder.memory.start()  # CUDA: the peak reset; CPU: the RSS sampled over the cell
                 recorder.clock.reset()
 
+            def on_step_begin(self, args, state, control, **kwargs):
+                recorder.step_begins(state.global_step + 1)
+
             def on_step_end(self, args, state, control, **kwargs):
                 recorder.step_ended()
 
         return Schedule()
+
+    def step_begins(self, step: int) -> None:
+        if self.profile_from is not None and step >= self.profile_from and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.clock.reset()  # the profiler's start is not the step's
+        self.step_began = time.perf_counter()
 
     def _peak(self) -> int | None:
         """The CUDA allocator's peak since the last call, which resets it (``None`` on the CPU)."""
@@ -230,7 +260,15 @@ class CellRecorder:
         return peak
 
     def step_ended(self) -> None:
-        self.steps.append(self.clock.lap()[0])
+        self.host_s.append(time.perf_counter() - self.step_began)
+        wall = self.clock.lap()[0]
+        self.steps.append(wall)
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            if self.device == "cuda":  # the CPU runs the kernels on the host: no busy fraction to read
+                self.busy.append(device_busy_s(self.profiler) / wall)
+            self.profiled += 1
+            self.profiler = None
         self.step_peaks.append(self._peak())
         self.floor = self.floor or self._floor_step()
         self.floor()
@@ -247,7 +285,8 @@ class CellRecorder:
         return floor_step(trainer, trainer.optimizer, trainer.model_wrapped, inputs, self.bf16)
 
     def result(self, warmup: int, cpu_peak: int) -> dict[str, Any]:
-        steps, floors = self.steps[warmup:], self.floors[warmup:]
+        end = len(self.steps) - self.profiled  # the profiled steps are not timed
+        steps, floors = self.steps[warmup:end], self.floors[warmup:end]
         step_s, floor_s = statistics.median(steps), statistics.median(floors)
         cuda = self.device == "cuda"
         return {
@@ -259,10 +298,31 @@ class CellRecorder:
             "peak_memory_bytes": max(self.step_peaks) if cuda else cpu_peak,
             "floor_peak_memory_bytes": max(self.floor_peaks) if cuda else None,
             "memory_measure": MEMORY_MEASURES[self.device],
+            "host_s": statistics.median(self.host_s[warmup:end]),
+            "host_to_step": statistics.median(self.host_s[warmup:end]) / step_s,
+            "device_busy_fraction": statistics.median(self.busy) if self.busy else None,
         }
 
 
-def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: str, base: str = "none") -> dict:
+def device_busy_s(profiler: Any) -> float:
+    """Seconds in which at least one device kernel ran during the profiled step: the union of the CUDA kernels'
+    intervals (a copy or a kernel on a second stream overlapping another counts once); 0 on the CPU."""
+    intervals = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in profiler.events()
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+    )
+    busy, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6
+
+
+def run_cell(
+    spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: str, base: str = "none", mode: str = "none"
+) -> dict:
     """A fresh pipeline (its denoiser quantized with ``base``) and trainer with ``setting``'s safeguard and the
     config's defaults otherwise, ``warmup + steps`` steps, each followed by a floor step; the estimate beside."""
     from peft import LoraConfig
@@ -270,7 +330,8 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
     from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
     from trl_diffusion_sdpo.families import family_for_pipeline
 
-    num_steps, bf16 = opts.warmup + opts.steps, opts.device == "cuda"
+    num_steps, bf16 = opts.warmup + opts.steps + opts.profile_steps, opts.device == "cuda"
+    compiled = {} if mode == "none" else {"torch_compile": True, "torch_compile_mode": mode}
     pipeline = build_model(spec, opts, workdir, base)
     args = DiffusionSDPOConfig(
         output_dir=os.path.join(workdir, "out"), resolution=spec.resolution,
@@ -279,7 +340,7 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=opts.device == "cpu", bf16=bf16,
         optim=opts.optim, gradient_checkpointing=spec.gradient_checkpointing, cache_latents=opts.cache_latents,
         latent_cache_dir=os.path.join(workdir, "cache"), max_sequence_length=spec.max_sequence_length,
-        dataloader_num_workers=opts.dataloader_workers, seed=0, **SAFEGUARD_SETTINGS[setting],
+        dataloader_num_workers=opts.dataloader_workers, seed=0, **SAFEGUARD_SETTINGS[setting], **compiled,
     )  # fmt: skip
     peft_config, lora_rank = None, None
     if spec.lora or opts.lora_all or base != "none":  # the family's targets (FLUX.2's include the single blocks)
@@ -293,7 +354,8 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
     start = time.perf_counter()
     trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, peft_config=peft_config)
     init_s = time.perf_counter() - start
-    recorder = CellRecorder(trainer, opts.device, bf16)
+    profile_from = opts.warmup + opts.steps + 1 if opts.profile_steps else None
+    recorder = CellRecorder(trainer, opts.device, bf16, profile_from)
     trainer.add_callback(recorder.callback())
     try:
         trainer.train()
@@ -309,6 +371,7 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
         "denoiser_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "base": base,
+        "compile_mode": mode,
         **estimate,
     }
     if estimate["estimate_bytes"] is not None and opts.device == "cuda":  # the CPU's peak is the process's RSS
@@ -368,7 +431,7 @@ def worker(opts: argparse.Namespace) -> None:
     machine = machine_description(opts.device)
     emit("DEVICE", {"device": device_name(opts.device), "machine": machine, "versions": versions(opts.device)})
     longest, stopped = None, None
-    for key, setting, base in cell_plan(opts):
+    for key, setting, base, mode in cell_plan(opts):
         expected = opts.first_cell_s if longest is None else longest
         left = opts.deadline - time.time()
         if stopped is None and left < expected:  # from here on no cell starts
@@ -380,7 +443,7 @@ def worker(opts: argparse.Namespace) -> None:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gpu-matrix-") as workdir:
             try:
-                cell = run_cell(spec, setting, opts, workdir, base)
+                cell = run_cell(spec, setting, opts, workdir, base, mode)
             except Exception as error:  # out of memory, refused by the package, ...: the cell's record
                 cell = error_cell(error)
         gc.collect()
@@ -409,7 +472,7 @@ def run_worker(spec: ModelSpec, opts: argparse.Namespace, argv: list[str], deadl
                 code = None
         lines = Path(out_path).read_text().splitlines()
         stderr_tail = Path(err_path).read_text()[-3000:]
-    return read_worker(lines, [key for key, _, _ in cell_plan(opts)], code, stderr_tail)
+    return read_worker(lines, [key for key, *_ in cell_plan(opts)], code, stderr_tail)
 
 
 def read_worker(lines: list[str], settings: list[str], code: int | None, stderr_tail: str) -> dict[str, Any]:
@@ -444,35 +507,48 @@ def read_worker(lines: list[str], settings: list[str], code: int | None, stderr_
 
 
 def add_ratios(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Each measured cell's step over the same model's Diffusion-DPO step on the same base (``None`` where either is
-    missing)."""
+    """Each measured cell's step over the same model's Diffusion-DPO step on the same base and compile mode
+    (``None`` where either is missing), and (``ratio_to_best_dpo``) over the fastest Diffusion-DPO step of that base
+    in any mode: what a user who compiles Diffusion-DPO compares with."""
     for row in cells.values():
         for key, cell in row.items():
-            dpo = row.get("dpo" + key[len(key.split("@")[0]) :], {})
+            setting = key.split("@")[0].split("+")[0]
+            base_suffix = key[len(key.split("@")[0]) :]
+            dpo = row.get("dpo" + key[len(setting) :], {})
             base = dpo.get("step_s") if dpo.get("status") == "measured" else None
             measured = cell.get("status") == "measured"
             cell["ratio_to_dpo"] = cell["step_s"] / base if measured and base else None
+            dpos = [
+                c["step_s"]
+                for k, c in row.items()
+                if k.split("@")[0].split("+")[0] == "dpo" and k.endswith(base_suffix) and c.get("status") == "measured"
+            ]
+            cell["ratio_to_best_dpo"] = cell["step_s"] / min(dpos) if measured and dpos else None
 
 
 def print_table(report: dict[str, Any]) -> None:
     unit, scale = ("GiB", 2**30) if report["device_type"] == "cuda" else ("MiB", 2**20)
     print(f"\n{report['device']}: median of {report['settings']['steps']} steps after {report['settings']['warmup']}")
-    columns = ["model", "setting", "step ms", "floor ms", "x floor", "x DPO", f"peak {unit}", "note"]
+    columns = ["model", "setting", "step ms", "floor ms", "x floor", "x DPO", "x best DPO", f"peak {unit}",
+               "host ms", "busy", "note"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
-    print("|---|---|" + "---:|" * 5 + "---|")
+    print("|---|---|" + "---:|" * 8 + "---|")
     for model, row in report["cells"].items():
         for setting, cell in row.items():
             if cell["status"] != "measured":
                 note = cell.get("error") or cell.get("reason") or ""
-                print(f"| {model} | {setting} | | | | | | {cell['status']}: {note[:100]} |")
+                print(f"| {model} | {setting} | | | | | | | | | {cell['status']}: {note[:100]} |")
                 continue
-            ratio = cell["ratio_to_dpo"]
+            ratio, best, busy = cell["ratio_to_dpo"], cell.get("ratio_to_best_dpo"), cell.get("device_busy_fraction")
             values = [
                 f"{1000 * cell['step_s']:.1f}",
                 f"{1000 * cell['floor_s']:.1f}",
                 f"{cell['ratio_to_floor']:.3f}",
                 "" if ratio is None else f"{ratio:.3f}",
+                "" if best is None else f"{best:.3f}",
                 f"{cell['peak_memory_bytes'] / scale:.2f}",
+                f"{1000 * cell['host_s']:.1f}",
+                "" if busy is None else f"{busy:.2f}",
                 cell.get("two_pass_reason") or "",
             ]
             print(f"| {model} | {setting} | " + " | ".join(values) + " |")
@@ -496,6 +572,11 @@ def driver(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "optimizer.step(), zero_grad, on the trainer's own denoiser, reference and optimizer, on its first "
         "micro-batch kept fixed on the device (benchmarks/harness.py floor_step), one after each trainer step",
         "timing": "wall clock between step ends, the device synchronised there; median after the warm-up steps",
+        "host_time": "host_s: from a step's start (on_step_begin) to its end on the host (on_step_end, before the "
+        "device is waited for): the host's own work when the device keeps up, else also the time the host waits on a "
+        "full launch queue or a read; host_to_step its share of the step",
+        "device_busy": "device_busy_fraction: the union of the CUDA kernels' intervals over the step's wall time, on "
+        "the --profile-steps steps after the measured ones (under torch.profiler, not timed)",
         "models": {spec.name: asdict(spec) for spec in specs},
         "cells": {},
     }
@@ -504,7 +585,7 @@ def driver(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if left <= 0:
             reason = f"time guard: the {opts.budget_s:.0f} s budget was spent before this model"
             report["cells"][spec.name] = {
-                key: {"status": "not measured", "reason": reason} for key, _, _ in cell_plan(opts)
+                key: {"status": "not measured", "reason": reason} for key, *_ in cell_plan(opts)
             }
             continue
         began = time.time()
@@ -561,6 +642,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument(
+        "--compile-modes",
+        default="none",
+        help=f"comma-separated among {','.join(COMPILE_MODES)}: each setting eager (none) and under Trainer's "
+        "torch_compile with that torch_compile_mode (cells keyed setting+mode)",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=1,
+        help="steps after the measured ones run under torch.profiler for the device's busy fraction (not timed)",
+    )
+    parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/gpu/<device>-gpu-matrix-*.json)"
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -571,6 +664,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [s for s in opts.settings.split(",") if s not in SETTINGS]
     unknown += [b for b in opts.base.split(",") if b not in QUANTIZED_BASES]
     unknown += [m for m in opts.models.split(",") if m not in names.split(",")]
+    unknown += [m for m in opts.compile_modes.split(",") if m not in COMPILE_MODES]
     if unknown:
         parser.error(f"unknown models or settings: {unknown}")
     if opts.first_cell_s is None:

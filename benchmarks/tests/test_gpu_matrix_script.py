@@ -187,3 +187,34 @@ def test_the_tiny_matrix_measures_every_cell(tmp_path):
     assert report["tiny"] and report["device_type"] == "cpu" and not report["not_measured"]
     statuses = [cell["status"] for row in report["cells"].values() for cell in row.values()]
     assert statuses.count("measured") == len(statuses), report["cells"]
+
+
+def test_compiled_cells_are_keyed_by_mode_and_compared_with_diffusion_dpo_in_the_same_mode_and_the_fastest():
+    module = _module()
+    opts = module.parse_args(["--device", "cpu", "--tiny", "--settings", "dpo,sdpo_param", "--compile-modes",
+                              "none,reduce-overhead"])  # fmt: skip
+    assert module.cell_plan(opts) == [
+        ("dpo", "dpo", "none", "none"),
+        ("sdpo_param", "sdpo_param", "none", "none"),
+        ("dpo+reduce-overhead", "dpo", "none", "reduce-overhead"),
+        ("sdpo_param+reduce-overhead", "sdpo_param", "none", "reduce-overhead"),
+    ]
+    steps = {"dpo": 2.0, "sdpo_param": 3.0, "dpo+reduce-overhead": 1.0, "sdpo_param+reduce-overhead": 1.5}
+    row = {key: {"status": "measured", "step_s": s} for key, s in steps.items()}
+    module.add_ratios({"sd15": row})
+    assert row["sdpo_param+reduce-overhead"]["ratio_to_dpo"] == 1.5  # over the compiled Diffusion-DPO step
+    assert row["sdpo_param"]["ratio_to_dpo"] == 1.5 and row["sdpo_param"]["ratio_to_best_dpo"] == 3.0
+    with pytest.raises(SystemExit):
+        module.parse_args(["--compile-modes", "fastest"])
+
+
+def test_the_device_busy_time_is_the_union_of_the_kernels_intervals():
+    module = _module()
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(start_us: float, end_us: float, device=cuda):
+        return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start_us, end=end_us))
+
+    # two overlapping kernels (0-10, 5-12: 12 us), one inside another (20-30 holding 22-25: 10 us), a CPU op ignored
+    events = [event(20, 30), event(0, 10), event(22, 25), event(5, 12), event(0, 100, cpu)]
+    assert module.device_busy_s(SimpleNamespace(events=lambda: events)) == pytest.approx(22e-6)
