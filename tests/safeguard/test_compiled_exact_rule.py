@@ -6,6 +6,7 @@ the host than Diffusion-DPO's, and holds one gradient-sized buffer beyond Diffus
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -61,12 +62,15 @@ def _breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_dynamo() -> Iterator[None]:
+    """Each test compiles anew and counts its own graph breaks; afterwards dynamo's caches and the fake tensors its
+    traces left are dropped, so that no later test's census of live tensors meets them."""
     torch._dynamo.reset()
     counters.clear()
     yield
     torch._dynamo.reset()
+    gc.collect()
 
 
 # ---------------------------------------------------------------------------------------------- graph breaks
