@@ -140,7 +140,7 @@ CELLS: tuple[Cell, ...] = (
     Cell(data=1, tuning="lora"),
     Cell(model="wide", tuning="lora"),
 )
-FIRST, FIRST_SEEDS = 14, 3  # the first cells' first seeds run before anything else
+FIRST, FIRST_SEEDS = 14, 3  # the first cells' first seeds run first, then their later seeds, then the rest
 
 
 def run_key(cell: Cell, setting: str, seed: int) -> str:
@@ -341,10 +341,10 @@ def run(parts: Path, worker: int, workers: int, cells: list[str] | None) -> int:
         for s in SETTINGS
         if not (parts / f"{run_key(c, s, seed)}.json").exists()
     ]
-    # the first cells' first seeds, then the rest's first seeds, then every later seed; the held-out model's cells
-    # after the others' (its base may still be pretraining), then seed by seed
+    # the first cells' first seeds, then their later seeds, then the rest's; the held-out model's cells after the
+    # others' (its base may still be pretraining), then seed by seed
     rank = {c: i for i, c in enumerate(CELLS)}
-    todo.sort(key=lambda t: (t[2] >= FIRST_SEEDS, rank[t[0]] >= FIRST, t[0].model != CALIBRATION_MODEL, t[2]))
+    todo.sort(key=lambda t: (rank[t[0]] >= FIRST, t[2] >= FIRST_SEEDS, t[0].model != CALIBRATION_MODEL, t[2]))
     print(f"{len(todo)} runs to do", flush=True)
     for cell, setting, seed in todo:
         result = train_one(cell, setting, seed)
@@ -593,11 +593,12 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
 # --------------------------------------------------------------------------------------------------------- table
 
 
-def _ci(item: dict[str, Any]) -> str:
+def _ci(item: dict[str, Any], signed: bool = False) -> str:
+    sign = "+" if signed else ""
     if item.get("ci95") is None:
-        return f"{item['mean']:.3f}"
+        return f"{item['mean']:{sign}.3f}"
     low, high = item["ci95"]
-    return f"{item['mean']:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{item['mean']:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
 def _alarms(entry: dict[str, Any]) -> str:
@@ -629,14 +630,17 @@ def _identity(entry: dict[str, Any]) -> str:
 
 
 def _verdict(entry: dict[str, Any]) -> str:
+    """The targets' verdicts of a regime, with the paired differences they read (Diffusion-DPO minus the safeguard
+    from step 0, the rewind minus Diffusion-DPO)."""
     a = entry["analysis"]
     healthy = a["healthy"]
     quiet = f"quiet on {healthy['quiet']} of {healthy['runs']} healthy" if healthy["runs"] else "no healthy run"
+    head = f"DPO - safeguard {_ci(a['dpo_minus_safeguard'], True)}, rewind - DPO {_ci(a['rewind_minus_dpo'], True)}"
     if not a["dpo_breaks"]:
-        return f"does not break; {quiet}"
+        return f"{head}: does not break; {quiet}"
     r = a["recovery"]
     worse = r["seeds_below_dpo_beyond_noise"]
-    text = f"breaks; recovers {r['recovered_fraction']:.0%} of the gap"
+    text = f"{head}: breaks; recovers {r['recovered_fraction']:.0%} of the gap"
     if r["met"]:
         return f"{text} (met); {quiet}"
     misses = []
@@ -644,8 +648,7 @@ def _verdict(entry: dict[str, Any]) -> str:
         misses.append(f"short of 75% by {RECOVERY_TARGET - r['recovered_fraction']:.0%}")
     if worse:
         misses.append(f"below Diffusion-DPO beyond noise in seed {', '.join(map(str, worse))}")
-    text += f" (not met: {'; '.join(misses)})"
-    return f"{text}; {quiet}"
+    return f"{text} (not met: {'; '.join(misses)}); {quiet}"
 
 
 def _cell_label(entry: dict[str, Any]) -> str:
