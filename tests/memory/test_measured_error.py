@@ -89,3 +89,18 @@ def test_the_docs_advice_states_each_measured_error() -> None:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[:3] == [f"`{row.family}`", row.tuning, "bitsandbytes" if row.bitsandbytes else "bf16, 8-bit"]
         assert re.fullmatch(rf"\+{(row.ratio - 1) * 100:.0f} %", cells[3]), (cells, row)
+
+
+def test_the_live_census_counts_real_storages_once_and_leaves_out_a_compilers_fake_tensors():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode  # what torch.compile's caches hold
+
+    from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
+
+    before = live_tensor_bytes()
+    kept = torch.zeros(1000)  # 4000 bytes, and a view of them that adds none
+    view = kept[10:]
+    with FakeTensorMode():
+        fake = torch.empty(10**6)  # no memory of its own: its data pointer cannot be read
+    assert live_tensor_bytes() - before == 4000
+    del kept, view, fake

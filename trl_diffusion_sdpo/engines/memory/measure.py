@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,16 +31,19 @@ def tensor_bytes(tensor: torch.Tensor, seen: set[int] | None = None) -> int:
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
         return sum(tensor_bytes(getattr(data, name), seen) for name in data.__tensor_flatten__()[0])
     storage = data.untyped_storage()
-    if storage.data_ptr() in seen:
+    pointer = storage.data_ptr()
+    if pointer in seen or pointer == 0:  # 0: no memory (an empty tensor, or a compiler's fake one)
         return 0
-    seen.add(storage.data_ptr())
+    seen.add(pointer)
     return storage.nbytes()
 
 
 def live_tensor_bytes(device: str | None = None) -> int:
     """Bytes of every storage a live tensor holds (each once): the tensors the garbage collector tracks, after a
     collection, on ``device``'s type (``None``: every device). A census of what a training step leaves alive (its
-    weights, the optimizer's state, whatever a safeguard keeps), which differences between two runs attribute."""
+    weights, the optimizer's state, whatever a safeguard keeps), which differences between two runs attribute.
+    Tensors without memory of their own are left out: meta tensors, and the fake or functional tensors a compiler
+    keeps in its caches (whose data pointer cannot be read)."""
     gc.collect()
     seen: set[int] = set()
     total = 0
@@ -48,7 +52,12 @@ def live_tensor_bytes(device: str | None = None) -> int:
             continue
         if device is not None and obj.device.type != device:
             continue
-        total += tensor_bytes(obj, seen)
+        with warnings.catch_warnings():  # torch warns that a fake tensor's data pointer is read: it holds none
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                total += tensor_bytes(obj, seen)
+            except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, FunctionalTensor)"
+                continue
     return total
 
 
