@@ -17,8 +17,10 @@ Each checkout is a git worktree made for the run and removed after it; the two p
 with ``--turns N``, take turns: one runs N rounds while the other waits, so each block of rounds has the CPU's
 cores without the other checkout on them (the load of other work still varies; only ratios paired within a process
 mean anything). ``--model sd15`` puts SD1.5's real UNet config (random weights, 860 M parameters;
-``benchmarks.harness.SD15_UNET``) in place of the narrow one, with 768-wide prompts; ``--safeguards parameter``
-times the one pass alone beside Diffusion-DPO; ``--pairs`` and ``--resolution`` set the batch:
+``benchmarks.harness.SD15_UNET``) in place of the narrow one, with 768-wide prompts, and ``--model sd15-narrow``
+that config with its widths narrowed (:data:`SD15_NARROW`: its layers and trained tensors, tiny FLOPs; ``--fp32`` for
+float32); ``--safeguards parameter`` times the one pass alone beside Diffusion-DPO; ``--pairs`` and
+``--resolution`` set the batch:
 
     python benchmarks/speed/host_time_lockstep.py --model sd15 --tunings lora_r4 --safeguards parameter \
         --before 2ceb6e2 --after HEAD --pairs 1 --resolution 64 --rounds 63 --repeat 7 --turns 7 \
@@ -59,13 +61,25 @@ RESOLUTION = 64  # 8x8 latents: SD1.5's three downsamplings leave 1x1
 LIMITS = {"full": {"parameter": 1.05, "update": 1.10}, "lora_r4": {"parameter": 1.03, "update": 1.05}}
 
 
+# SD1.5's real config narrowed: every other key (blocks, layers, heads, eps, the mid block's scale) is SD1.5's, so
+# its tapped layers and trained tensors are SD1.5's (684 in full tuning, 686 at full width) while the FLOPs are tiny;
+# the element count is not (2.4M against 860M): host work that grows with elements, not layers, does not show here
+SD15_NARROW = {
+    "block_out_channels": (32, 32, 64, 64),
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "sample_size": 8,
+}
+
+
 def unet_config(model: str) -> dict:
-    """The UNet's config: :data:`SD15_STRUCTURE` (``"sd15-structure"``) or SD1.5's real one (``"sd15"``)."""
-    if model == "sd15":
+    """The UNet's config: :data:`SD15_STRUCTURE` (``"sd15-structure"``), SD1.5's real one (``"sd15"``) or SD1.5's
+    real one narrowed by :data:`SD15_NARROW` (``"sd15-narrow"``)."""
+    if model in ("sd15", "sd15-narrow"):
         sys.path.insert(0, str(ROOT))
         from benchmarks.harness import SD15_UNET
 
-        return dict(SD15_UNET)
+        return {**SD15_UNET, **(SD15_NARROW if model == "sd15-narrow" else {})}
     return dict(SD15_STRUCTURE)
 
 
@@ -149,6 +163,7 @@ def measure(
     pairs: int = 4,
     resolution: int = RESOLUTION,
     turns: Turns | None = None,
+    bf16: bool = True,
 ) -> dict:
     """This process's run of ``checkout``'s package: per tuning, the rows of
     :func:`~benchmarks.speed.safeguard_op_counts.run`."""
@@ -170,7 +185,7 @@ def measure(
                     {},
                     rounds,
                     workdir,
-                    bf16=True,
+                    bf16=bf16,
                     build_pipeline=lambda tokenizer_dir: build_pipeline(tokenizer_dir, model),
                     config=config,
                     safeguards=safeguards,
@@ -258,10 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--after", default="HEAD", help="the commit measured as 'after'")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per tuning")
     parser.add_argument("--tunings", default="full,lora_r4", help="of full, lora_r4")
-    parser.add_argument("--model", default="sd15-structure", choices=["sd15-structure", "sd15"], help="the UNet")
+    models = ["sd15-structure", "sd15", "sd15-narrow"]
+    parser.add_argument("--model", default="sd15-structure", choices=models, help="the UNet")
     parser.add_argument("--safeguards", default="parameter,update", help="the rows beside Diffusion-DPO's")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step")
     parser.add_argument("--resolution", type=int, default=RESOLUTION, help="pixels (the VAE's latents are 1/8)")
+    parser.add_argument("--fp32", action="store_true", help="float32 instead of bf16 mixed precision")
     parser.add_argument("--repeat", type=int, default=0, help="rounds per repeat in the summary (0: none)")
     parser.add_argument("--turns", type=int, default=0, help="the checkouts take turns, this many rounds each")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one checkout, in this process
@@ -276,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
         turns = None
         if opts.turns and opts.turn_folder:
             turns = Turns(opts.turn_folder, opts.label, opts.labels.split(","), opts.turns)
-        rows = measure(opts.measure, opts.rounds, tunings, opts.model, safeguards, opts.pairs, opts.resolution, turns)
+        model, bf16 = opts.model, not opts.fp32
+        rows = measure(opts.measure, opts.rounds, tunings, model, safeguards, opts.pairs, opts.resolution, turns, bf16)
         if opts.json:
             Path(opts.json).write_text(json.dumps(rows) + "\n")
         return rows
@@ -287,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     refs = {"after": opts.after, **({"before": opts.before} if opts.before else {})}
     commits = {label: commit(ref).strip() for label, ref in refs.items()}
     options = ["--model", opts.model, "--safeguards", opts.safeguards, "--pairs", str(opts.pairs)]
-    options += ["--resolution", str(opts.resolution), "--turns", str(opts.turns)]
+    options += ["--resolution", str(opts.resolution), "--turns", str(opts.turns), *(["--fp32"] if opts.fp32 else [])]
     load_start = os.getloadavg()
     runs = {}
     for label, rows in _in_worktrees(commits, opts.rounds, tunings, options).items():
@@ -299,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["settings"].update(
         unet={k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(opts.model).items()},
         model=opts.model,
+        precision="float32" if opts.fp32 else "bf16 mixed precision (CPU autocast)",
         resolution=opts.resolution,
         pairs=opts.pairs,
         safeguards=list(safeguards),
