@@ -110,3 +110,17 @@ def test_the_stored_tables_ship_in_the_wheel():
     for path in (OPTION_FILE, STORED_FILE):
         package = ".".join(path.parent.relative_to(ROOT).parts)
         assert any(fnmatch.fnmatch(path.name, pattern) for pattern in data.get(package, ())), (package, path.name)
+
+
+def test_a_compiled_run_of_the_exact_rule_is_planned_with_the_per_branch_passes_buffer(capsys):
+    """Under ``torch_compile`` the exact rule runs its per-branch passes (the one pass's taps break the graph), so
+    the estimate's safeguard term is theirs: one gradient-sized float32 buffer, as with ``safeguard_passes="two"``."""
+    import json
+
+    def total(*extra: str) -> float:
+        argv = ["--config", str(CONFIGS / "sd15_full.yaml"), "--safeguard_space", "parameter", "--json", *extra]
+        assert memory.run_estimate_memory(argv) == 0
+        return json.loads(capsys.readouterr().out)["total_gib"]
+
+    one_pass, per_branch, compiled = total(), total("--safeguard_passes", "two"), total("--torch_compile", "true")
+    assert compiled == per_branch != one_pass

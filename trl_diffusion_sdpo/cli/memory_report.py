@@ -65,9 +65,12 @@ class EstimateArguments:
 
 
 def _safeguard(args: Any) -> str:
+    """The safeguard's memory term: the exact rule's one pass, or its per-branch passes where they run (asked for, or
+    a compiled denoiser, which the one pass's per-layer taps cannot run in: ``ParameterSpaceBackward._decide``)."""
     space = args.safeguard_space
     if space in ("parameter", "update"):
-        return "two_pass" if args.safeguard_passes == "two" else "one_pass"
+        per_branch = args.safeguard_passes == "two" or getattr(args, "torch_compile", False)
+        return "two_pass" if per_branch else "one_pass"
     return space
 
 
