@@ -531,6 +531,17 @@ def test_update_space_on_two_processes_trains_like_one(runs):
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
 
 
+@pytest.mark.slow  # compiles in each process; one process's compiled step: test_compiled_exact_rule.py
+def test_a_compiled_exact_rule_on_two_ddp_processes_trains_like_one_eager_process(assets):
+    """``torch_compile`` under DDP: each process runs the per-branch passes through its compiled denoiser (accelerate's
+    wrapper is left pointing at DDP), and the global scope's lambda and the losses are one eager process's."""
+    compiled = ("--torch_compile", "true", "--torch_compile_backend", "aot_eager")
+    _parameter_space_global_scope_on_two_processes_trains_like_one(
+        run(assets, "single-parameter-eager-lora", None, True, *PARAMETER),
+        run(assets, "ddp-parameter-compiled-lora", "multi_gpu.yaml", True, *PARAMETER, *compiled),
+    )
+
+
 @pytest.mark.slow
 def test_parameter_space_global_scope_on_two_processes_trains_like_one_full_tuning(assets):
     _parameter_space_global_scope_on_two_processes_trains_like_one(
