@@ -13,16 +13,24 @@ optimizer step; the batch's fetch before it and the logging after it are outside
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
-__all__ = ["HOST_READ_METHODS", "SPACES", "HostReadCounter", "StepHostReads", "safeguard_host_reads"]
+__all__ = [
+    "HOST_READ_METHODS",
+    "SPACES",
+    "HostReadCounter",
+    "StepHostReads",
+    "counted_inside_carried_passes",
+    "safeguard_host_reads",
+]
 
 # Tensor methods that copy a value to the host (``Tensor.to`` a CPU device is not among them: on a CPU it cannot be
 # told from a no-op, and the package's step calls ``.cpu()`` where it moves a tensor to the host).
@@ -57,10 +65,36 @@ class HostReadCounter(TorchFunctionMode):
         return Counter(self.reads)
 
 
+@contextlib.contextmanager
+def counted_inside_carried_passes(counter: Callable[[], HostReadCounter | None]) -> Iterator[None]:
+    """Within the block, the exact rule's passes that Trainer's backward carries
+    (:class:`~trl_diffusion_sdpo.step.backward.PassesInStep`) run inside ``counter()`` where it returns one: autograd
+    runs a backward with no torch-function mode on, so without it a read between the branches' passes goes unseen."""
+    from trl_diffusion_sdpo.step.backward import PassesInStep
+
+    carried = PassesInStep._backward
+
+    def backward_counted(passes, scale):
+        mode = counter()
+        with mode if mode is not None else contextlib.nullcontext():
+            carried(passes, scale)
+
+    PassesInStep._backward = backward_counted
+    try:
+        yield
+    finally:
+        PassesInStep._backward = carried
+
+
 class StepHostReads(TrainerCallback):
     """Counts the host reads of the optimizer steps ``counted(step)`` selects (``step``: the global step before it
-    runs), from ``on_step_begin`` to ``on_step_end``: ``reads[step]`` lists them (see :class:`HostReadCounter`);
-    ``before_step(step)`` runs first at every step (e.g. to switch the trainer's safeguard)."""
+    runs), from ``on_step_begin`` to ``on_step_end``: ``reads[step]`` lists them (see :class:`HostReadCounter`;
+    inside the passes Trainer's backward carries too, under :meth:`inside_carried_passes`); ``before_step(step)``
+    runs first at every step (e.g. to switch the trainer's safeguard)."""
+
+    def inside_carried_passes(self) -> contextlib.AbstractContextManager:
+        """Around the training: the reads inside the exact rule's carried passes are counted too."""
+        return counted_inside_carried_passes(lambda: self._counter)
 
     def __init__(self, counted: Callable[[int], bool], before_step: Callable[[int], None] | None = None) -> None:
         self.counted, self.before_step = counted, before_step
@@ -118,5 +152,6 @@ def safeguard_host_reads(
 
     counter = StepHostReads(lambda step: step >= len(names), before_step)
     trainer.add_callback(counter)
-    trainer.train()
+    with counter.inside_carried_passes():
+        trainer.train()
     return {names[step % len(names)]: reads for step, reads in counter.reads.items()}

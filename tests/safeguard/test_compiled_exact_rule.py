@@ -5,7 +5,6 @@ the host than Diffusion-DPO's, and holds one gradient-sized buffer beyond Diffus
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from collections.abc import Iterator
 
@@ -19,7 +18,6 @@ from trl_diffusion_sdpo.objectives import PreferencePredictions
 from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.safeguards.gradients.per_branch import BranchGradientSplitter
 from trl_diffusion_sdpo.safeguards.parameter import loss_cotangents
-from trl_diffusion_sdpo.step.backward import PassesInStep
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 PAIRS = 2
@@ -206,15 +204,9 @@ def _compiled_step_reads(make_trainer, monkeypatch, **overrides) -> list[str]:
     Trainer's backward carries (:class:`~trl_diffusion_sdpo.step.backward.PassesInStep`) re-enter the step's
     counter."""
     counted = StepHostReads(lambda step: step == 1)
-    carried = PassesInStep._backward
-
-    def backward_counted(passes, scale):
-        with counted._counter if counted._counter is not None else contextlib.nullcontext():
-            carried(passes, scale)
-
-    monkeypatch.setattr(PassesInStep, "_backward", backward_counted)
     trainer = make_trainer(max_steps=2, logging_steps=1000, callbacks=[counted], **overrides, **COMPILED)
-    trainer.train()
+    with counted.inside_carried_passes():
+        trainer.train()
     return counted.reads[1]
 
 

@@ -45,6 +45,24 @@ def test_a_host_read_between_the_search_passes_is_counted(make_trainer, monkeypa
     assert len(reads["update"]) > len(reads["none"]), reads
 
 
+@pytest.mark.parametrize("space", ["parameter", "parameter-two-passes"])
+def test_a_host_read_inside_the_passes_trainers_backward_carries_is_counted(make_trainer, monkeypatch, space):
+    """Planted: the exact rule's passes read a gradient's norm on the host between the branches (inside Trainer's
+    backward, where autograd turns torch-function modes off): the step then reads more than Diffusion-DPO's."""
+    from trl_diffusion_sdpo.safeguards import parameter
+
+    cotangents = parameter.loss_cotangents
+
+    def reading(*args, **kwargs):
+        cot_winner, cot_loser = cotangents(*args, **kwargs)
+        cot_winner.norm().item()
+        return cot_winner, cot_loser
+
+    monkeypatch.setattr(parameter, "loss_cotangents", reading)
+    reads = safeguard_host_reads(make_trainer, ["none", space])
+    assert len(reads[space]) > len(reads["none"]), reads
+
+
 @pytest.mark.parametrize(
     ("read", "name"),
     [
