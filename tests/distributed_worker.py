@@ -374,7 +374,8 @@ def report(
     # The reference: unchanged base weights (LoRA, adapters disabled) or an unchanged frozen copy.
     if trainer.reference.shares_policy_weights:
         named = [(n, p) for n, p in policy.named_parameters() if "lora_" not in n]
-        strip = lambda n: n.replace(".base_layer", "")  # noqa: E731
+        # a compiled FSDP2 root (accelerate compiles before fully_shard) names its weights under _orig_mod
+        strip = lambda n: n.removeprefix("_orig_mod.").replace(".base_layer", "")  # noqa: E731
     else:
         reference = trainer.reference.denoiser
         module = getattr(reference, "module", reference)  # a DeepSpeed engine under ZeRO-3

@@ -536,7 +536,12 @@ class DiffusionSDPOTrainer(Trainer):
         if unwrapped is None:
             unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
             if is_compiled_module(model):
-                unwrapped = torch.compile(unwrapped, **self.accelerator.state.dynamo_plugin.to_kwargs())
+                from torch.distributed.fsdp import FSDPModule  # a compiled run only: torch's FSDP stays unloaded
+
+                if isinstance(model, FSDPModule):  # accelerate compiles before fully_shard: the root is both
+                    unwrapped = model
+                else:
+                    unwrapped = torch.compile(unwrapped, **self.accelerator.state.dynamo_plugin.to_kwargs())
             self._unwrap_cache[model] = unwrapped
         return unwrapped
 

@@ -542,6 +542,22 @@ def test_a_compiled_exact_rule_on_two_ddp_processes_trains_like_one_eager_proces
     )
 
 
+@pytest.mark.slow  # compiles in each process
+@pytest.mark.parametrize("config", [FSDP2, "deepspeed_zero2.yaml"])
+def test_a_compiled_exact_rule_under_a_sharding_engine_trains_like_one_eager_process(assets, config):
+    """``torch_compile`` under FSDP2 and DeepSpeed ZeRO-2: lambda from the processes' gradients is one eager
+    process's with the same global batch."""
+    compiled = ("--torch_compile", "true", "--torch_compile_backend", "aot_eager")
+    single = run(assets, "single-parameter-eager-lora", None, True, *PARAMETER)
+    name = f"{config.removesuffix('.yaml')}-parameter-compiled-lora"
+    report = run(assets, name, config, True, *PARAMETER, *compiled)
+    assert report["num_processes"] == 2 and report["global_step"] == STEPS
+    assert any(lam < 1.0 for lam in single["lambdas"])
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
 @pytest.mark.slow
 def test_parameter_space_global_scope_on_two_processes_trains_like_one_full_tuning(assets):
     _parameter_space_global_scope_on_two_processes_trains_like_one(

@@ -190,7 +190,10 @@ class FSDP2Engine(Engine):
             module.load_state_dict(state, strict=False)
 
     def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-        return gather_fsdp2_state_dict(model, trainable_only=trainable_only)
+        # the module's own names: under torch_compile the sharded root is the compiled wrapper (accelerate compiles
+        # before fully_shard), whose names carry its _orig_mod prefix
+        module = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return gather_fsdp2_state_dict(module, trainable_only=trainable_only)
 
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:

@@ -561,7 +561,7 @@ class RunHub:
             "tuning": "LoRA" if trainer.is_lora else f"full {family.denoiser_name.replace('unet', 'UNet')}",
         }
         if trainer.is_lora:
-            lora = trainer.accelerator.unwrap_model(trainer.model).peft_config["default"]
+            lora = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False).peft_config["default"]
             hyperparameters["lora_rank"] = lora.r
             hyperparameters["lora_alpha"] = lora.lora_alpha
         hyperparameters.update(trainer.card_method.details(trainer))  # the online trainer's rewards and generation

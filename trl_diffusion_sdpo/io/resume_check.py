@@ -120,7 +120,7 @@ def model_class_name(module: torch.nn.Module) -> str:
 
 def run_identity(trainer: Trainer) -> dict[str, Any]:
     """What the weights of this run's checkpoints are: base model, denoiser class, full or LoRA, the LoRA shape."""
-    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    denoiser = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     identity: dict[str, Any] = {
         "base_model": getattr(trainer, "base_model_name", None),
         "denoiser_class": model_class_name(denoiser),

@@ -310,7 +310,7 @@ class RunFiles(TrainerCallback):
         if not trainer.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        denoiser = trainer.accelerator.unwrap_model(trainer.model)
+        denoiser = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         name = trainer.family.denoiser_name
         if trainer.is_lora:
             pipeline_class = type(trainer.pipeline)
@@ -332,7 +332,9 @@ class RunFiles(TrainerCallback):
         trainer = self.trainer
         if not saving.has_saved_weights(resume_from_checkpoint):
             raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
-        denoiser = trainer.accelerator.unwrap_model(model if model is not None else trainer.model)
+        denoiser = trainer.accelerator.unwrap_model(
+            model if model is not None else trainer.model, keep_torch_compile=False
+        )
         with trainer.engine.loading():
             if trainer.is_lora:
                 saving.load_lora_adapters(denoiser, resume_from_checkpoint, prefix=trainer.family.denoiser_name)
