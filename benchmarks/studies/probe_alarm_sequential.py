@@ -2,10 +2,13 @@
 of ``probe/winner_rise_z`` (``z_1, z_2, ...``), replayed on the runs of ``probe_z_runs.py`` (the probe logged, never
 acted on). No run is trained for it.
 
-* **Runs** (:data:`SOURCE`, read by ``probe_alarm.load_z_runs``): the calibration parts (the benchmark's base:
-  ``offline-a/b/c``, seeds 0-7 at lr 2e-4, 1e-3 and 2e-5, Diffusion-DPO and the default safeguard; ``online-a/b``,
-  seeds 0 and 1) choose the rule; the held-out model (``wide-*``: a UNet 1.5 times as wide at 64 px) is only
-  reported, without recalibrating.
+* **Runs**: the runs of ``probe_z_runs.py`` (:data:`SOURCE`, read by ``probe_alarm.load_z_runs``) and the
+  Diffusion-DPO runs of ``rewind_outcome.py`` (:data:`OUTCOME`, :func:`outcome_runs`: the probe logged, the rewind
+  off). The calibration runs are the benchmark's base on the demo's data at data seed 0: ``offline-a/b/c``, seeds
+  0-7 at lr 2e-4, 1e-3 and 2e-5, Diffusion-DPO and the default safeguard; ``online-a/b``, seeds 0 and 1; and the
+  outcome study's regimes there (lr 1e-4, 1e-3 and 1e-2, full tuning and LoRA, pairs sorted or shuffled, rows held
+  back or an eval split). Only they choose the rule. Held out, only reported: the model 1.5 times as wide at 64 px
+  (``wide-*`` and the outcome study's ``wide`` cells) and the dataset at data seed 1 (the outcome study's).
 * **Classes** (:func:`run_class`), from the held-out colour reward's change from the base's at the evaluation steps:
   *breaking* when it ends more than :data:`TOLERANCE` below the base's; *healthy* when no evaluation found it more than
   :data:`TOLERANCE` below; *dipped* otherwise (it fell beyond the tolerance and came back by the end: neither, its
@@ -26,10 +29,14 @@ acted on). No run is trained for it.
   :data:`DRAWS` re-draws of the healthy series with each reading moved by an independent standard normal (one
   standard error, the statistic's own noise: what another draw of the probe's noises could have read). The jittered
   rate keeps a rule from being chosen just above the healthiest run's peak.
+* **Per regime** (:func:`regime_rates`): a user's run stands in one regime (a model, a learning rate, a tuning, a
+  pair order, a probe source), so the rate a user meets is that regime's, not the pooled one: a pooled rate over many
+  quiet LoRA runs hides a regime where most healthy runs alarm. The observed and jittered rates are also taken per
+  calibration regime with a healthy run (:func:`regime`), and the worst of them is bounded.
 * **Choice** (:func:`choose`): among the rules whose observed and jittered false-alarm rates on the calibration
-  runs are at most :data:`FAR_TARGET` and at most the package's rule's before (so the choice never raises the rate),
-  the highest recall on the breaking runs, then the lowest median delay, then the lowest mean delay, then the first
-  in the grid.
+  runs, pooled and in every calibration regime, are at most :data:`FAR_TARGET` (and the pooled jittered rate at
+  most the first rule's before, so the choice never raises it), the highest recall on the breaking runs, then the
+  lowest median delay, then the lowest mean delay, then the first in the grid.
 
 ``python benchmarks/studies/probe_alarm_sequential.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares
 (exit status 1 on a difference); ``--table`` prints the Markdown table ``benchmarks/research/alarm.md`` carries and
@@ -57,12 +64,14 @@ from alarm_calibration import TOLERANCE, write_page_block  # noqa: E402
 from probe_alarm import IN_A_ROW_RULE, Z_SOURCE, _source, load_z_runs, z_series  # noqa: E402
 
 SOURCE = Z_SOURCE
+OUTCOME = ROOT / "benchmarks" / "results" / "probe" / "cpu-rewind-outcome.json"
 OUTPUT = ROOT / "benchmarks" / "results" / "probe" / "cpu-probe-alarm-sequential.json"
 START, END = "<!-- probe-alarm-sequential-tables:start -->", "<!-- probe-alarm-sequential-tables:end -->"
 PROBE_STEPS = 5  # the runs' probe_steps: delays are counted in probes
 FAR_TARGET = 0.05  # the stated false-alarm rate: at most 5 % of healthy runs alarm
 DRAWS, JITTER_SEED = 2000, 0
-BEFORE = ("in_a_row", IN_A_ROW_RULE.threshold, float(IN_A_ROW_RULE.patience))  # the package's rule before this study
+BEFORE = ("in_a_row", IN_A_ROW_RULE.threshold, float(IN_A_ROW_RULE.patience))  # the package's first rule
+POOLED_CUSUM = ("cusum", 6.5, 6.0)  # the rule chosen on the pooled rate alone, before the per-regime bound
 #: per family, its two parameters' names and grids (in the probe's units: standard errors, probes)
 GRID: dict[str, tuple[tuple[str, str], tuple[float, ...], tuple[float, ...]]] = {
     "in_a_row": (
@@ -112,6 +121,54 @@ def noise_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
         floors[model] = {"learning_rate": lowest_lr, "runs": len(at),
                          "lowest_change": round(min(min(r["reward_change"].values()) for r in at), 6)}  # fmt: skip
     return floors
+
+
+def outcome_runs(path: Path = OUTCOME) -> list[dict[str, Any]]:
+    """The Diffusion-DPO runs of ``rewind_outcome.py``'s result file (the probe logged, never acted on) in the shape
+    of ``probe_alarm.load_z_runs``: model ``benchmark`` (the calibration base on the calibration data, data seed 0),
+    ``benchmark-data1`` (the held-out dataset) or ``wide`` (the held-out model); the reward change from the base's at
+    every evaluation step (10 to 50)."""
+    report = json.loads(path.read_text())
+    runs = []
+    for key, run in report["runs"].items():
+        if run["setting"] != "dpo":
+            continue
+        cell = run["cell"]
+        model = cell["model"] if cell["data"] == 0 else f"{cell['model']}-data{cell['data']}"
+        probe = "eval split" if cell["probe"] == "eval-split" else "rows held back"
+        runs.append(
+            {
+                "id": f"outcome/{key}",
+                "model": model,
+                "mode": "offline",
+                "cell": f"{model}, offline, {cell['tuning']}, {cell['order']}, {probe}, lr {cell['lr']:g}",
+                "seed": int(run["seed"]),
+                "method": "dpo",
+                "safeguard": False,
+                "probe": run["probe"],
+                "reward_change": {int(s): r - run["base_reward"] for s, r in run["reward_at"].items()},
+                "curve": "this run's",
+            }
+        )
+    return runs
+
+
+def regime(run: dict[str, Any]) -> str:
+    """The regime a run stands in: its cell (model, mode, tuning, order and probe source where recorded, learning
+    rate) and, for the probe study's runs, whether a safeguard trains."""
+    return f"{run['cell']}, {'safeguard' if run['safeguard'] else 'Diffusion-DPO'}"
+
+
+def regime_rates(rule: Rule, runs: list[dict[str, Any]], draws: int = DRAWS) -> dict[str, dict[str, float]]:
+    """Per regime (:func:`regime`) with a healthy run: the share of its healthy runs ``rule`` fires on, observed and
+    jittered (:func:`jittered_far`)."""
+    healthy = [r for r in runs if run_class(r) == "healthy"]
+    out = {}
+    for name in sorted({regime(r) for r in healthy}):
+        mine = [r for r in healthy if regime(r) == name]
+        observed = sum(rule.fires(r) is not None for r in mine) / len(mine)
+        out[name] = {"healthy": len(mine), "observed": observed, "jittered": jittered_far(rule, padded(mine), draws)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- the rules
@@ -237,7 +294,8 @@ def evaluate(rule: Rule, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def choose(runs: list[dict[str, Any]]) -> tuple[Rule, dict[str, Any]]:
     """The rule of :func:`rules` chosen on ``runs`` (the module docstring's choice) and every rule's figures there:
-    per rule its observed and jittered false-alarm rates, recall and delays."""
+    per rule its observed and jittered false-alarm rates, recall and delays, and, for the rules within the pooled
+    bounds, the worst calibration regime's rates (:func:`regime_rates`)."""
     healthy = padded([r for r in runs if run_class(r) == "healthy"])
     scored = {}
     for rule in rules():
@@ -246,15 +304,29 @@ def choose(runs: list[dict[str, Any]]) -> tuple[Rule, dict[str, Any]]:
         scored[rule] = figures
     before = scored[Rule(*BEFORE)]
     bound = min(FAR_TARGET, before["jittered_false_alarm_rate"])
-    admissible = [(i, r) for i, r in enumerate(scored) if scored[r]["false_alarm_rate"] <= FAR_TARGET
-                  and scored[r]["jittered_false_alarm_rate"] <= bound]  # fmt: skip
+    pooled = [(i, r) for i, r in enumerate(scored) if scored[r]["false_alarm_rate"] <= FAR_TARGET
+              and scored[r]["jittered_false_alarm_rate"] <= bound]  # fmt: skip
+    admissible = []
+    for i, rule in pooled:
+        rates = regime_rates(rule, runs)
+        worst = {kind: max(r[kind] for r in rates.values()) for kind in ("observed", "jittered")}
+        scored[rule]["worst_regime_false_alarm_rate"] = worst
+        if worst["observed"] <= FAR_TARGET and worst["jittered"] <= FAR_TARGET:
+            admissible.append((i, rule))
 
     def key(entry: tuple[int, Rule]) -> tuple[float, ...]:
         figures = scored[entry[1]]
         delay = figures["delay_probes"]
         return (-figures["recall"], delay.get("median", np.inf), delay.get("mean", np.inf), entry[0])
 
-    return min(admissible, key=key)[1], {"scored": scored, "jittered_bound": bound, "admissible": len(admissible)}
+    search = {"scored": scored, "jittered_bound": bound, "within_pooled_bounds": len(pooled)}
+    return min(admissible, key=key)[1], search | {"admissible": len(admissible)}
+
+
+def _admissible(figures: dict[str, Any]) -> bool:
+    """Whether a rule's figures (:func:`choose`'s) meet every bound of the choice."""
+    worst = figures.get("worst_regime_false_alarm_rate")
+    return worst is not None and max(worst.values()) <= FAR_TARGET
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -275,16 +347,14 @@ def _figures(rule: Rule, runs: list[dict[str, Any]], jitter: bool = True) -> dic
 def analyse(path: Path = SOURCE) -> dict[str, Any]:
     """The classes, the choice on the calibration parts, and the chosen rule beside the package's rule before, on
     the calibration parts (all, offline, online) and the held-out model."""
-    runs = load_z_runs(path)
+    runs = load_z_runs(path) + outcome_runs()
     calibration = [r for r in runs if r["model"] == "benchmark"]
-    held_out = [r for r in runs if r["model"] != "benchmark"]
     chosen, search = choose(calibration)
     before = Rule(*BEFORE)
     scored = search["scored"]
     best_per_family = {}
     for family in GRID:
-        mine = [r for r in scored if r.family == family and scored[r]["false_alarm_rate"] <= FAR_TARGET
-                and scored[r]["jittered_false_alarm_rate"] <= search["jittered_bound"]]  # fmt: skip
+        mine = [r for r in scored if r.family == family and _admissible(scored[r])]
         best = min(mine, key=lambda r: (-scored[r]["recall"], scored[r]["delay_probes"].get("median", np.inf),
                                         scored[r]["delay_probes"].get("mean", np.inf)))  # fmt: skip
         best_per_family[family] = asdict(best)
@@ -292,12 +362,13 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         "calibration": calibration,
         "calibration, offline": [r for r in calibration if r["mode"] == "offline"],
         "calibration, online": [r for r in calibration if r["mode"] == "online"],
-        "held-out model": held_out,
+        "held-out dataset": [r for r in runs if r["model"] == "benchmark-data1"],
+        "held-out model": [r for r in runs if r["model"] == "wide"],
     }
-    compared = {"before": before, "chosen": chosen}
+    compared = {"before": before, "pooled CUSUM": Rule(*POOLED_CUSUM), "chosen": chosen}
     # each family's best under the same bound, where it is neither the chosen rule nor the rule before
     best = {f"best {f}": Rule(**best_per_family[f]) for f in GRID}
-    compared |= {name: rule for name, rule in best.items() if rule not in (chosen, before)}
+    compared |= {name: rule for name, rule in best.items() if rule not in compared.values()}
     # the chosen family's nearest neighbours: how the figures move with its parameters
     step_a, step_b = 0.5, 1.0
     neighbours = [Rule(chosen.family, chosen.a + da, chosen.b + db) for da, db in ((-step_a, 0), (step_a, 0),
@@ -305,10 +376,10 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
     report = json.loads(path.read_text())
     return {
         "what": "The held-out probe's alarm chosen by its detection delay at a stated false-alarm rate, on the "
-        "runs of probe_z_runs.py (the probe logged, never acted on); no run trained for it "
-        "(benchmarks/studies/probe_alarm_sequential.py).",
+        "runs of probe_z_runs.py and the Diffusion-DPO runs of rewind_outcome.py (the probe logged, never acted "
+        "on); no run trained for it (benchmarks/studies/probe_alarm_sequential.py).",
         "command": "python benchmarks/studies/probe_alarm_sequential.py",
-        "source": _source(path),
+        "source": [_source(path), _source(OUTCOME)],
         "probe": report["probe"],
         "classes": f"breaking: the held-out colour reward ends more than {TOLERANCE} below the base's; healthy: no "
         f"evaluation found it more than {TOLERANCE} below; dipped: it fell beyond that and came back by the end "
@@ -323,22 +394,29 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         "on; negative: before the evaluations saw the fall",
         "false_alarm_rate": "the share of healthy runs the rule fires on: observed, and jittered (each reading "
         f"moved by an independent standard normal, {DRAWS} re-draws, seed {JITTER_SEED})",
-        "choice": f"on the calibration parts (the benchmark's base, offline and online): observed and jittered "
-        f"false-alarm rates at most {FAR_TARGET} and at most the package's rule's before "
+        "choice": f"on the calibration runs (the benchmark's base on the data at data seed 0, offline and online): "
+        f"observed and jittered false-alarm rates at most {FAR_TARGET}, pooled and in every calibration regime with "
+        f"a healthy run, and the pooled jittered rate at most the package's first rule's "
         f"({Rule(*BEFORE).describe()}); "
         "then the highest recall, the lowest median delay, the lowest mean delay, the first in the grid",
         "far_target": FAR_TARGET,
         "jittered_bound": search["jittered_bound"],
         "grid": {f: {"parameters": list(names), "a": list(aa), "b": list(bb)} for f, (names, aa, bb) in GRID.items()},
         "rules_searched": len(search["scored"]),
+        "rules_within_pooled_bounds": search["within_pooled_bounds"],
         "rules_admissible": search["admissible"],
         "best_per_family": {
             f: asdict(rule) | {"describe": rule.describe()}
             for f, rule in ((name.removeprefix("best "), rule) for name, rule in best.items())
         },
         "rules": {name: asdict(rule) | {"describe": rule.describe()} for name, rule in compared.items()},
-        "chosen_beats_before": None,  # filled below
+        "chosen_against_before": None,  # filled below
         "figures": {name: {s: _figures(rule, mine) for s, mine in sets.items()} for name, rule in compared.items()},
+        "per_regime": {
+            name: {s: regime_rates(rule, sets[s]) for s in ("calibration", "held-out dataset", "held-out model")}
+            for name, rule in compared.items()
+            if name in ("pooled CUSUM", "chosen")
+        },
         "neighbours": [
             asdict(r)
             | {"describe": r.describe(), **{k: v for k, v in _figures(r, calibration).items() if k != "fires_at"}}
@@ -362,25 +440,26 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
     }
 
 
-def beats(result: dict[str, Any]) -> dict[str, Any]:
-    """Whether the chosen rule beats the rule before: a lower median delay at the same or a lower false-alarm rate
-    (observed and jittered) and no lower recall on the calibration parts; on the held-out model no more false alarms,
-    no lower recall or precision, no longer median delay. (The held-out jittered rate is reported, not checked: the
-    held-out runs chose nothing, and their per-run rates say where it differs.)"""
-    new, old = result["figures"]["chosen"], result["figures"]["before"]
-    cal, held = "calibration", "held-out model"
-    checks = {
-        "calibration: lower median delay": new[cal]["delay_probes"]["median"] < old[cal]["delay_probes"]["median"],
-        "calibration: false-alarm rate not higher": new[cal]["false_alarm_rate"] <= old[cal]["false_alarm_rate"]
-        and new[cal]["jittered_false_alarm_rate"] <= old[cal]["jittered_false_alarm_rate"],
-        "calibration: recall not lower": new[cal]["recall"] >= old[cal]["recall"],
-        "held-out: false-alarm rate not higher": new[held]["false_alarm_rate"] <= old[held]["false_alarm_rate"],
-        "held-out: recall not lower": new[held]["recall"] >= old[held]["recall"],
-        "held-out: precision not lower": new[held]["precision"] >= old[held]["precision"],
-        "held-out: median delay not longer": new[held]["delay_probes"]["median"]
-        <= old[held]["delay_probes"]["median"],
+def against(result: dict[str, Any], before: str = "pooled CUSUM") -> dict[str, Any]:
+    """The chosen rule beside the rule chosen on the pooled rate alone (``before``), check by check: on the
+    calibration runs the worst regime's false-alarm rate, the recall and the median delay; on each held-out set the
+    false-alarm rate, the recall and the median delay. Each is recorded as it comes out: the per-regime bound buys
+    quiet regimes with recall and delay, and this says how much."""
+    new, old = result["figures"]["chosen"], result["figures"][before]
+    worst = {
+        name: max(r["observed"] for r in result["per_regime"][name]["calibration"].values())
+        for name in ("chosen", before)
     }
-    return {"checks": checks, "all": all(checks.values())}
+    checks = {"calibration: worst regime's false-alarm rate lower": worst["chosen"] < worst[before],
+              "calibration: recall not lower": new["calibration"]["recall"] >= old["calibration"]["recall"],
+              "calibration: median delay not longer": new["calibration"]["delay_probes"]["median"]
+              <= old["calibration"]["delay_probes"]["median"]}  # fmt: skip
+    for held in ("held-out dataset", "held-out model"):
+        n, o = new[held], old[held]
+        checks[f"{held}: false-alarm rate not higher"] = n["false_alarm_rate"] <= o["false_alarm_rate"]
+        checks[f"{held}: recall not lower"] = n["recall"] >= o["recall"]
+        checks[f"{held}: median delay not longer"] = n["delay_probes"]["median"] <= o["delay_probes"]["median"]
+    return {"before": before, "checks": checks, "all": all(checks.values())}
 
 
 def _cell(value: float | None, digits: int = 2) -> str:
@@ -421,38 +500,46 @@ def tables(result: dict[str, Any]) -> str:
             f"| {_cell(r['jittered_false_alarm_rate'], 3)} | {_cell(r['recall'])} "
             f"| {d['median']:g} [{d['q1']:g}, {d['q3']:g}], {d['mean']:.2f} |"
         )
-    verdict = result["chosen_beats_before"]
-    lines += ["", f"The chosen rule beats the rule before on every check: {'yes' if verdict['all'] else 'no'} ("
-              + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in verdict["checks"].items()) + ")."]  # fmt: skip
+    verdict = result["chosen_against_before"]
+    lines += ["", f"The chosen rule against the {verdict['before']} rule ("
+              + result["rules"][verdict["before"]]["describe"] + "): "
+              + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in verdict["checks"].items()) + "."]  # fmt: skip
     return "\n".join(lines)
 
 
 def safeguard_sentence(result: dict[str, Any]) -> str:
-    """What docs/safeguard.md states of the choice (a test compares): the chosen rule against the rule before, on
-    the calibration parts and on the held-out model."""
-    new, old = result["figures"]["chosen"], result["figures"]["before"]
+    """What docs/safeguard.md states of the choice (a test compares): the chosen rule against the rule chosen on the
+    pooled rate alone, on the calibration runs and on each held-out set."""
+    new, old = result["figures"]["chosen"], result["figures"]["pooled CUSUM"]
 
     def part(f: dict[str, Any]) -> str:
         n, a, d = f["runs"], f["alarms"], f["delay_probes"]
-        return (
-            f"{a['healthy']} of {n['healthy']} healthy runs and {a['breaking']} of {n['breaking']} breaking ones, "
-            f"a median {d['median']:g} probes [quartiles {d['q1']:g}, {d['q3']:g}] from the start of the fall"
+        delay = (
+            "no delay to measure"
+            if not d["n"]
+            else (f"a median {d['median']:g} probes [quartiles {d['q1']:g}, {d['q3']:g}] from the start of the fall")
         )
+        counts = f"{a['healthy']} of {n['healthy']} healthy runs and {a['breaking']} of {n['breaking']} breaking ones"
+        return f"{counts}, {delay}"
 
-    cal, held = "calibration", "held-out model"
-    first = min(r["fall_start"] for r in result["runs"] if r["model"] != "benchmark" and r["class"] == "breaking")
+    def worst(name: str) -> str:
+        rates = result["per_regime"][name]["calibration"]
+        label, rate = max(rates.items(), key=lambda item: item[1]["observed"])
+        return f"{rate['observed']:.0%} ({label})"
+
+    held = ("held-out dataset", "held-out model")
     return (
-        f"On the benchmark's runs the CUSUM fired on {part(new[cal])}, where the earlier rule "
-        f"({result['rules']['before']['describe']}) fired on {part(old[cal])}; on the held-out model (never chosen "
-        f"on; its fall is seen first at step {first}, so its delays are lower bounds) the CUSUM fired on "
-        f"{part(new[held])}, "
-        f"the earlier rule on {part(old[held])}"
+        f"On the calibration runs the chosen rule ({result['rules']['chosen']['describe']}) fired on "
+        f"{part(new['calibration'])}, its worst regime's false-alarm rate {worst('chosen')}; the rule chosen on the "
+        f"pooled rate alone ({result['rules']['pooled CUSUM']['describe']}) fired on {part(old['calibration'])}, its "
+        f"worst regime's rate {worst('pooled CUSUM')}. Never chosen on: "
+        + "; ".join(f"the {h}, the chosen rule on {part(new[h])}, the pooled one on {part(old[h])}" for h in held)
     )
 
 
 def compute(path: Path = SOURCE) -> dict[str, Any]:
     result = analyse(path)
-    result["chosen_beats_before"] = beats(result)
+    result["chosen_against_before"] = against(result)
     return json.loads(json.dumps(result))
 
 
@@ -475,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{OUTPUT.name}: {'up to date' if same else 'differs from the recomputation'}")
         return 0 if same else 1
     OUTPUT.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("rules", "chosen_beats_before", "jittered_bound")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("rules", "chosen_against_before", "jittered_bound")}, indent=1))
     return 0
 
 

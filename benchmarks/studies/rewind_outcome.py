@@ -2,9 +2,9 @@
 plain Diffusion-DPO and against the package's default safeguard on from step 0, per regime and training seed.
 
 Not part of the test suite. Every run trains the demo's architecture for :data:`MAX_STEPS` steps of 2 pairs with the
-held-out probe on (``probe_steps`` :data:`PROBE_STEPS`, the config's ``probe_pairs``, ``probe_noise_draws`` and alarm:
-the CUSUM of ``probe/winner_rise_z`` with ``probe_alarm_z`` 6.5 and ``probe_alarm_limit`` 6), in three settings that
-share, per seed, the pairs the probe holds back, the batches, timesteps and noise:
+held-out probe on (``probe_steps`` :data:`PROBE_STEPS`, the config's ``probe_pairs``, ``probe_noise_draws`` and
+alarm: the CUSUM of ``probe/winner_rise_z`` at the config's ``probe_alarm_z`` and ``probe_alarm_limit``), in three
+settings that share, per seed, the pairs the probe holds back, the batches, timesteps and noise:
 
 * ``dpo``: Diffusion-DPO, the probe logged (``on_pathology`` at its default, ``warn``);
 * ``rewind``: Diffusion-DPO with ``on_pathology="rewind"``;
@@ -341,10 +341,16 @@ def run(parts: Path, worker: int, workers: int, cells: list[str] | None) -> int:
         for s in SETTINGS
         if not (parts / f"{run_key(c, s, seed)}.json").exists()
     ]
-    # the first cells' first seeds, then their later seeds, then the rest's; the held-out model's cells after the
-    # others' (its base may still be pretraining), then seed by seed
+    # a seed whose other settings are done first (it completes a comparison); then the first cells' first seeds,
+    # their later seeds, the rest's; the held-out model's cells after the others' (its base may still be
+    # pretraining), then seed by seed
     rank = {c: i for i, c in enumerate(CELLS)}
-    todo.sort(key=lambda t: (rank[t[0]] >= FIRST, t[2] >= FIRST_SEEDS, t[0].model != CALIBRATION_MODEL, t[2]))
+
+    def done(cell: Cell, seed: int) -> int:
+        return sum((parts / f"{run_key(cell, s, seed)}.json").exists() for s in SETTINGS)
+
+    todo.sort(key=lambda t: (-done(t[0], t[2]), rank[t[0]] >= FIRST, t[2] >= FIRST_SEEDS,
+                             t[0].model != CALIBRATION_MODEL, t[2]))  # fmt: skip
     print(f"{len(todo)} runs to do", flush=True)
     for cell, setting, seed in todo:
         result = train_one(cell, setting, seed)
@@ -367,6 +373,13 @@ def run(parts: Path, worker: int, workers: int, cells: list[str] | None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ analysis
+
+
+def _default(name: str) -> float:
+    """The config's default of ``name``: what every run of the study read."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    return DiffusionSDPOConfig.__dataclass_fields__[name].default
 
 
 def _t(values: list[float]) -> dict[str, Any]:
@@ -533,7 +546,8 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
             "max_steps": MAX_STEPS,
             "batch_size": 2,
             "probe_steps": PROBE_STEPS,
-            "probe": "the config's probe_pairs, probe_noise_draws, probe_alarm_z (6.5) and probe_alarm_limit (6)",
+            "probe": f"the config's probe_pairs, probe_noise_draws, probe_alarm_z ({_default('probe_alarm_z'):g}) "
+            f"and probe_alarm_limit ({_default('probe_alarm_limit'):g})",
             "dpo_eval_steps": list(DPO_EVAL_STEPS),
             "seeds": list(SEEDS),
             "eval_seeds_per_prompt": 4,

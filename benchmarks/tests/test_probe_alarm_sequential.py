@@ -25,9 +25,11 @@ import probe_alarm_sequential as study  # noqa: E402
 from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, alarm_steps  # noqa: E402
 
 
-def _run(changes: dict[int, float], zs: list[float], run_id: str = "r", model: str = "benchmark") -> dict:
+def _run(
+    changes: dict[int, float], zs: list[float], run_id: str = "r", model: str = "benchmark", cell: str = "lr 0.0002"
+) -> dict:
     """A run with a probe every 5 steps reading ``zs`` and the held-out reward change ``changes`` per step."""
-    return {"id": run_id, "model": model, "mode": "offline", "cell": f"{model}, offline, lr 0.0002",
+    return {"id": run_id, "model": model, "mode": "offline", "cell": f"{model}, offline, {cell}", "safeguard": False,
             "probe": [{"step": 5 * (i + 1), "winner_rise_z": z} for i, z in enumerate(zs)],
             "reward_change": changes}  # fmt: skip
 
@@ -66,6 +68,32 @@ def test_the_vectorised_replay_and_the_packages_rule_fire_as_the_studys_loop_on_
                         if p["step"] <= max(run["reward_change"])]  # fmt: skip
             fired = alarm_steps(package, readings)
             assert (fired[0] if fired else None) == rule.fires(run), (rule, run["id"])
+
+
+def test_the_choice_bounds_the_false_alarm_rate_in_every_regime_not_only_pooled(monkeypatch):
+    # 20 quiet healthy runs in one regime and one healthy run reading 12 in another: a rule firing on that run alarms
+    # on 1 in 21 healthy runs pooled (within 5 %, and within the first rule's jittered rate: above 7 four in a row
+    # fires on it too) but on every healthy run of its regime. k 5 fires on the breaking runs' 20 at once and on that
+    # run; k 15 fires on the 20 and never on the 12, even jittered: the per-regime bound takes it.
+    monkeypatch.setattr(study, "GRID", {"in_a_row": (("t", "p"), (7.0,), (4.0,)),
+                                        "cusum": (("k", "h"), (5.0, 15.0), (1.0,))})  # fmt: skip
+    monkeypatch.setattr(study, "DRAWS", 200)
+    flat = {s: 0.0 for s in range(5, 55, 5)}
+    falls = {s: (0.0 if s < 10 else -0.1) for s in range(5, 55, 5)}
+    runs = [_run(falls, [0.0] + [20.0] * 9, f"b{i}", cell="full, lr 0.0001") for i in range(3)]
+    runs += [_run(flat, [0.0] * 10, f"q{i}", cell="lora, lr 0.0001") for i in range(20)]
+    runs += [_run(flat, [0.0] + [12.0] * 9, "loud", cell="full, lr 0.0001")]
+    chosen, search = study.choose(runs)
+    scored = search["scored"]
+    sensitive = study.Rule("cusum", 5.0, 1.0)
+    assert scored[sensitive]["false_alarm_rate"] == pytest.approx(1 / 21)  # within the pooled bound
+    assert scored[sensitive]["worst_regime_false_alarm_rate"]["observed"] == 1.0
+    assert chosen == study.Rule("cusum", 15.0, 1.0)
+    rates = study.regime_rates(chosen, runs, draws=200)
+    assert {name: rate["observed"] for name, rate in rates.items()} == {
+        "benchmark, offline, full, lr 0.0001, Diffusion-DPO": 0.0,
+        "benchmark, offline, lora, lr 0.0001, Diffusion-DPO": 0.0,
+    }
 
 
 def test_the_choice_takes_the_earliest_rule_within_the_false_alarm_bound(monkeypatch):
@@ -107,7 +135,13 @@ def test_the_result_file_is_its_recomputation_and_its_choice_is_the_packages_def
     chosen = written["rules"]["chosen"]
     assert chosen["family"] == "cusum"
     assert (fields["probe_alarm_z"].default, fields["probe_alarm_limit"].default) == (chosen["a"], chosen["b"])
-    assert written["chosen_beats_before"]["all"]
+    # within every bound of the choice on the calibration runs, in every regime
+    calibration = written["per_regime"]["chosen"]["calibration"]
+    assert calibration and all(r["observed"] <= study.FAR_TARGET for r in calibration.values())
+    assert all(r["jittered"] <= study.FAR_TARGET for r in calibration.values())
+    # the held-out runs chose nothing: none of them is a calibration run
+    held = {r["id"] for r in written["runs"] if r["model"] != "benchmark"}
+    assert held and not held & set(written["figures"]["chosen"]["calibration"]["fires_at"])
 
 
 def test_the_pages_quote_the_result_file(written):

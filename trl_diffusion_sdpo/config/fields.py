@@ -251,7 +251,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(docs/safeguard.md states the cost).",
     )
     probe_alarm_z: float = option(
-        6.5,
+        13.0,
         "The held-out probe's alarm, a one-sided CUSUM of `probe/winner_rise_z` (the held-out winner error's rise "
         "over the reference's, over its standard error across the probe's pairs and noise draws: the probe's own "
         "units, without the errors' scale), offline and online alike: `S_t = max(0, S_(t-1) + z_t - probe_alarm_z)` "
@@ -260,7 +260,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "probe runs (docs/safeguard.md: the rule and its calibration).",
     )
     probe_alarm_limit: float = option(
-        6.0,
+        1.0,
         "The held-out probe's alarm fires at the probe whose CUSUM (`probe_alarm_z`) exceeds this: one probe above "
         "`probe_alarm_z` by more than this fires at once, smaller rises after a few probes.",
     )
