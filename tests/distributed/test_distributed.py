@@ -543,9 +543,9 @@ def test_a_compiled_exact_rule_on_two_ddp_processes_trains_like_one_eager_proces
 
 
 @pytest.mark.slow  # compiles in each process
-@pytest.mark.parametrize("config", [FSDP2, "deepspeed_zero2.yaml"])
+@pytest.mark.parametrize("config", [FSDP2, "deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
 def test_a_compiled_exact_rule_under_a_sharding_engine_trains_like_one_eager_process(assets, config):
-    """``torch_compile`` under FSDP2 and DeepSpeed ZeRO-2: lambda from the processes' gradients is one eager
+    """``torch_compile`` under FSDP2 and DeepSpeed ZeRO-1, 2 and 3: lambda from the processes' gradients is one eager
     process's with the same global batch."""
     compiled = ("--torch_compile", "true", "--torch_compile_backend", "aot_eager")
     single = run(assets, "single-parameter-eager-lora", None, True, *PARAMETER)
