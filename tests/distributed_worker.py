@@ -334,6 +334,8 @@ def report(
             if "safeguard/lambda_max" in h
         ],
         "global_step": trainer.state.global_step,
+        # why the exact rule ran one pass per branch (None: the tapped one pass, or no exact rule)
+        "per_branch_reason": getattr(backward, "two_pass_reason", None),
         "sample_batches": sample_batches,
         "collective_counts": [len(c) for c in collective_sequences],
         "collectives_match": all(c == collective_sequences[0] for c in collective_sequences),

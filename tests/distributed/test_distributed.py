@@ -536,9 +536,10 @@ def test_a_compiled_exact_rule_on_two_ddp_processes_trains_like_one_eager_proces
     """``torch_compile`` under DDP: each process runs the per-branch passes through its compiled denoiser (accelerate's
     wrapper is left pointing at DDP), and the global scope's lambda and the losses are one eager process's."""
     compiled = ("--torch_compile", "true", "--torch_compile_backend", "aot_eager")
+    report = run(assets, "ddp-parameter-compiled-lora", "multi_gpu.yaml", True, *PARAMETER, *compiled)
+    assert "compiled" in report["per_branch_reason"]  # the passes ran through the compiled denoiser
     _parameter_space_global_scope_on_two_processes_trains_like_one(
-        run(assets, "single-parameter-eager-lora", None, True, *PARAMETER),
-        run(assets, "ddp-parameter-compiled-lora", "multi_gpu.yaml", True, *PARAMETER, *compiled),
+        run(assets, "single-parameter-eager-lora", None, True, *PARAMETER), report
     )
 
 
@@ -552,6 +553,8 @@ def test_a_compiled_exact_rule_under_a_sharding_engine_trains_like_one_eager_pro
     name = f"{config.removesuffix('.yaml')}-parameter-compiled-lora"
     report = run(assets, name, config, True, *PARAMETER, *compiled)
     assert report["num_processes"] == 2 and report["global_step"] == STEPS
+    assert "compiled" in report["per_branch_reason"]  # the passes ran through the compiled denoiser
+    assert single["per_branch_reason"] is None  # the eager run took the tapped one pass
     assert any(lam < 1.0 for lam in single["lambdas"])
     assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)

@@ -124,3 +124,20 @@ def test_a_compiled_run_of_the_exact_rule_is_planned_with_the_per_branch_passes_
 
     one_pass, per_branch, compiled = total(), total("--safeguard_passes", "two"), total("--torch_compile", "true")
     assert compiled == per_branch != one_pass
+
+
+def test_a_compiled_update_space_under_deepspeed_is_planned_with_the_one_pass(capsys):
+    """The update space under DeepSpeed keeps the tapped one pass compiled (its per-branch passes would leave the
+    winner's gradient inside the engine), so its estimate is the one pass's; under DDP compiled, the per-branch
+    passes'."""
+    import json
+
+    def total(engine: str, *extra: str) -> float:
+        argv = ["--config", str(CONFIGS / "sd15_full.yaml"), "--safeguard_space", "update", "--engine", engine]
+        argv += ["--gradient_accumulation_steps", "1"]
+        assert memory.run_estimate_memory([*argv, "--num_processes", "2", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["total_gib"]
+
+    for engine in ("zero1", "zero2", "zero3"):
+        assert total(engine, "--torch_compile", "true") == total(engine) != total(engine, "--safeguard_passes", "two")
+    assert total("ddp", "--torch_compile", "true") == total("ddp", "--safeguard_passes", "two") != total("ddp")

@@ -300,3 +300,23 @@ def test_the_exact_rule_holds_one_gradient_sized_buffer_beyond_diffusion_dpo(mak
     print(f"census: Diffusion-DPO {sizes['none']}, the exact rule {sizes['parameter']} (end), {peaks} (peak)")
     for held in sizes["parameter"] + peaks:
         assert held - gradient_bytes <= gradient_bytes, (held, gradient_bytes)
+
+
+def test_deepspeed_asks_its_engine_whether_it_runs_the_module_compiled():
+    """DeepSpeed compiles its module in place (``engine.compile``), leaving no compiled wrapper for
+    ``is_compiled_module`` to see: the collectives read the engine's ``is_compiled``; elsewhere the wrapper says."""
+    from types import SimpleNamespace
+
+    from trl_diffusion_sdpo.safeguards.gradients.collectives import BranchCollectives
+    from trl_diffusion_sdpo.safeguards.gradients.deepspeed import DeepSpeedCollectives
+
+    module = torch.nn.Linear(2, 2)
+    for compiled in (False, True):
+        collectives = object.__new__(DeepSpeedCollectives)
+        engine = SimpleNamespace(is_compiled=compiled)
+        collectives.engine = SimpleNamespace(
+            accelerator=SimpleNamespace(deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
+        )
+        assert collectives.runs_compiled(module) is compiled
+    plain = object.__new__(BranchCollectives)
+    assert not plain.runs_compiled(module) and plain.runs_compiled(torch.compile(module))

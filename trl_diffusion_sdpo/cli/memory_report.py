@@ -64,13 +64,15 @@ class EstimateArguments:
     )
 
 
-def _safeguard(args: Any) -> str:
+def _safeguard(args: Any, engine: str) -> str:
     """The safeguard's memory term: the exact rule's one pass, or its per-branch passes where they run (asked for, or
-    a compiled denoiser, which the one pass's per-layer taps cannot run in: ``ParameterSpaceBackward._decide``)."""
+    a compiled denoiser, which the one pass's per-layer taps cannot run in, except the update space under DeepSpeed,
+    whose per-branch passes would leave the winner's gradient inside the engine), as
+    ``ParameterSpaceBackward._decide`` decides."""
     space = args.safeguard_space
     if space in ("parameter", "update"):
-        per_branch = args.safeguard_passes == "two" or getattr(args, "torch_compile", False)
-        return "two_pass" if per_branch else "one_pass"
+        compiled = getattr(args, "torch_compile", False) and not (space == "update" and engine.startswith("zero"))
+        return "two_pass" if args.safeguard_passes == "two" or compiled else "one_pass"
     return space
 
 
@@ -108,7 +110,7 @@ def shape(
         activation_checkpointing=checkpointing,
         latent_cache=latent_cache,
         offload_frozen=args.offload_frozen_modules,
-        safeguard=_safeguard(args),
+        safeguard=_safeguard(args, estimate_args.engine),
         lora_r=model_args.lora_r,
         accumulation=args.gradient_accumulation_steps,
     )

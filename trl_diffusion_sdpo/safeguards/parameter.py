@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import is_compiled_module
 
 from ..engines import Engine
 from ..engines.base import trainable_parameters
@@ -354,9 +353,20 @@ class ParameterSpaceBackward:
         branches' gradients from inside autograd Functions, which break ``torch.compile``'s graph at every layer,
         while each per-branch pass is a plain forward and backward of the compiled module."""
         self._decided = True
+        compiled = self.collectives.runs_compiled(policy)
         if self.passes_option == "two":
             reason = "safeguard_passes='two'"
-        elif is_compiled_module(policy):
+        elif compiled and self.update_space and not self.collectives.two_pass_update_space:
+            # the per-branch passes leave the winner's gradient inside this engine, where the update space cannot
+            # read it: the tapped one pass runs in the compiled module, its graph broken at every tap
+            logger.warning(
+                "The exact safeguard's update space under %s runs the tapped one pass in the compiled denoiser: "
+                "its per-branch passes would keep the winner's gradient inside the engine, and the taps break the "
+                "compiled graph at every layer.",
+                self.engine.name,
+            )
+            reason = self.collectives.one_pass_reason()
+        elif compiled:
             reason = (
                 "the denoiser is compiled (torch_compile), which captures the per-branch passes whole and would "
                 "break its graph at every per-layer tap of the one pass"

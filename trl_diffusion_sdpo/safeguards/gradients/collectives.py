@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
+from accelerate.utils import is_compiled_module
 
 from ...config._lazy import import_target
 from ...engines import Engine
@@ -111,6 +112,10 @@ class BranchCollectives:
     two_pass_update_space = True
     #: whether the engine takes every gradient autograd hands a weight (its hooks reduce it away at once)
     owns_gradients = False
+
+    def runs_compiled(self, policy: torch.nn.Module) -> bool:
+        """Whether the engine runs ``policy`` compiled (``torch_compile``): here accelerate's compiled wrapper."""
+        return is_compiled_module(policy)
 
     def one_pass_reason(self) -> str | None:
         """Why the branches' gradients cannot be split inside one pass here (``None``: they can; the per-branch

@@ -41,6 +41,11 @@ class DeepSpeedCollectives(BranchCollectives):
     def _engine(self):
         return self.engine.accelerator.deepspeed_engine_wrapped.engine
 
+    def runs_compiled(self, policy: torch.nn.Module) -> bool:
+        """DeepSpeed compiles its module in place (``engine.compile``), which leaves no wrapper to see: the engine
+        says."""
+        return self._engine.is_compiled
+
     #: inside transformers' step, the scalars of the micro-batch's last engine backward, which Trainer's own
     #: ``accelerator.backward`` runs (the loss compute_loss returns carries them; ``None``: run here)
     deferred: list[torch.Tensor] | None = None
