@@ -593,8 +593,8 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
             "online: an online run takes 5 to 15 minutes on the shared CPU; the rewind online under the CUSUM rule "
             "is not measured",
             "the held-out model with shuffled pairs or an eval split; the pair order and the eval split are moved "
-            "one at a time, never together; the cells after the first 14 and the seeds after the first 3 ran only "
-            "as far as the CPU's time allowed (not_run lists what did not)",
+            "one at a time, never together"
+            + ("; the runs not_run lists: the CPU's time did not allow them" if missing else ""),
             "runs longer than 50 steps",
         ],
         "runs": {run_key(Cell(**r["cell"]), r["setting"], r["seed"]): r for r in runs},
