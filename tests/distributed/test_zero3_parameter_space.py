@@ -144,6 +144,9 @@ class _OneProcessZeRO3:
     overwrites the partitions of the weights it reaches (ZeRO-3 at ``micro_step_id`` 0, where the safeguard's passes
     run) and leaves the others as they were; :meth:`step` records the partitions and, like ZeRO-3, keeps them."""
 
+    #: an engine that did not compile its module (``DeepSpeedEngine.is_compiled``)
+    is_compiled = False
+
     def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
         self.parameters = parameters
         # what an earlier window left behind: the first window must not add it
