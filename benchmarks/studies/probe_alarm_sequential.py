@@ -311,7 +311,7 @@ def choose(runs: list[dict[str, Any]]) -> tuple[Rule, dict[str, Any]]:
         rates = regime_rates(rule, runs)
         worst = {kind: max(r[kind] for r in rates.values()) for kind in ("observed", "jittered")}
         scored[rule]["worst_regime_false_alarm_rate"] = worst
-        if worst["observed"] <= FAR_TARGET and worst["jittered"] <= FAR_TARGET:
+        if _admissible(scored[rule]):
             admissible.append((i, rule))
 
     def key(entry: tuple[int, Rule]) -> tuple[float, ...]:

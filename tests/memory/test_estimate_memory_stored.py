@@ -141,3 +141,21 @@ def test_a_compiled_update_space_under_deepspeed_is_planned_with_the_one_pass(ca
     for engine in ("zero1", "zero2", "zero3"):
         assert total(engine, "--torch_compile", "true") == total(engine) != total(engine, "--safeguard_passes", "two")
     assert total("ddp", "--torch_compile", "true") == total("ddp", "--safeguard_passes", "two") != total("ddp")
+
+
+def test_the_estimates_compiled_update_space_follows_each_engines_collectives():
+    """``estimate-memory`` restates which engines keep the update space's one pass when compiled; the collectives
+    decide it (``two_pass_update_space``): each engine it names plans as its collectives run."""
+    from types import SimpleNamespace
+
+    from trl_diffusion_sdpo.cli.memory_report import _safeguard
+    from trl_diffusion_sdpo.config._lazy import import_target
+    from trl_diffusion_sdpo.engines.memory import ENGINES
+    from trl_diffusion_sdpo.safeguards.gradients.collectives import COLLECTIVES
+
+    variant = {"ddp": "ddp", "zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed-zero3", "fsdp2": "fsdp2"}
+    assert set(variant) == set(ENGINES)
+    args = SimpleNamespace(safeguard_space="update", safeguard_passes="one", torch_compile=True)
+    for engine, name in variant.items():
+        per_branch = import_target(COLLECTIVES[name]).two_pass_update_space
+        assert _safeguard(args, engine) == ("two_pass" if per_branch else "one_pass"), engine
