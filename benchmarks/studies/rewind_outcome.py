@@ -1,7 +1,8 @@
 """The rewind judged by the held-out reward a run ends with: Diffusion-DPO with ``on_pathology="rewind"`` against
 plain Diffusion-DPO and against the package's default safeguard on from step 0, per regime and training seed.
 
-Not part of the test suite. Every run trains the demo's architecture for :data:`MAX_STEPS` steps of 2 pairs with the
+Not part of the test suite. Every run trains the demo's architecture for :data:`MAX_STEPS` steps (the longer cells:
+their own ``steps``) of 2 pairs with the
 held-out probe on (``probe_steps`` :data:`PROBE_STEPS`, the config's ``probe_pairs``, ``probe_noise_draws`` and
 alarm: the CUSUM of ``probe/winner_rise_z`` at the config's ``probe_alarm_z`` and ``probe_alarm_limit``), in three
 settings that share, per seed, the pairs the probe holds back, the batches, timesteps and noise:
@@ -13,12 +14,19 @@ settings that share, per seed, the pairs the probe holds back, the batches, time
 
 Regimes (:data:`CELLS`): the pair dataset sorted by prompt (as the demo writes it) or shuffled; the probe holding
 rows back from the training data or reading an eval split; learning rates 1e-4, 1e-3 and 1e-2; full tuning and LoRA;
-two models and two datasets. The alarm's constants were chosen (``probe_alarm_sequential.py``) on the benchmark's base
-(:data:`stability_map.STUDY_BASE`) with the demo's pairs at data seed 0; its held-out model was the UNet 1.5 times as
-wide at 64 px (``probe_z_runs.wide_recipe``), which is the held-out model here. The held-out dataset is the demo's
+two models and two datasets; 100 steps where Diffusion-DPO held for 50. The alarm's constants were chosen
+(``probe_alarm_sequential.py``) on the benchmark's base (:data:`stability_map.STUDY_BASE`) with the demo's pairs at
+data seed 0; its held-out model was the UNet 1.5 times as wide at 64 px (``probe_z_runs.wide_recipe``), which is the
+held-out model here. The held-out dataset is the demo's
 data at data seed 1 (other held-out prompts, other training prompts and pairs), never read by any alarm study.
-Offline only: online runs take 5 to 15 minutes each on the shared CPU (``probe_z_runs.py``), so the online rewind
-under this rule is not measured.
+
+Online (:data:`ONLINE_CELLS`, ``run --online``): the stability benchmark's three online regimes, each trained by its
+own study's ``run_one`` (LoRA on the demo's base, samples scored online; the brightness reward at lr 1e-2, where
+Diffusion-DPO breaks, and at 1e-3, 60 steps; the colour reward at lr 2e-4, 120 steps), the probe reading the regime's
+held-out captions, in the same three settings at seeds :data:`ONLINE_SEEDS` (the alarm's constants were chosen on the
+hacking regimes' seeds 0 and 1, never on these). A rewinding online run stops at its first alarm with the restored
+weights (online the rewind has no safeguard to switch to). The held-out reward is the colour reward of the regime's
+held-out measures (the brightness regimes' reward is not the one judged).
 
 Measures (:func:`analyse`), all on the held-out prompts' colour reward (the demo's evaluation: the same prompts and
 noise for every run and the base):
@@ -98,10 +106,17 @@ class Cell:
     tuning: str = "full"
     order: str = "sorted"
     probe: str = "holdback"
+    steps: int = MAX_STEPS
 
     @property
     def name(self) -> str:
-        return f"{self.model}-data{self.data}-lr{self.lr:g}-{self.tuning}-{self.order}-{self.probe}"
+        longer = f"-{self.steps}steps" if self.steps != MAX_STEPS else ""
+        return f"{self.model}-data{self.data}-lr{self.lr:g}-{self.tuning}-{self.order}-{self.probe}{longer}"
+
+    @property
+    def eval_steps(self) -> tuple[int, ...]:
+        """Diffusion-DPO's evaluation steps: every 10 (:data:`DPO_EVAL_STEPS` in a run of :data:`MAX_STEPS`)."""
+        return tuple(range(DPO_EVAL_STEPS[0], self.steps + 1, DPO_EVAL_STEPS[0]))
 
     @property
     def held_out(self) -> str:
@@ -139,11 +154,56 @@ CELLS: tuple[Cell, ...] = (
     Cell(tuning="lora", lr=1e-4, probe="eval-split"),
     Cell(data=1, tuning="lora"),
     Cell(model="wide", tuning="lora"),
+    Cell(model="wide", order="shuffled"),
+    Cell(model="wide", probe="eval-split"),
+    # longer runs: where Diffusion-DPO held for 50 steps (and the held-out model's false alarms), for 100
+    Cell(lr=1e-4, steps=100),
+    Cell(tuning="lora", steps=100),
+    Cell(model="wide", lr=1e-4, steps=100),
 )
 FIRST, FIRST_SEEDS = 14, 3  # the first cells' first seeds run first, then their later seeds, then the rest
 
 
-def run_key(cell: Cell, setting: str, seed: int) -> str:
+@dataclass(frozen=True)
+class OnlineCell:
+    """An online regime of the stability benchmark (``stability_probe_online.ONLINE_REGIMES``: its base, prompts,
+    reward and held-out measures, LoRA, a batch of online samples a step, its own steps and evaluation steps) at a
+    learning rate; the probe reads the regime's held-out captions as the online trainer's eval prompts."""
+
+    regime: str
+    lr: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.regime}-lr{self.lr:g}"
+
+    @property
+    def held_out(self) -> str:
+        return "online"
+
+
+#: the online regimes, each at the learning rate the online probe study ran it (``cpu-stability-probe-online.json``):
+#: the brightness reward at lr 1e-2, where Diffusion-DPO breaks, and at 1e-3; the colour reward at 2e-4
+ONLINE_CELLS: tuple[OnlineCell, ...] = (
+    OnlineCell("online-hacking-fast", 1e-2),
+    OnlineCell("online-hacking", 1e-3),
+    OnlineCell("online-healthy", 2e-4),
+)
+#: outside seeds 0 and 1, whose online probe-logged runs the alarm's constants were chosen on
+#: (``probe_alarm_sequential.py``: ``online-a/b``)
+ONLINE_SEEDS = (2, 3, 4, 5, 6)
+
+
+def cell_of(fields: dict[str, Any]) -> Cell | OnlineCell:
+    """The cell a run's record names."""
+    return OnlineCell(**fields) if "regime" in fields else Cell(**fields)
+
+
+def seeds_of(cell: Cell | OnlineCell) -> tuple[int, ...]:
+    return ONLINE_SEEDS if isinstance(cell, OnlineCell) else SEEDS
+
+
+def run_key(cell: Cell | OnlineCell, setting: str, seed: int) -> str:
     return f"{cell.name}__{setting}__seed{seed}"
 
 
@@ -286,7 +346,12 @@ def train_one(cell: Cell, setting: str, seed: int) -> dict[str, Any]:
     method = _methods()[setting]
     data = Data.get(cell.model, cell.data)
     recipe = dataclasses.replace(
-        data["recipe"], learning_rate=cell.lr, tuning=cell.tuning, seeds=(seed,), methods=(method.key,)
+        data["recipe"],
+        learning_rate=cell.lr,
+        tuning=cell.tuning,
+        seeds=(seed,),
+        methods=(method.key,),
+        max_steps=cell.steps,
     )
     dataset = data["shuffled"] if cell.order == "shuffled" else data["dataset"]
     probe_pairs = data["eval_split"] if cell.probe == "eval-split" else None
@@ -294,7 +359,7 @@ def train_one(cell: Cell, setting: str, seed: int) -> dict[str, Any]:
     callbacks = [recorder]
     evaluator = None
     if setting == "dpo":
-        evaluator = stability_map.EvaluateAt(list(DPO_EVAL_STEPS), data["held_out"], recipe)
+        evaluator = stability_map.EvaluateAt(list(cell.eval_steps), data["held_out"], recipe)
         callbacks.append(evaluator)
     with tempfile.TemporaryDirectory() as workdir:
         config = _training_args(recipe, method, seed, workdir, None)
@@ -313,6 +378,7 @@ def train_one(cell: Cell, setting: str, seed: int) -> dict[str, Any]:
         "seed": seed,
         "final_reward": final,
         "base_reward": data["base_reward"],
+        "max_steps": cell.steps,
         "last_step": history["step"][-1],
         "weights_sha256": weights_digest(pipeline.unet),
         "loss": [recorder.loss[s] for s in sorted(recorder.loss)],
@@ -327,6 +393,117 @@ def train_one(cell: Cell, setting: str, seed: int) -> dict[str, Any]:
     if evaluator is not None:
         run["reward_at"] = {str(s): r for s, r in sorted(evaluator.rewards.items())}
     return run
+
+
+class OnlineSetup:
+    """The online regime this process trains (``stability_probe_online._online_setup``: its study module with the
+    probe-logged and rewinding settings, its stored report, its Diffusion-DPO setting) and its base's held-out colour
+    reward measured here; one regime at a time (the regimes' modules share their evaluation context)."""
+
+    current: dict[str, Any] = {}
+
+    @classmethod
+    def get(cls, regime: str) -> dict[str, Any]:
+        if cls.current.get("regime") == regime:
+            return cls.current
+        from stability_probe_online import _online_setup
+
+        module, stored, _, dpo = _online_setup(regime)
+        context = module._CONTEXT
+        fields = {k: v for k, v in module.METHODS[dpo].items() if k != "safeguard_mu"}
+        module.METHODS[f"{dpo}-safeguard"] = {**fields, "safeguard_space": "output", "probe_steps": PROBE_STEPS}
+        methods = {"dpo": f"{dpo}-probe", "rewind": f"{dpo}-rewind", "safeguard": f"{dpo}-safeguard"}
+        cls.current = {
+            "regime": regime,
+            "module": module,
+            "methods": methods,
+            "max_steps": stored["config"]["max_steps"],
+            "eval_steps": list(stored["eval_steps"]),
+            "base_reward": float(context.evaluate(context.base)["colour_reward"]),
+            "stored_base_reward": stored["base"]["measures"]["colour_reward"],
+        }
+        return cls.current
+
+
+def train_one_online(cell: OnlineCell, setting: str, seed: int) -> dict[str, Any]:
+    """One online run: ``setting`` in the online regime ``cell`` at training seed ``seed`` (the regime's own
+    ``run_one``), with the record :func:`train_one` writes offline. The held-out measures at every evaluation step
+    stand in for the weights' digest (``run_one`` keeps no weights): a digest of all of them to all digits."""
+    from online_probe_runs import probe_record
+
+    setup = OnlineSetup.get(cell.regime)
+    method = setup["methods"][setting]
+    fields = setup["module"].METHODS[method]
+    tick = time.perf_counter()
+    result = setup["module"].run_one((seed, cell.lr, method))
+    seconds = time.perf_counter() - tick
+    record = probe_record(result["history"], setup["max_steps"])
+    curve = result["curve"]
+    last = str(setup["max_steps"])
+    run = {
+        "cell": asdict(cell),
+        "setting": setting,
+        "seed": seed,
+        "final_reward": float(curve[last]["colour_reward"]),
+        "base_reward": setup["base_reward"],
+        "stored_base_reward": setup["stored_base_reward"],
+        "max_steps": setup["max_steps"],
+        "last_step": record["stopped_at"] or setup["max_steps"],
+        "measures_sha256": hashlib.sha256(json.dumps(curve, sort_keys=True).encode()).hexdigest(),
+        "curve": curve,
+        "loss": [float(v) for v in result["history"]["loss"]],
+        "probe": [
+            {"step": p["step"], "winner_rise_z": p["winner_rise_z"], "delta_winner": p["delta_winner"]}
+            for p in record["probe"]
+        ],  # fmt: skip
+        "rewinds": [[r["fired_at"], r["restored"]] for r in record["rewinds"]],
+        "safeguard_space": fields["safeguard_space"],
+        "safeguard_mu": result["safeguard_mu"],  # as the trainer resolved it
+        "on_pathology": fields.get("on_pathology", "warn"),
+        "seconds": round(seconds, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+    if setting == "dpo":
+        run["reward_at"] = {str(s): float(curve[str(s)]["colour_reward"]) for s in setup["eval_steps"]}
+    return run
+
+
+def _write_run(parts: Path, cell: Cell | OnlineCell, setting: str, seed: int, result: dict[str, Any]) -> None:
+    stopped_by_rewind = bool(result["rewinds"]) and result["rewinds"][-1][0] == result["last_step"]
+    if result["last_step"] < result.get("max_steps", MAX_STEPS) and not stopped_by_rewind:  # preempted (SIGTERM)
+        raise RuntimeError(f"{run_key(cell, setting, seed)} stopped at step {result['last_step']}")
+    path = parts / f"{run_key(cell, setting, seed)}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    print(
+        f"{path.stem}: final {result['final_reward']:.4f} (base {result['base_reward']:.4f}), rewinds "
+        f"{result['rewinds']}, {result['seconds']:.0f} s",
+        flush=True,
+    )
+
+
+def run_online(parts: Path, worker: int, workers: int) -> int:
+    """Train what ``parts`` lacks of the online cells this worker takes (at its positions in
+    :data:`ONLINE_CELLS`), cell by cell (a cell's regime is set up once), seed by seed."""
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = [c for i, c in enumerate(ONLINE_CELLS) if i % workers == worker]
+    todo = [
+        (c, s, seed)
+        for c in mine
+        for seed in ONLINE_SEEDS
+        for s in SETTINGS
+        if not (parts / f"{run_key(c, s, seed)}.json").exists()
+    ]
+    print(f"{len(todo)} online runs to do", flush=True)
+    for cell, setting, seed in todo:
+        result = train_one_online(cell, setting, seed)
+        _write_run(parts, cell, setting, seed, result)
+        base = parts / f"base__{cell.regime}.json"
+        if not base.exists():
+            setup = OnlineSetup.current
+            base.write_text(json.dumps({k: setup[k] for k in ("base_reward", "stored_base_reward", "eval_steps")}))
+    return 0
 
 
 def run(parts: Path, worker: int, workers: int, cells: list[str] | None) -> int:
@@ -354,21 +531,11 @@ def run(parts: Path, worker: int, workers: int, cells: list[str] | None) -> int:
     print(f"{len(todo)} runs to do", flush=True)
     for cell, setting, seed in todo:
         result = train_one(cell, setting, seed)
-        if result["last_step"] < MAX_STEPS and len(result["rewinds"]) < 2:  # preempted (SIGTERM): whole runs only
-            raise RuntimeError(f"{run_key(cell, setting, seed)} stopped at step {result['last_step']}")
-        path = parts / f"{run_key(cell, setting, seed)}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
+        _write_run(parts, cell, setting, seed, result)  # preempted (SIGTERM): whole runs only
         data = Data.cache[(cell.model, cell.data)]
         base = parts / f"base__{cell.model}__data{cell.data}.json"
         if not base.exists():
             base.write_text(json.dumps({k: data[k] for k in ("base_reward", "pairs", "eval_split_pairs")}))
-        print(
-            f"{path.stem}: final {result['final_reward']:.4f} (base {result['base_reward']:.4f}), rewinds "
-            f"{result['rewinds']}, {result['seconds']:.0f} s",
-            flush=True,
-        )
     return 0
 
 
@@ -427,14 +594,15 @@ def rewind_record(rewind: dict[str, Any], dpo: dict[str, Any]) -> dict[str, Any]
     out: dict[str, Any] = {
         "alarm_steps": [r[0] for r in rewind["rewinds"]],
         "restored": restored,
-        "stopped_at": rewind["last_step"] if rewind["last_step"] < MAX_STEPS else None,
+        "stopped_at": rewind["last_step"] if rewind["last_step"] < rewind.get("max_steps", MAX_STEPS) else None,
         "dpo_class": dpo_class(dpo),
         "fall_start": start,
         "delay_steps": None if start is None or first is None else first - start,
     }
     if not rewind["rewinds"]:
+        digest = "weights_sha256" if "weights_sha256" in rewind else "measures_sha256"  # online: the measures'
         out["equals_dpo"] = {
-            "weights_sha256": rewind["weights_sha256"] == dpo["weights_sha256"],
+            digest: rewind[digest] == dpo[digest],
             "loss": rewind["loss"] == dpo["loss"],
             "final_reward": rewind["final_reward"] == dpo["final_reward"],
         }
@@ -486,7 +654,9 @@ def analyse_cell(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         }
     healthy = [k for k in seeds if per_seed[str(k)]["dpo_class"] == "healthy"]
     quiet = [k for k in healthy if not per_seed[str(k)]["alarm_steps"]]
-    out["healthy"] = {"runs": len(healthy), "quiet": len(quiet), "seeds": healthy}
+    # what a false alarm costs the user: the rewind's final reward minus Diffusion-DPO's, where Diffusion-DPO held
+    cost = [final["rewind"][seeds.index(k)] - final["dpo"][seeds.index(k)] for k in healthy if k not in quiet]
+    out["healthy"] = {"runs": len(healthy), "quiet": len(quiet), "seeds": healthy, "false_alarm_cost": cost}
     return out
 
 
@@ -502,6 +672,7 @@ def targets(cells: dict[str, Any]) -> dict[str, Any]:
         breaking = [c for c in judged if c["analysis"]["dpo_breaks"]]
         healthy = sum(c["analysis"]["healthy"]["runs"] for c in judged)
         quiet = sum(c["analysis"]["healthy"]["quiet"] for c in judged)
+        cost = [d for c in judged for d in c["analysis"]["healthy"]["false_alarm_cost"]]
         out[group] = {
             "cells_judged": len(judged),
             "breaking_cells": len(breaking),
@@ -510,6 +681,7 @@ def targets(cells: dict[str, Any]) -> dict[str, Any]:
             "quiet_on_healthy": quiet,
             "quiet_share": quiet / healthy if healthy else None,
             "quiet_met": (quiet / healthy >= QUIET_TARGET) if healthy else None,
+            "false_alarm_cost": {"runs": cost, **(_t(cost) if len(cost) > 1 else {})},
         }
     return out
 
@@ -521,21 +693,18 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
     runs = [json.loads(p.read_text()) for p in sorted(parts.glob("*__seed*.json"))]
     by_cell: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for r in runs:
-        by_cell.setdefault(Cell(**r["cell"]).name, {}).setdefault(r["setting"], {})[r["seed"]] = r
+        r["cell"] = asdict(cell_of(r["cell"]))  # the fields of runs made before a field was added, at its default
+        by_cell.setdefault(cell_of(r["cell"]).name, {}).setdefault(r["setting"], {})[r["seed"]] = r
     cells = {}
-    for cell in CELLS:
+    for cell in (*CELLS, *ONLINE_CELLS):
         mine = by_cell.get(cell.name, {})
         cells[cell.name] = {**asdict(cell), "held_out": cell.held_out, "analysis": analyse_cell(mine)}
     bases = {p.stem.removeprefix("base__"): json.loads(p.read_text()) for p in sorted(parts.glob("base__*.json"))}
-    planned = len(CELLS) * len(SEEDS) * len(SETTINGS)
-    missing = [
-        run_key(c, s, k)
-        for c in CELLS
-        for k in SEEDS
-        for s in SETTINGS
-        if not any(Cell(**r["cell"]) == c and r["setting"] == s and r["seed"] == k for r in runs)
-    ]
-    sample = next((r for r in runs if r["setting"] == "safeguard"), None)
+    planned_keys = [run_key(c, s, k) for c in (*CELLS, *ONLINE_CELLS) for k in seeds_of(c) for s in SETTINGS]
+    done = {run_key(cell_of(r["cell"]), r["setting"], r["seed"]) for r in runs}
+    planned, missing = len(planned_keys), [key for key in planned_keys if key not in done]
+    sample = next((r for r in runs if r["setting"] == "safeguard" and "regime" not in r["cell"]), None)
+    online_sample = next((r for r in runs if r["setting"] == "safeguard" and "regime" in r["cell"]), None)
     report = {
         "description": __doc__.split("\n\n")[0].replace("\n", " "),
         "command": "OMP_NUM_THREADS=1 nice -n 5 python benchmarks/studies/rewind_outcome.py run --worker i/2 "
@@ -557,6 +726,16 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
             },
             "tolerance": TOLERANCE,
             "restore_z": RESTORE_Z,
+            "online": {
+                "cells": [c.name for c in ONLINE_CELLS],
+                "seeds": list(ONLINE_SEEDS),
+                "steps_and_eval_steps": "the regime's stored config: 60 steps evaluated at 20, 40, 60 (brightness "
+                "regimes); 120 steps at 24, 48, 72, 96, 120 (colour regime)",
+                "safeguard_from_step_0": {
+                    "safeguard_space": online_sample and online_sample["safeguard_space"],
+                    "safeguard_mu": online_sample and online_sample["safeguard_mu"],
+                },
+            },
         },
         "definitions": {
             "final_reward": "the mean colour reward on the held-out prompts of the weights the run ends with",
@@ -564,16 +743,20 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
             "over seeds, lies below 0",
             "recovery": f"(rewind - dpo) / (safeguard - dpo) on the means, met at {RECOVERY_TARGET} or more with no "
             f"seed where the rewind ends more than {TOLERANCE} below Diffusion-DPO",
-            "healthy_run": f"no evaluation of Diffusion-DPO ({', '.join(map(str, DPO_EVAL_STEPS))}) found its reward "
+            "healthy_run": f"no evaluation of Diffusion-DPO (offline {', '.join(map(str, DPO_EVAL_STEPS))}; online "
+            f"the regime's evaluation steps) found its reward "
             f"more than {TOLERANCE} below the base's; target: the rewind twin raises no alarm in at least "
             f"{QUIET_TARGET:.0%} of them",
             "fall_start": f"the first Diffusion-DPO evaluation step from which every evaluation to the end found the "
             f"reward more than {TOLERANCE} below the base's",
             "delay_steps": "the rewind's first alarm step minus the fall's start (negative: earlier than the "
-            "evaluations saw the fall; resolution: the evaluations' 10 steps)",
+            "evaluations saw the fall; resolution: the evaluations' 10 steps offline, 20 or 24 online)",
             "restore_point": f"the restored step's own probe reading winner_rise_z <= {RESTORE_Z}, or step 0",
-            "equals_dpo": "where the rewind's alarm never fired: the final weights' SHA-256, the train loss at every "
-            "step and the final reward equal Diffusion-DPO's of the same seed",
+            "false_alarm_cost": "over the healthy Diffusion-DPO runs whose rewind twin raised an alarm: the rewind's "
+            "final reward minus Diffusion-DPO's, per run (mean and 95% t interval over those runs)",
+            "equals_dpo": "where the rewind's alarm never fired: the final weights' SHA-256 (online: the SHA-256 of "
+            "every held-out measure at every evaluation step, to all digits), the train loss at every step and the "
+            "final reward equal Diffusion-DPO's of the same seed",
             "intervals": "95% t intervals over seeds (paired by seed for differences)",
         },
         "held_out": {
@@ -590,14 +773,12 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
         "runs_done": len(runs),
         "not_run": missing,
         "not_measured": [
-            "online: an online run takes 5 to 15 minutes on the shared CPU; the rewind online under the CUSUM rule "
-            "is not measured",
-            "the held-out model with shuffled pairs or an eval split; the pair order and the eval split are moved "
-            "one at a time, never together"
-            + ("; the runs not_run lists: the CPU's time did not allow them" if missing else ""),
-            "runs longer than 50 steps",
+            "the pair order and the eval split moved together (each is moved alone)",
+            "offline runs longer than 100 steps (online: 60 and 120)",
+            "online: the held-out dataset and model, full tuning, and online runs of the pair-folder axes",
+            *(["the runs not_run lists: the CPU's time did not allow them"] if missing else []),
         ],
-        "runs": {run_key(Cell(**r["cell"]), r["setting"], r["seed"]): r for r in runs},
+        "runs": {run_key(cell_of(r["cell"]), r["setting"], r["seed"]): r for r in runs},
     }
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}: {len(runs)} of {planned} runs")
@@ -665,10 +846,23 @@ def _verdict(entry: dict[str, Any]) -> str:
     return f"{text} (not met: {'; '.join(misses)}); {quiet}"
 
 
+def _cost(cost: dict[str, Any]) -> str:
+    """The false alarms' cost: the mean [95% t interval] over the runs, or the one run's, or none."""
+    runs = cost["runs"]
+    if not runs:
+        return "no false alarm"
+    if len(runs) == 1:
+        return f"{runs[0]:+.3f} (1 run)"
+    return f"{_ci(cost, True)} ({len(runs)} runs)"
+
+
 def _cell_label(entry: dict[str, Any]) -> str:
+    if "regime" in entry:
+        return f"{entry['regime']}, lr {entry['lr']:g}, LoRA"
+    longer = f", {entry['steps']} steps" if entry["steps"] != MAX_STEPS else ""
     return (
         f"{entry['model']}, data {entry['data']}, lr {entry['lr']:g}, {entry['tuning']}, {entry['order']}, "
-        f"{'eval split' if entry['probe'] == 'eval-split' else 'rows held back'}"
+        f"{'eval split' if entry['probe'] == 'eval-split' else 'rows held back'}{longer}"
     )
 
 
@@ -677,7 +871,7 @@ def table(result: dict[str, Any]) -> str:
     base's and each setting's final held-out reward (mean [95% t interval] over seeds), the rewinds, the delays, the
     bit-for-bit check and the targets' verdicts; then the targets per group."""
     lines: list[str] = []
-    groups = ("calibration", "held-out dataset", "held-out model")
+    groups = ("calibration", "held-out dataset", "held-out model", "online")
     for group in groups:
         mine = [e for e in result["cells"].values() if e["held_out"] == group and e["analysis"]["judged"]]
         if not mine:
@@ -686,6 +880,7 @@ def table(result: dict[str, Any]) -> str:
             "calibration": "the benchmark's base, data seed 0",
             "held-out dataset": "data seed 1",
             "held-out model": "the wide UNet at 64 px",
+            "online": "the stability benchmark's online regimes; a rewind stops the run at its first alarm",
         }[group]
         lines += [
             f"**{group}** ({what}):",
@@ -704,20 +899,21 @@ def table(result: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += [
-        "| runs | breaking regimes | recovery met | healthy Diffusion-DPO runs | rewind quiet | quiet target (95 %) |",
-        "|---|---:|---:|---:|---:|---|",
+        "| runs | breaking regimes | recovery met | healthy Diffusion-DPO runs | rewind quiet | quiet target (95 %) "
+        "| false alarms: rewind - DPO |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for group, t in result["targets"].items():
         share = "n/a" if t["quiet_share"] is None else f"{t['quiet_share']:.0%}"
         met = "n/a" if t["quiet_met"] is None else ("met" if t["quiet_met"] else "not met")
         lines.append(
             f"| {group} | {t['breaking_cells']} | {t['recovery_met']} of {t['breaking_cells']} "
-            f"| {t['healthy_runs']} | {t['quiet_on_healthy']} ({share}) | {met} |"
+            f"| {t['healthy_runs']} | {t['quiet_on_healthy']} ({share}) | {met} | {_cost(t['false_alarm_cost'])} |"
         )
     lines += [
         "",
         f"Final rewards are absolute (the base's in its column); {result['runs_done']} of "
-        f"{result['runs_planned']} planned runs; online: not measured.",
+        f"{result['runs_planned']} planned runs. Not measured: {'; '.join(result['not_measured'])}.",
     ]
     return "\n".join(lines)
 
@@ -742,11 +938,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=PARTS, type=Path)
     parser.add_argument("--worker", default="0/1", help="run: this worker of how many (e.g. 0/2).")
     parser.add_argument("--cells", default=None, help="run: only these cells (names, comma-separated).")
+    parser.add_argument("--online", action="store_true", help="run: the online cells (ONLINE_CELLS) instead.")
     parser.add_argument("--json", default=OUTPUT, type=Path)
     parser.add_argument("--page", action="store_true", help="table: write it into docs/safeguard.md.")
     args = parser.parse_args(argv)
     if args.command == "run":
         worker, workers = (int(v) for v in args.worker.split("/"))
+        if args.online:
+            return run_online(args.parts, worker, workers)
         return run(args.parts, worker, workers, args.cells.split(",") if args.cells else None)
     if args.command == "assemble":
         return assemble(args.parts, args.json)

@@ -4,7 +4,8 @@
 The table is written by the study (``benchmarks/studies/rewind_outcome.py table --page``); the suite imports nothing
 from ``benchmarks/``, so this test renders it again on its own from the result file's raw runs (each run's final
 held-out reward, Diffusion-DPO's rewards at its evaluation steps, the rewinds and the probe's readings, the weights'
-digest and the loss), with the definitions the result file states, and compares it line by line with the page."""
+digest (online: the held-out measures' digest) and the loss), with the definitions the result file states, and compares
+it line by line with the page."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ GROUPS = {
     "calibration": "the benchmark's base, data seed 0",
     "held-out dataset": "data seed 1",
     "held-out model": "the wide UNet at 64 px",
+    "online": "the stability benchmark's online regimes; a rewind stops the run at its first alarm",
 }
 
 
@@ -45,6 +47,8 @@ def ci_text(values: list[float], signed: bool = False) -> str:
 
 
 def group_of(cell: dict[str, Any]) -> str:
+    if "regime" in cell:
+        return "online"
     if cell["model"] != "benchmark":
         return "held-out model"
     return "held-out dataset" if cell["data"] != 0 else "calibration"
@@ -59,8 +63,11 @@ def fall_start(dpo: dict[str, Any], tolerance: float) -> int | None:
     return None
 
 
-def cell_rows(result: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, dict[str, int]]]:
-    """Per group, the table's rows rendered from the raw runs; and per group the targets' counts."""
+def cell_rows(
+    result: dict[str, Any],
+) -> tuple[dict[str, list[str]], dict[str, dict[str, int]], dict[str, list[float]]]:
+    """Per group, the table's rows rendered from the raw runs; per group the targets' counts; and per group what
+    each false alarm cost (the rewind's final reward minus Diffusion-DPO's, where Diffusion-DPO held)."""
     tolerance, restore_z = result["protocol"]["tolerance"], result["protocol"]["restore_z"]
     max_steps = result["protocol"]["max_steps"]
     cells: dict[str, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
@@ -71,8 +78,10 @@ def cell_rows(result: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, d
         labels[key] = run["cell"]
     rows: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    costs: dict[str, list[float]] = defaultdict(list)
+    fields = {"offline": ("model", "data", "lr", "tuning", "order", "probe", "steps"), "online": ("regime", "lr")}
     order = [
-        json.dumps({k: e[k] for k in ("model", "data", "lr", "tuning", "order", "probe")}, sort_keys=True)
+        json.dumps({k: e[k] for k in fields["online" if "regime" in e else "offline"]}, sort_keys=True)
         for e in result["cells"].values()
     ]
     for key in order:
@@ -83,7 +92,7 @@ def cell_rows(result: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, d
         if len(seeds) < 2:
             continue
         final = {s: [runs[s][k]["final_reward"] for k in seeds] for s in SETTINGS}
-        alarms, delays, quiet_runs, healthy, quiet_healthy = [], [], [], 0, 0
+        alarms, delays, quiet_runs, healthy, quiet_healthy, false_alarms = [], [], [], 0, 0, []
         for k in seeds:
             rewind, dpo = runs["rewind"][k], runs["dpo"][k]
             z_at = {p["step"]: p["winner_rise_z"] for p in rewind["probe"]}
@@ -93,21 +102,25 @@ def cell_rows(result: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, d
                     + ("" if back == 0 or z_at.get(back, math.inf) <= restore_z else " (not a restore point)")
                     for fired, back in rewind["rewinds"]
                 )
-                stop = f", stopped at {rewind['last_step']}" if rewind["last_step"] < max_steps else ""
+                stopped = rewind["last_step"] < rewind.get("max_steps", max_steps)
+                stop = f", stopped at {rewind['last_step']}" if stopped else ""
                 alarms.append(f"s{k}: {steps}{stop}")
                 start = fall_start(dpo, tolerance)
                 if start is not None:
                     delays.append(rewind["rewinds"][0][0] - start)
             else:
                 alarms.append(f"s{k}: none")
+                digest = "weights_sha256" if "weights_sha256" in rewind else "measures_sha256"
                 quiet_runs.append(
-                    rewind["weights_sha256"] == dpo["weights_sha256"]
+                    rewind[digest] == dpo[digest]
                     and rewind["loss"] == dpo["loss"]
                     and rewind["final_reward"] == dpo["final_reward"]
                 )
             if min(dpo["reward_at"].values()) >= dpo["base_reward"] - tolerance:
                 healthy += 1
                 quiet_healthy += not rewind["rewinds"]
+                if rewind["rewinds"]:
+                    false_alarms.append(rewind["final_reward"] - dpo["final_reward"])
         diffs = [d - g for d, g in zip(final["dpo"], final["safeguard"], strict=True)]
         breaks = mean_ci(diffs)[1][1] < 0
         gains = [r - d for r, d in zip(final["rewind"], final["dpo"], strict=True)]
@@ -134,21 +147,34 @@ def cell_rows(result: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, d
             counts[name]["met"] += breaks and met
             counts[name]["healthy"] += healthy
             counts[name]["quiet"] += quiet_healthy
-        label = (
-            f"{cell['model']}, data {cell['data']}, lr {cell['lr']:g}, {cell['tuning']}, {cell['order']}, "
-            f"{'eval split' if cell['probe'] == 'eval-split' else 'rows held back'}"
-        )
+            costs[name] += false_alarms
+        if "regime" in cell:
+            label = f"{cell['regime']}, lr {cell['lr']:g}, LoRA"
+        else:
+            longer = f", {cell['steps']} steps" if cell["steps"] != max_steps else ""
+            label = (
+                f"{cell['model']}, data {cell['data']}, lr {cell['lr']:g}, {cell['tuning']}, {cell['order']}, "
+                f"{'eval split' if cell['probe'] == 'eval-split' else 'rows held back'}{longer}"
+            )
         identity = f"{sum(quiet_runs)} of {len(quiet_runs)}" if quiet_runs else "no quiet run"
         rows[group].append(
             f"| {label} | {len(seeds)} | {runs['dpo'][seeds[0]]['base_reward']:.3f} | {ci_text(final['dpo'])} | "
             f"{ci_text(final['rewind'])} | {ci_text(final['safeguard'])} | {', '.join(alarms)} | "
             f"{', '.join(f'{d:+d}' for d in delays) if delays else 'n/a'} | {identity} | {verdict} |"
         )
-    return rows, counts
+    return rows, counts, costs
+
+
+def cost_text(values: list[float]) -> str:
+    if not values:
+        return "no false alarm"
+    if len(values) == 1:
+        return f"{values[0]:+.3f} (1 run)"
+    return f"{ci_text(values, True)} ({len(values)} runs)"
 
 
 def rendered(result: dict[str, Any]) -> list[str]:
-    rows, counts = cell_rows(result)
+    rows, counts, costs = cell_rows(result)
     lines = []
     for group, what in GROUPS.items():
         if not rows[group]:
@@ -161,7 +187,7 @@ def rendered(result: dict[str, Any]) -> list[str]:
         met = ("met" if c["quiet"] / c["healthy"] >= 0.95 else "not met") if c["healthy"] else "n/a"
         lines.append(
             f"| {group} | {c['breaking']} | {c['met']} of {c['breaking']} | {c['healthy']} "
-            f"| {c['quiet']} ({share}) | {met} |"
+            f"| {c['quiet']} ({share}) | {met} | {cost_text(costs[group])} |"
         )
     return lines
 
@@ -186,10 +212,10 @@ def test_the_page_block_states_every_regime_and_target_of_the_result_file(result
     )
 
 
-def test_the_page_states_how_many_runs_and_that_online_is_not_measured(result):
+def test_the_page_states_how_many_runs_and_what_is_not_measured(result):
     text = " ".join(page_lines())
     assert f"{result['runs_done']} of {result['runs_planned']} planned runs" in text
-    assert "online: not measured" in text
+    assert f"Not measured: {'; '.join(result['not_measured'])}." in text
 
 
 def test_the_render_reads_the_runs_not_the_summary(result):
