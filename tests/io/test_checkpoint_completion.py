@@ -22,10 +22,12 @@ from trl_diffusion_sdpo.io.checkpoints import (
     MANIFEST_DRAFT_NAME,
     MANIFEST_NAME,
     CheckpointError,
+    CheckpointSaveError,
     checkpoint_problem,
     recover_interrupted_saves,
     resolve_resume_checkpoint,
 )
+from trl_diffusion_sdpo.io.run_folder import earlier_run_files
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 MIXIN_FILE = "mixin_state.json"
@@ -208,3 +210,65 @@ def test_each_checkpoint_is_pushed_once_and_only_once_it_is_marked_complete(tmp_
     trainer.train()
     assert [name for name, _ in pushed] == ["checkpoint-1", "checkpoint-2"]
     assert all(MANIFEST_NAME in files and "trainer_state.json" in files for _, files in pushed)
+
+
+def _manifest(folder: str) -> str:
+    with open(os.path.join(folder, MANIFEST_NAME)) as f:
+        return f.read()
+
+
+def test_a_same_step_save_killed_before_its_mark_leaves_the_complete_checkpoint_it_was_replacing(
+    tmp_path, monkeypatch, caplog
+):
+    """The last good step saved again (as ``on_nonfinite_loss="raise"`` does right after a scheduled save), killed
+    before its mark, with ``save_total_limit=1``: the complete checkpoint of that step, the run's only one, was set
+    aside rather than deleted, and the resume puts it back and resumes from it."""
+    out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
+    trainer = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1)
+    trainer.train()
+    second = os.path.join(out, "checkpoint-2")
+    assert sorted(os.listdir(out)) == ["checkpoint-2"] and checkpoint_problem(second) == ""
+
+    def killed(folder: str) -> None:
+        raise Killed
+
+    monkeypatch.setattr(checkpoint_writing, "mark_complete", killed)
+    with pytest.raises(Killed):
+        trainer._save_checkpoint(trainer.model_wrapped, None)  # step 2 again, written in place
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(second, MANIFEST_NAME))  # the new save, unfinished
+    assert ".replaced-checkpoint-2" in earlier_run_files(out)  # a new run into this folder is refused
+    assert checkpoint_problem(os.path.join(out, ".replaced-checkpoint-2")) == ""
+
+    resumed = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1, max_steps=3)
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "the save of the same step that replaced it was interrupted" in caplog.text
+    assert f"Resuming from {second}" in caplog.text
+    assert resumed.state.global_step == 3
+    assert sorted(os.listdir(out)) == ["checkpoint-3"]
+
+
+def test_a_same_step_save_that_fails_puts_back_the_complete_checkpoint_and_one_that_succeeds_replaces_it(
+    tmp_path, monkeypatch
+):
+    out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
+    trainer = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1)
+    trainer.train()
+    second = os.path.join(out, "checkpoint-2")
+    before = _manifest(second)
+
+    def full_disk(folder: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_writing, "mark_complete", full_disk)
+    with pytest.raises(CheckpointSaveError, match="checkpoint-2"):
+        trainer._save_checkpoint(trainer.model_wrapped, None)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # put back, the very checkpoint it was
+    assert checkpoint_problem(second) == "" and _manifest(second) == before
+    assert resolve_resume_checkpoint(True, out) == second
+
+    trainer._save_checkpoint(trainer.model_wrapped, None)  # the same step saved again, completing this time
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # the one it replaced, deleted once it was complete
+    assert checkpoint_problem(second) == ""

@@ -3,7 +3,8 @@ checkpoint save (or a failed save).
 
 The trainer's ``_save_checkpoint`` runs transformers' own, which writes ``checkpoint-N`` in place, with the parts that
 are ours beside it. Before it, :func:`clear_checkpoint` removes a ``checkpoint-N`` a killed earlier save of the same
-step left (renamed out of sight first). When every process has written its files, the main process marks the folder
+step left (renamed out of sight first), and sets a complete one of the same step aside until the new one is complete.
+When every process has written its files, the main process marks the folder
 complete with :func:`mark_complete`: it lists every file with its size and SHA-256 checksum, flushes them to disk,
 writes ``checkpoint_manifest.json`` under a temporary name, flushes it and renames it into place (one ``rename``,
 atomic on a POSIX filesystem). That manifest, written last, is what resume and rotation trust
@@ -27,6 +28,7 @@ from ..config.messages import advice
 from .checkpoints import (
     MANIFEST_DRAFT_NAME,
     MANIFEST_NAME,
+    REPLACED_PREFIX,
     STAGING_PREFIX,
     TRASH_PREFIX,
     CheckpointSaveError,
@@ -39,11 +41,13 @@ from .checkpoints import (
 
 __all__ = [
     "clear_checkpoint",
+    "drop_replaced",
     "folder_bytes",
     "free_bytes",
     "is_save_failure",
     "mark_complete",
     "publish_checkpoint",
+    "restore_replaced",
     "rotate_checkpoints",
     "save_failure",
     "staging_folder",
@@ -81,11 +85,39 @@ def _remove(folder: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _replaced_folder(final: str) -> str:
+    head, name = os.path.split(os.path.normpath(final))
+    return os.path.join(head, REPLACED_PREFIX + name)
+
+
 def clear_checkpoint(folder: str) -> None:
-    """Remove ``folder`` (``checkpoint-N``) before a save of step N writes it again: what a killed earlier save of
-    that step left, or a complete checkpoint of the same step saved again (``on_nonfinite_loss="raise"``)."""
-    if os.path.lexists(folder):
+    """Clear ``folder`` (``checkpoint-N``) before a save of step N writes it again. What a killed earlier save of
+    that step left is removed. A complete checkpoint of the same step saved again (the last good step saved before
+    ``on_nonfinite_loss="raise"`` stops the run, right after a save) is set aside instead, as
+    ``.replaced-checkpoint-N``: with ``save_total_limit=1`` it is the run's only complete checkpoint until the new
+    save is marked complete (:func:`drop_replaced`); a failed save puts it back (:func:`restore_replaced`), and so
+    does the resume after a kill (:func:`.checkpoints.recover_interrupted_saves`)."""
+    if not os.path.lexists(folder):
+        return
+    if checkpoint_problem(folder, verify_checksums=False):
         _remove(folder)
+        return
+    aside = _replaced_folder(folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(folder, aside)
+    _fsync(os.path.dirname(os.path.abspath(folder)), directory=True)
+
+
+def drop_replaced(folder: str) -> None:
+    """Once the save of ``folder`` is marked complete: the one it replaced (:func:`clear_checkpoint`) deleted."""
+    shutil.rmtree(_replaced_folder(folder), ignore_errors=True)
+
+
+def restore_replaced(folder: str) -> None:
+    """After a failed save of ``folder`` removed what it wrote: the complete checkpoint it replaced, put back."""
+    aside = _replaced_folder(folder)
+    if os.path.isdir(aside) and not os.path.lexists(folder):
+        os.rename(aside, folder)
 
 
 def mark_complete(folder: str) -> None:

@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from .resume_check import RUN_IDENTITY_NAME
 from .run_folder import CHECKPOINT_RE as _CHECKPOINT_RE
-from .run_folder import STAGING_PREFIX, TRASH_PREFIX, EarlierRunError, earlier_run_files
+from .run_folder import REPLACED_PREFIX, STAGING_PREFIX, TRASH_PREFIX, EarlierRunError, earlier_run_files
 from .saving import has_saved_weights
 
 __all__ = [
@@ -265,17 +265,25 @@ def recover_interrupted_saves(run_dir: str) -> None:
       manifest whose ``checkpoint-N`` is absent were killed after they were complete: published by their rename. Any
       other staging folder, every renamed-away folder (``.trash-*``: rotation or replacement had begun deleting it)
       and every resume folder (``.resume-*``: :func:`resume_view_folder`) is deleted.
+    * A complete checkpoint set aside while a save of its step wrote ``checkpoint-N`` again (``.replaced-*``:
+      :func:`.checkpoint_writing.clear_checkpoint`) is put back where that save never became complete, and deleted
+      where it did.
     """
     if not os.path.isdir(run_dir):
         return
-    for name in sorted(os.listdir(run_dir)):
+    names = sorted(os.listdir(run_dir))
+    for name in names:  # first the checkpoints themselves: what a leftover does depends on whether its is complete
         if _CHECKPOINT_RE.match(name):
             _recover_in_place(os.path.join(run_dir, name))
-            continue
-        prefix = next((p for p in (STAGING_PREFIX, TRASH_PREFIX, _RESUME_PREFIX) if name.startswith(p)), None)
+    for name in names:
+        prefixes = (STAGING_PREFIX, TRASH_PREFIX, _RESUME_PREFIX, REPLACED_PREFIX)
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is None or not _CHECKPOINT_RE.match(name[len(prefix) :]):
             continue
         leftover, final = os.path.join(run_dir, name), os.path.join(run_dir, name[len(prefix) :])
+        if prefix == REPLACED_PREFIX:
+            _recover_replaced(leftover, final)
+            continue
         staged = leftover
         if prefix == STAGING_PREFIX and os.path.isdir(os.path.join(leftover, os.path.basename(final))):
             staged = os.path.join(leftover, os.path.basename(final))  # the checkpoint inside its staging run folder
@@ -287,6 +295,19 @@ def recover_interrupted_saves(run_dir: str) -> None:
         else:
             logger.warning("Removing %s, left by an interrupted save", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _recover_replaced(aside: str, final: str) -> None:
+    """A complete checkpoint set aside (``aside``) while a save of its step wrote ``final`` again, the save killed:
+    deleted where ``final`` was marked complete, else put back in place of what the save left."""
+    if os.path.isdir(final) and is_marked_complete(final) and not checkpoint_problem(final, verify_checksums=False):
+        logger.warning("Removing %s: the save that replaced it was complete", aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    logger.warning("Restoring %s as %s: the save of the same step that replaced it was interrupted", aside, final)
+    if os.path.lexists(final):
+        shutil.rmtree(final, ignore_errors=True)
+    os.rename(aside, final)
 
 
 def _recover_in_place(folder: str) -> None:

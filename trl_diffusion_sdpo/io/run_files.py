@@ -387,6 +387,7 @@ class RunFiles(TrainerCallback):
             for unused in trainer.engine.unused_checkpoint_files(folder):  # FSDP's model copy: never resumed from
                 shutil.rmtree(unused) if os.path.isdir(unused) else os.remove(unused)
             checkpoint_writing().mark_complete(folder)
+            checkpoint_writing().drop_replaced(folder)  # a complete one of this step, set aside until now
         trainer.accelerator.wait_for_everyone()
 
     def checkpoint_failed(self, err: Exception, folder: str) -> CheckpointSaveError | None:
@@ -399,6 +400,7 @@ class RunFiles(TrainerCallback):
         written, free = writing.folder_bytes(folder), writing.free_bytes(run_dir)
         if self.trainer.args.should_save:
             shutil.rmtree(folder, ignore_errors=True)
+            writing.restore_replaced(folder)  # a complete checkpoint of this step the save was replacing
         if not writing.is_save_failure(err, free):
             return None
         return writing.save_failure(err, folder, run_dir, written, free)

@@ -15,6 +15,7 @@ from ..config.messages import OutputExistsError, advice, overwrite_advice, repla
 __all__ = [
     "CHECKPOINT_PREFIX",
     "LORA_WEIGHTS_NAME",
+    "REPLACED_PREFIX",
     "STAGING_PREFIX",
     "TRAINING_CONFIG_NAME",
     "TRANSFORMER_SUBFOLDER",
@@ -33,6 +34,7 @@ TRAINING_CONFIG_NAME = "training_config.json"
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR: checkpoint-<step>
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+REPLACED_PREFIX = ".replaced-"  # a complete checkpoint set aside while a save of the same step writes its name again
 CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
@@ -48,7 +50,8 @@ def earlier_run_files(run_dir: str) -> list[str]:
         return []
     found = []
     for name in sorted(os.listdir(run_dir)):
-        stripped = next((name[len(p) :] for p in (STAGING_PREFIX, TRASH_PREFIX) if name.startswith(p)), name)
+        prefixes = (STAGING_PREFIX, TRASH_PREFIX, REPLACED_PREFIX)
+        stripped = next((name[len(p) :] for p in prefixes if name.startswith(p)), name)
         weights = name == LORA_WEIGHTS_NAME or (
             name in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER) and os.path.isdir(os.path.join(run_dir, name))
         )
