@@ -483,18 +483,22 @@ def _write_run(parts: Path, cell: Cell | OnlineCell, setting: str, seed: int, re
     )
 
 
+def _missing(parts: Path, cells: list[Any]) -> list[tuple[Any, str, int]]:
+    """The runs of ``cells`` that ``parts`` lacks, cell by cell, seed by seed, setting by setting."""
+    return [
+        (c, s, seed)
+        for c in cells
+        for seed in seeds_of(c)
+        for s in SETTINGS
+        if not (parts / f"{run_key(c, s, seed)}.json").exists()
+    ]
+
+
 def run_online(parts: Path, worker: int, workers: int) -> int:
     """Train what ``parts`` lacks of the online cells this worker takes (at its positions in
     :data:`ONLINE_CELLS`), cell by cell (a cell's regime is set up once), seed by seed."""
     parts.mkdir(parents=True, exist_ok=True)
-    mine = [c for i, c in enumerate(ONLINE_CELLS) if i % workers == worker]
-    todo = [
-        (c, s, seed)
-        for c in mine
-        for seed in ONLINE_SEEDS
-        for s in SETTINGS
-        if not (parts / f"{run_key(c, s, seed)}.json").exists()
-    ]
+    todo = _missing(parts, [c for i, c in enumerate(ONLINE_CELLS) if i % workers == worker])
     print(f"{len(todo)} online runs to do", flush=True)
     for cell, setting, seed in todo:
         result = train_one_online(cell, setting, seed)
@@ -510,14 +514,9 @@ def run(parts: Path, worker: int, workers: int, cells: list[str] | None) -> int:
     """Train what ``parts`` lacks, seed by seed, each run written to its own file at once; worker ``worker`` of
     ``workers`` takes the cells at its positions (cells keep their process: each builds its models' data once)."""
     parts.mkdir(parents=True, exist_ok=True)
-    mine = [c for i, c in enumerate(CELLS) if i % workers == worker and (cells is None or c.name in cells)]
-    todo = [
-        (c, s, seed)
-        for seed in SEEDS
-        for c in mine
-        for s in SETTINGS
-        if not (parts / f"{run_key(c, s, seed)}.json").exists()
-    ]
+    todo = _missing(
+        parts, [c for i, c in enumerate(CELLS) if i % workers == worker and (cells is None or c.name in cells)]
+    )
     # a seed whose other settings are done first (it completes a comparison); then the first cells' first seeds,
     # their later seeds, the rest's; the held-out model's cells after the others' (its base may still be
     # pretraining), then seed by seed
@@ -686,6 +685,33 @@ def targets(cells: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def readings(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per group and Diffusion-DPO class (healthy, or fell: any evaluation more than :data:`TOLERANCE` below the
+    base's), the range over runs of each Diffusion-DPO run's largest probe reading: ``winner_rise_z`` (what the alarm
+    reads) and ``delta_winner`` (the rise itself, in the denoising loss's units). Whether the rise's size separates the
+    classes where ``z`` does not is a question for the next rule; these figures do not test a rule."""
+    out: dict[str, Any] = {}
+    for r in runs:
+        if r["setting"] != "dpo" or not r["probe"]:
+            continue
+        group = cell_of(r["cell"]).held_out
+        fell = min(r["reward_at"].values()) < r["base_reward"] - TOLERANCE
+        entry = out.setdefault(group, {}).setdefault("fell" if fell else "healthy", {"runs": 0, "z": [], "delta": []})
+        entry["runs"] += 1
+        entry["z"].append(max(p["winner_rise_z"] for p in r["probe"]))
+        entry["delta"].append(max(p["delta_winner"] for p in r["probe"]))
+    for classes in out.values():
+        for entry in classes.values():
+            for key in ("z", "delta"):
+                values = sorted(entry.pop(key))
+                entry[f"largest_{'winner_rise_z' if key == 'z' else 'delta_winner'}"] = {
+                    "min": values[0],
+                    "median": values[len(values) // 2],
+                    "max": values[-1],
+                }
+    return out
+
+
 def assemble(parts: Path, path: Path = OUTPUT) -> int:
     """The parts into the result file: every run, per cell the analysis, and the targets per group."""
     from stability_map import machine
@@ -769,6 +795,7 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
         "bases": bases,
         "cells": cells,
         "targets": targets(cells),
+        "dpo_probe_readings": readings(runs),
         "runs_planned": planned,
         "runs_done": len(runs),
         "not_run": missing,
