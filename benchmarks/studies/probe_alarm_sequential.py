@@ -127,11 +127,18 @@ def outcome_runs(path: Path = OUTCOME) -> list[dict[str, Any]]:
     """The Diffusion-DPO runs of ``rewind_outcome.py``'s result file (the probe logged, never acted on) in the shape
     of ``probe_alarm.load_z_runs``: model ``benchmark`` (the calibration base on the calibration data, data seed 0),
     ``benchmark-data1`` (the held-out dataset) or ``wide`` (the held-out model); the reward change from the base's at
-    every evaluation step (10 to 50)."""
+    every evaluation step (10 to 50). Only the cells the choice read (``rewind_outcome.CHOICE_CELLS``): the cells
+    added after it (100 steps, the pair order and the eval split together, online) check the chosen rule. Read as
+    calibration, every offline one of them with it, they would move the choice to an allowance of 14.5: among them is
+    the one healthy calibration-base run the chosen rule alarms on (100 steps, at step 95), its regime's only healthy
+    run."""
+    from rewind_outcome import CELLS, CHOICE_CELLS
+
+    chosen_on = [asdict(cell) for cell in CELLS[:CHOICE_CELLS]]
     report = json.loads(path.read_text())
     runs = []
     for key, run in report["runs"].items():
-        if run["setting"] != "dpo":
+        if run["setting"] != "dpo" or run["cell"] not in chosen_on:  # the cells added after the choice check it
             continue
         cell = run["cell"]
         model = cell["model"] if cell["data"] == 0 else f"{cell['model']}-data{cell['data']}"

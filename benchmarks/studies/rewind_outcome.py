@@ -165,6 +165,9 @@ CELLS: tuple[Cell, ...] = (
     Cell(model="wide", order="shuffled", probe="eval-split"),
 )
 FIRST, FIRST_SEEDS = 14, 3  # the first cells' first seeds run first, then their later seeds, then the rest
+#: the cells whose Diffusion-DPO runs the alarm's choice read (``probe_alarm_sequential.outcome_runs``); the cells
+#: after them, and the online cells, were added after the choice and check the chosen rule
+CHOICE_CELLS = 22
 
 
 @dataclass(frozen=True)
