@@ -461,7 +461,7 @@ def train_one_online(cell: OnlineCell, setting: str, seed: int) -> dict[str, Any
         "probe": [
             {"step": p["step"], "winner_rise_z": p["winner_rise_z"], "delta_winner": p["delta_winner"]}
             for p in record["probe"]
-        ],  # fmt: skip
+        ],
         "rewinds": [[r["fired_at"], r["restored"]] for r in record["rewinds"]],
         "safeguard_space": fields["safeguard_space"],
         "safeguard_mu": result["safeguard_mu"],  # as the trainer resolved it
@@ -692,30 +692,33 @@ def targets(cells: dict[str, Any]) -> dict[str, Any]:
 
 
 def readings(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per group and Diffusion-DPO class (healthy, or fell: any evaluation more than :data:`TOLERANCE` below the
-    base's), the range over runs of each Diffusion-DPO run's largest probe reading: ``winner_rise_z`` (what the alarm
-    reads) and ``delta_winner`` (the rise itself, in the denoising loss's units). Whether the rise's size separates the
-    classes where ``z`` does not is a question for the next rule; these figures do not test a rule."""
-    out: dict[str, Any] = {}
+    """Per group and Diffusion-DPO class (healthy, or fell: any other :func:`dpo_class`), the range over runs of each
+    Diffusion-DPO run's largest probe reading: ``winner_rise_z`` (what the alarm reads) and ``delta_winner`` (the rise
+    itself, in the denoising loss's units). Whether the rise's size separates the classes where ``z`` does not is a
+    question for the next rule; these figures do not test a rule."""
+    figures = ("winner_rise_z", "delta_winner")
+    largest: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in runs:
         if r["setting"] != "dpo" or not r["probe"]:
             continue
         group = cell_of(r["cell"]).held_out
-        fell = min(r["reward_at"].values()) < r["base_reward"] - TOLERANCE
-        entry = out.setdefault(group, {}).setdefault("fell" if fell else "healthy", {"runs": 0, "z": [], "delta": []})
-        entry["runs"] += 1
-        entry["z"].append(max(p["winner_rise_z"] for p in r["probe"]))
-        entry["delta"].append(max(p["delta_winner"] for p in r["probe"]))
-    for classes in out.values():
-        for entry in classes.values():
-            for key in ("z", "delta"):
-                values = sorted(entry.pop(key))
-                entry[f"largest_{'winner_rise_z' if key == 'z' else 'delta_winner'}"] = {
-                    "min": values[0],
-                    "median": values[len(values) // 2],
-                    "max": values[-1],
-                }
-    return out
+        label = "healthy" if dpo_class(r) == "healthy" else "fell"
+        entry = largest.setdefault(group, {}).setdefault(label, {f: [] for f in figures})
+        for f in figures:
+            entry[f].append(max(p[f] for p in r["probe"]))
+    return {
+        group: {
+            label: {
+                "runs": len(entry[figures[0]]),
+                **{
+                    f"largest_{f}": {"min": min(v), "median": sorted(v)[len(v) // 2], "max": max(v)}
+                    for f, v in entry.items()
+                },
+            }
+            for label, entry in classes.items()
+        }
+        for group, classes in largest.items()
+    }
 
 
 def assemble(parts: Path, path: Path = OUTPUT) -> int:

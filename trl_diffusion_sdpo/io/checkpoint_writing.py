@@ -72,22 +72,18 @@ def staging_folder(final: str) -> str:
     return os.path.join(head, STAGING_PREFIX + name, name)
 
 
-def _trash_folder(final: str) -> str:
-    head, name = os.path.split(os.path.normpath(final))
-    return os.path.join(head, TRASH_PREFIX + name)
+def _beside(folder: str, prefix: str) -> str:
+    """``<run>/<prefix>checkpoint-N`` for ``folder`` ``<run>/checkpoint-N``: where it is renamed out of sight."""
+    head, name = os.path.split(os.path.normpath(folder))
+    return os.path.join(head, prefix + name)
 
 
 def _remove(folder: str) -> None:
     """Rename out of sight first, then delete: a kill midway never leaves a partial ``checkpoint-N``."""
-    trash = _trash_folder(folder)
+    trash = _beside(folder, TRASH_PREFIX)
     shutil.rmtree(trash, ignore_errors=True)
     os.rename(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _replaced_folder(final: str) -> str:
-    head, name = os.path.split(os.path.normpath(final))
-    return os.path.join(head, REPLACED_PREFIX + name)
 
 
 def clear_checkpoint(folder: str) -> None:
@@ -102,7 +98,7 @@ def clear_checkpoint(folder: str) -> None:
     if checkpoint_problem(folder, verify_checksums=False):
         _remove(folder)
         return
-    aside = _replaced_folder(folder)
+    aside = _beside(folder, REPLACED_PREFIX)
     shutil.rmtree(aside, ignore_errors=True)
     os.rename(folder, aside)
     _fsync(os.path.dirname(os.path.abspath(folder)), directory=True)
@@ -110,12 +106,12 @@ def clear_checkpoint(folder: str) -> None:
 
 def drop_replaced(folder: str) -> None:
     """Once the save of ``folder`` is marked complete: the one it replaced (:func:`clear_checkpoint`) deleted."""
-    shutil.rmtree(_replaced_folder(folder), ignore_errors=True)
+    shutil.rmtree(_beside(folder, REPLACED_PREFIX), ignore_errors=True)
 
 
 def restore_replaced(folder: str) -> None:
     """After a failed save of ``folder`` removed what it wrote: the complete checkpoint it replaced, put back."""
-    aside = _replaced_folder(folder)
+    aside = _beside(folder, REPLACED_PREFIX)
     if os.path.isdir(aside) and not os.path.lexists(folder):
         os.rename(aside, folder)
 

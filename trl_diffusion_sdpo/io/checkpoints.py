@@ -272,11 +272,11 @@ def recover_interrupted_saves(run_dir: str) -> None:
     if not os.path.isdir(run_dir):
         return
     names = sorted(os.listdir(run_dir))
-    for name in names:  # first the checkpoints themselves: what a leftover does depends on whether its is complete
+    for name in names:  # the checkpoints first: what a leftover becomes depends on whether its checkpoint is complete
         if _CHECKPOINT_RE.match(name):
             _recover_in_place(os.path.join(run_dir, name))
+    prefixes = (STAGING_PREFIX, TRASH_PREFIX, _RESUME_PREFIX, REPLACED_PREFIX)
     for name in names:
-        prefixes = (STAGING_PREFIX, TRASH_PREFIX, _RESUME_PREFIX, REPLACED_PREFIX)
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is None or not _CHECKPOINT_RE.match(name[len(prefix) :]):
             continue
@@ -300,7 +300,7 @@ def recover_interrupted_saves(run_dir: str) -> None:
 def _recover_replaced(aside: str, final: str) -> None:
     """A complete checkpoint set aside (``aside``) while a save of its step wrote ``final`` again, the save killed:
     deleted where ``final`` was marked complete, else put back in place of what the save left."""
-    if os.path.isdir(final) and is_marked_complete(final) and not checkpoint_problem(final, verify_checksums=False):
+    if is_marked_complete(final) and not checkpoint_problem(final, verify_checksums=False):
         logger.warning("Removing %s: the save that replaced it was complete", aside)
         shutil.rmtree(aside, ignore_errors=True)
         return
