@@ -171,6 +171,29 @@ def test_a_manifest_killed_before_its_rename_is_finished_when_it_checks_out_and_
     assert resolve_resume_checkpoint(True, run) == first
 
 
+def test_a_damaged_checkpoint_with_a_manifest_never_wins_over_the_complete_one_set_aside(complete_run, tmp_path):
+    """A complete checkpoint set aside (``.replaced-checkpoint-N``) while its step was written again, and a
+    ``checkpoint-N`` holding a manifest whose bytes no longer match it: the recovery checks the checksums before
+    deleting the only copy of that step, and puts the complete one back."""
+    run = str(tmp_path / "out")
+    shutil.copytree(complete_run, run)
+    second, aside = os.path.join(run, "checkpoint-2"), os.path.join(run, ".replaced-checkpoint-2")
+    shutil.copytree(second, aside)
+    weights = os.path.join(second, "pytorch_lora_weights.safetensors")
+    with open(weights, "r+b") as f:  # same size, header intact: only the checksum tells
+        f.seek(os.path.getsize(weights) - 16)
+        f.write(b"\x07" * 16)
+    assert checkpoint_problem(second, verify_checksums=False) == "" and "SHA-256" in checkpoint_problem(second)
+    kept = _manifest(aside)
+    recover_interrupted_saves(run)
+    assert sorted(os.listdir(run)) == ["checkpoint-1", "checkpoint-2"]
+    assert checkpoint_problem(second) == "" and _manifest(second) == kept
+    # an intact checkpoint-N keeps its place, and the copy set aside goes
+    shutil.copytree(second, aside)
+    recover_interrupted_saves(run)
+    assert sorted(os.listdir(run)) == ["checkpoint-1", "checkpoint-2"] and checkpoint_problem(second) == ""
+
+
 def test_a_plain_checkpoint_without_a_manifest_or_run_identity_is_still_resumed_from(complete_run, tmp_path):
     """A checkpoint written before manifests existed (or by plain transformers with this package's weight files):
     accepted on its trainer_state.json and weights, and left alone by the recovery."""

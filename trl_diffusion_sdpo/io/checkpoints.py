@@ -299,8 +299,9 @@ def recover_interrupted_saves(run_dir: str) -> None:
 
 def _recover_replaced(aside: str, final: str) -> None:
     """A complete checkpoint set aside (``aside``) while a save of its step wrote ``final`` again, the save killed:
-    deleted where ``final`` was marked complete, else put back in place of what the save left."""
-    if is_marked_complete(final) and not checkpoint_problem(final, verify_checksums=False):
+    deleted where ``final`` was marked complete and checks out to its checksums (a complete checkpoint is worth
+    reading once more before the only copy of its step is deleted), else put back in place of what the save left."""
+    if is_marked_complete(final) and not checkpoint_problem(final):
         logger.warning("Removing %s: the save that replaced it was complete", aside)
         shutil.rmtree(aside, ignore_errors=True)
         return
