@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import Future
 
 import httpx2
@@ -123,4 +124,24 @@ def test_training_goes_on_through_an_outage_and_the_next_save_pushes_what_was_mi
         trainer.push_to_hub()
     message = str(info.value)
     assert f"Everything is saved in {out}; push it later with: hf upload someone/tiny {out} ." in message
+    assert os.path.isfile(os.path.join(out, LORA_WEIGHTS_NAME))
+
+
+def test_a_push_with_the_hub_switched_off_fails_at_once_with_the_command_that_pushes_later(
+    make_trainer, tmp_path, monkeypatch
+):
+    """``HF_HUB_OFFLINE=1``: huggingface_hub refuses every request itself (``OfflineModeIsEnabled``, a
+    ``ConnectionError``), which no wait changes: the push gives up at the first refusal, in well under the 30 s its
+    retries would wait, and says how to push the saved folder later."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read by huggingface_hub when it is imported
+    out = str(tmp_path / "offline")
+    trainer = make_trainer(max_steps=1, output_dir=out)
+    started = time.monotonic()
+    with pytest.raises(hub.HubPushError, match="offline mode is enabled") as info:
+        trainer.push_to_hub()
+    assert time.monotonic() - started < 2.0  # the real sleeps: no retry waited
+    assert f"Everything is saved in {out}; push it later with: hf upload" in str(info.value)
     assert os.path.isfile(os.path.join(out, LORA_WEIGHTS_NAME))

@@ -21,6 +21,7 @@ from typing import Any
 
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import OfflineModeIsEnabled
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import PushInProgress
 
@@ -386,7 +387,10 @@ class HubPushError(RuntimeError):
 
 def is_transient_hub_error(err: BaseException) -> bool:
     """Whether retrying may help: a network or timeout error, HTTP 408, 429 (rate limit) or 5xx. An authentication,
-    permission or not-found answer (401, 403, 404) is not retried."""
+    permission or not-found answer (401, 403, 404) is not retried, nor is huggingface_hub's refusal to reach the Hub
+    under ``HF_HUB_OFFLINE=1`` (a ``ConnectionError`` that no wait changes)."""
+    if isinstance(err, OfflineModeIsEnabled):
+        return False
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(status, int):
         return status in (408, 429) or status >= 500
