@@ -65,7 +65,7 @@ from .io.checkpoints import is_marked_complete
 from .io.console import on_terminal
 from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
-from .io.trackers import adapt_trackers
+from .io.trackers import CONSOLE_CALLBACKS, TrackerCallback, is_tracker, tracker_in
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
 from .step.backward import Backward, BackwardWindow, PassesInStep
@@ -338,7 +338,11 @@ class DiffusionSDPOTrainer(Trainer):
         )
         self.model_accepts_loss_kwargs = False
         self.add_callback(self.files)  # the logging window opens when training begins
-        adapt_trackers(self.callback_handler)  # report_to trackers read model.config as a transformers config
+        # report_to's trackers (and those in callbacks=) registered again through add_callback, which hands them the
+        # model as they read it; at the end, they receive what every other callback adds to a log.
+        for tracker in [c for c in self.callback_handler.callbacks if is_tracker(c)]:
+            super().remove_callback(tracker)
+            self.add_callback(tracker)
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
@@ -855,6 +859,30 @@ class DiffusionSDPOTrainer(Trainer):
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
         logs.update(reduced)
         super().log(logs, start_time)
+
+    def add_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
+        """As ``Trainer.add_callback``; one of transformers' trackers (``TensorBoardCallback``, ...) is registered in a
+        :class:`~.io.trackers.TrackerCallback`, which hands it the model with a config it can write."""
+        if not is_tracker(callback):
+            super().add_callback(callback)
+            return
+        super().add_callback(TrackerCallback(callback() if isinstance(callback, type) else callback))
+        # transformers' console callback stays after the trackers: it takes total_flos out of the logs it prints
+        for console in [c for c in self.callback_handler.callbacks if isinstance(c, CONSOLE_CALLBACKS)]:
+            super().remove_callback(console)
+            super().add_callback(console)
+
+    def pop_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> TrainerCallback | None:
+        """As ``Trainer.pop_callback``; a tracker is found by its class or instance and returned itself."""
+        registered = tracker_in(self.callback_handler.callbacks, callback)
+        if registered is None:
+            return super().pop_callback(callback)
+        super().remove_callback(registered)
+        return registered.tracker
+
+    def remove_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
+        """As ``Trainer.remove_callback``; a tracker is found by its class or instance."""
+        super().remove_callback(tracker_in(self.callback_handler.callbacks, callback) or callback)
 
     def log_next(self, metrics: Mapping[str, float]) -> None:
         """Put ``metrics`` into the next training log: a callback that measures between logs (the held-out probe and

@@ -1,5 +1,6 @@
 """Every ``report_to`` tracker transformers offers whose package is installed runs a few tiny steps and records
-the trainer's metrics and the UNet's config (offline: local files only)."""
+the trainer's metrics and the UNet's config (offline: local files only); a tracker added with ``add_callback`` after
+the trainer is built receives the same."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-from trl_diffusion_sdpo.io.trackers import TrackerAdapter
+from trl_diffusion_sdpo.io.trackers import ModelForTrackers, TrackerCallback
 
 
 class RecordingWriter:
@@ -21,12 +22,13 @@ class RecordingWriter:
 
     def __init__(self) -> None:
         self.texts: dict[str, str] = {}
+        self.scalars: dict[tuple[str, int], float] = {}
 
     def add_text(self, tag: str, text: str) -> None:
         self.texts[tag] = text
 
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars[(tag, step)] = value
 
     def flush(self) -> None:
         pass
@@ -63,25 +65,72 @@ def test_tensorboard_receives_the_unet_config_and_the_unet_keeps_its_own(make_tr
 
 
 class DictReadingTracker(TensorBoardCallback):
-    """A tracker that reads the model as MLflow, Comet and Neptune do (``model.config.to_dict()``) and keeps it;
-    its writer comes through TensorBoardCallback's public ``tb_writer`` argument, so nothing is written to disk."""
+    """A tracker that reads the model as MLflow, Comet and Neptune do (``model.config.to_dict()``) and the arguments
+    as they all do (``args.to_dict()``), and keeps them; its writer comes through TensorBoardCallback's public
+    ``tb_writer`` argument, so nothing is written to disk."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.model_config = model.config.to_dict()
+        self.args = args.to_dict()
+        self.model_type = type(model)
         self.is_module = isinstance(model, torch.nn.Module)
         self.parameters = list(model.parameters())
 
 
-def test_to_dict_trackers_receive_the_unet_config_and_its_module_in_every_run(make_trainer, make_pipeline):
+@pytest.mark.parametrize("when", ["callbacks=", "add_callback"])
+def test_to_dict_trackers_receive_the_unet_config_and_its_module_in_every_run(when, make_trainer, make_pipeline):
     pipe = make_pipeline()
     tracker = DictReadingTracker(tb_writer=RecordingWriter())
-    trainer = make_trainer(pipeline=pipe, max_steps=1, report_to="none", callbacks=[tracker])
-    (adapter,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerAdapter)]
-    assert adapter.tracker is tracker and adapter.tb_writer is tracker.tb_writer  # the validation grid's writer
+    given = [tracker] if when == "callbacks=" else []
+    trainer = make_trainer(pipeline=pipe, max_steps=1, report_to="none", callbacks=given)
+    if when == "add_callback":
+        trainer.add_callback(tracker)
+    (registered,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerCallback)]
+    assert type(registered) is TrackerCallback and registered.tracker is tracker  # each says what it is
     trainer.train()
     assert tracker.model_config == _expected(pipe.unet.config)
-    assert tracker.is_module  # W&B's watch takes torch modules only
+    assert tracker.args["beta"] == trainer.args.beta and tracker.args["output_dir"] == trainer.args.output_dir
+    assert tracker.model_type is ModelForTrackers and tracker.is_module  # W&B's watch takes torch modules only
     assert [id(p) for p in tracker.parameters] == [id(p) for p in pipe.unet.parameters()]
+
+
+def _figures(history: list[dict]) -> dict[tuple[str, int], float]:
+    """What transformers' TensorBoardCallback writes for ``state.log_history``, computed here: each numeric figure of
+    each log under ``train/<name>`` (``eval/<name>`` for an ``eval_`` figure) at the log's step."""
+    written = {}
+    for entry in history:
+        for name, value in entry.items():
+            if name in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            tag = f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
+            written[(tag, entry["step"])] = value
+    return written
+
+
+@pytest.mark.parametrize("when", ["report_to", "add_callback"])
+def test_tensorboard_receives_the_config_and_every_logged_figure_however_it_was_added(when, make_trainer, monkeypatch):
+    """transformers' own TensorBoardCallback, from ``report_to`` or added with ``trainer.add_callback`` once the
+    trainer is built (with the UNet's ``FrozenDict`` config it would fail at ``to_json_string``), receives the
+    arguments, the UNet's config and every figure that ``state.log_history`` records, the alarm's included."""
+    writer = RecordingWriter()
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "unused")  # the writer is the test's: nothing is written
+    trainer = make_trainer(
+        max_steps=2,
+        logging_steps=1,
+        on_pathology="escalate",
+        report_to="tensorboard" if when == "report_to" else "none",
+    )
+    if when == "add_callback":
+        trainer.add_callback(TensorBoardCallback(tb_writer=writer))
+    else:
+        (registered,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerCallback)]
+        registered.tracker.tb_writer = writer  # the public attribute TensorBoardCallback writes through
+    trainer.train()
+    assert json.loads(writer.texts["model_config"]) == _expected(trainer.model.config)
+    assert json.loads(writer.texts["args"])["beta"] == trainer.args.beta
+    expected = _figures(trainer.state.log_history)
+    assert ("train/loss", 2) in expected and ("train/health/escalations", 2) in expected
+    assert {key: writer.scalars.get(key) for key in expected} == expected
 
 
 def test_other_callbacks_keep_the_model_itself(make_trainer, make_pipeline):
@@ -179,11 +228,18 @@ def test_report_to_tracker_records_metrics_and_the_unet_config(tracker, make_tra
 
 
 def test_a_tracker_given_is_found_by_its_class_and_by_itself(make_trainer):
-    """The trainer hands trackers the model as they read it through an adapter in the tracker's place; the trainer's
+    """The trainer registers trackers in a TrackerCallback, which hands them the model as they read it; the trainer's
     own ``pop_callback`` / ``remove_callback`` still find the tracker by its class or by the instance given."""
     given, other = TensorBoardCallback(tb_writer=RecordingWriter()), TensorBoardCallback(tb_writer=RecordingWriter())
-    trainer = make_trainer(max_steps=1, report_to="none", callbacks=[given, other])
-    popped = trainer.pop_callback(TensorBoardCallback)
-    assert isinstance(popped, TensorBoardCallback) and popped == given
+    trainer = make_trainer(max_steps=1, report_to="none", callbacks=[given])
+    trainer.add_callback(other)
+    assert [cb.tracker for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerCallback)] == [
+        given,
+        other,
+    ]
+    assert trainer.pop_callback(TensorBoardCallback) is given
     trainer.remove_callback(other)
-    assert not [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)]
+    assert not [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerCallback)]
+    trainer.add_callback(TensorBoardCallback)  # a class, as Trainer.add_callback takes it
+    (registered,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerCallback)]
+    assert type(registered.tracker) is TensorBoardCallback

@@ -306,6 +306,7 @@ class ValidationCallback(TrainerCallback):
     def _tb_writer(self, args):
         handler = getattr(self.trainer, "callback_handler", None)
         for callback in getattr(handler, "callbacks", []):
+            callback = getattr(callback, "tracker", callback)  # a tracker registered in a TrackerCallback
             if getattr(callback, "tb_writer", None) is not None:
                 return callback.tb_writer
         if self._own_tb_writer is None:

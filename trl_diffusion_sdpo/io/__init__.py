@@ -24,7 +24,7 @@ if TYPE_CHECKING:
         save_pipeline_components,
         write_training_config,
     )
-    from .trackers import adapt_trackers
+    from .trackers import TrackerCallback
 
 _EXPORTS = {
     "CardMethod": ".hub",
@@ -40,7 +40,7 @@ _EXPORTS = {
     "save_lora_adapters": ".saving",
     "save_pipeline_components": ".saving",
     "write_training_config": ".saving",
-    "adapt_trackers": ".trackers",
+    "TrackerCallback": ".trackers",
     "check_resume_config": ".resume_check",
     "read_run_identity": ".resume_check",
     "write_run_identity": ".resume_check",
@@ -57,7 +57,7 @@ __all__ = [
     "has_lora_adapters",
     "load_full_denoiser",
     "load_lora_adapters",
-    "adapt_trackers",
+    "TrackerCallback",
     "push_checkpoint",
     "save_full_denoiser",
     "save_lora_adapters",

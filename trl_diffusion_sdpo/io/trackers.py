@@ -3,9 +3,10 @@
 transformers' callbacks describe the model through ``model.config.to_json_string()`` (TensorBoard) or
 ``model.config.to_dict()`` (MLflow, Comet, Neptune, ClearML), the methods of a transformers ``PretrainedConfig``.
 A diffusers model's ``config`` is a ``FrozenDict`` without them, so ``report_to="tensorboard"`` would fail before the
-first step. Each reporting callback is wrapped in a :class:`TrackerAdapter`, which hands it, in every event, a
-:class:`ModelForTrackers`: the model, except that its ``config`` is a copy with those two methods
-(:class:`TrackerConfig`). The model and its config are left as they are.
+first step. The trainer registers each tracker inside a :class:`TrackerCallback` (whether it comes from
+``report_to``, ``callbacks=`` or a later ``trainer.add_callback``), which hands it, in every event,
+:class:`ModelForTrackers`: a module holding the model, whose ``config`` is a :class:`TrackerConfig` copy of the
+model's. Every object says what it is (``type()`` is its own class); the model and its config are left as they are.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.integrations import INTEGRATION_TO_CALLBACK
-from transformers.trainer_callback import CallbackHandler
+from transformers.utils.notebook import NotebookProgressCallback
 
-__all__ = ["ModelForTrackers", "TrackerAdapter", "TrackerConfig", "adapt_trackers"]
+__all__ = [
+    "CONSOLE_CALLBACKS",
+    "ModelForTrackers",
+    "TrackerCallback",
+    "TrackerConfig",
+    "is_tracker",
+    "tracker_in",
+    "for_trackers",
+]
 
 
 def _plain(value: Any) -> Any:
@@ -48,48 +57,53 @@ class TrackerConfig(dict):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
 
 
-class ModelForTrackers:
-    """The model as a tracker sees it: ``config`` is a :class:`TrackerConfig` copy of the model's config; any other
-    attribute, read or set, is the model's own (W&B's ``watch`` hooks the model's parameters, Trackio sets its
-    ``model_tags``). ``__class__`` answers the model's class, as ``unittest.mock``'s ``spec`` does, so a tracker's
-    ``isinstance(model, torch.nn.Module)`` still holds."""
+class ModelForTrackers(torch.nn.Module):
+    """The model as a tracker reads it: a module whose one child is ``model`` (so its ``parameters()`` are the
+    model's, which W&B's ``watch`` hooks) and whose ``config`` is a :class:`TrackerConfig` copy of the model's config.
+    Other attributes a tracker reads (``peft_config``, ``num_parameters``) are the model's."""
 
-    __slots__ = ("_model", "_config")
-
-    def __init__(self, model: Any) -> None:
-        object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_config", TrackerConfig(model.config))
-
-    @classmethod
-    def wrap(cls, model: Any) -> Any:
-        """``model`` itself where its config already has ``to_dict`` (a transformers model) or it has none."""
-        config = getattr(model, "config", None)
-        if not isinstance(config, Mapping) or callable(getattr(config, "to_dict", None)):
-            return model
-        return cls(model)
-
-    @property
-    def config(self) -> TrackerConfig:
-        return self._config
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        return type(self._model)
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = TrackerConfig(model.config)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not registered yet: no recursion
+                raise
+            return getattr(super().__getattr__("model"), name)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._model, name, value)
 
-    def __repr__(self) -> str:  # the architecture W&B writes to a text file
-        return repr(self._model)
+def for_trackers(model: Any) -> Any:
+    """What a tracker is handed for ``model``: ``model`` itself where its config already has ``to_dict`` (a
+    transformers model) or it has no mapping config, else a :class:`ModelForTrackers` around it."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or not isinstance(config, Mapping):
+        return model
+    if callable(getattr(config, "to_dict", None)):
+        return model
+    return ModelForTrackers(model)
+
+
+#: transformers' reporting callbacks (those ``report_to`` names)
+REPORTING_CALLBACKS: tuple[type[TrainerCallback], ...] = tuple(INTEGRATION_TO_CALLBACK.values())
+#: transformers' console callbacks, which take figures they do not print (``total_flos``) out of the logs: the trainer
+#: keeps them after the trackers
+CONSOLE_CALLBACKS: tuple[type[TrainerCallback], ...] = (ProgressCallback, PrinterCallback, NotebookProgressCallback)
+
+
+def is_tracker(callback: Any) -> bool:
+    """Whether ``callback`` (an instance or a class) is one of transformers' reporting callbacks."""
+    kind = callback if isinstance(callback, type) else type(callback)
+    return issubclass(kind, REPORTING_CALLBACKS)
 
 
 def _forward(event: str) -> Callable[..., Any]:
-    def handle(self: TrackerAdapter, args, state, control, **kwargs):
+    def handle(self: TrackerCallback, args, state, control, **kwargs):
         if kwargs.get("model") is not None:
-            kwargs["model"] = ModelForTrackers.wrap(kwargs["model"])
+            kwargs["model"] = self.model_for(kwargs["model"])
         return getattr(self.tracker, event)(args, state, control, **kwargs)
 
     handle.__name__ = event
@@ -97,43 +111,38 @@ def _forward(event: str) -> Callable[..., Any]:
     return handle
 
 
-class TrackerAdapter(TrainerCallback):
-    """One reporting callback (``tracker``), its events handed the model as :class:`ModelForTrackers`.
-
-    Its other attributes read through to the tracker (a TensorBoard callback's ``tb_writer``, which the validation
-    images are written with). It answers the tracker's class and equals the tracker, so the trainer's
-    ``pop_callback`` / ``remove_callback`` find it by the tracker's class or by the instance given."""
+class TrackerCallback(TrainerCallback):
+    """One reporting callback (``tracker``) whose events are handed the model as :class:`ModelForTrackers`: what
+    the trainer registers in a tracker's place. ``tracker`` is the instance given; the trainer's ``pop_callback`` and
+    ``remove_callback`` find this by the tracker's class or by the tracker itself."""
 
     def __init__(self, tracker: TrainerCallback) -> None:
+        if not is_tracker(tracker):
+            raise TypeError(f"TrackerCallback wraps one of transformers' reporting callbacks, not {tracker!r}")
         self.tracker = tracker
+        self._view: tuple[Any, Any] | None = None  # (model, its view): one view per model, so W&B hooks it once
 
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        return type(self.tracker)
+    def model_for(self, model: Any) -> Any:
+        """The object the tracker is handed for ``model`` (:func:`for_trackers`), built once per model."""
+        if self._view is None or self._view[0] is not model:
+            self._view = (model, for_trackers(model))
+        return self._view[1]
 
-    def __eq__(self, other: object) -> bool:
-        return other is self or other is self.tracker
-
-    __hash__ = object.__hash__
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "tracker":  # not set yet (a copy being built): no recursion
-            raise AttributeError(name)
-        return getattr(self.tracker, name)
+    def matches(self, callback: type[TrainerCallback] | TrainerCallback) -> bool:
+        """Whether ``callback`` (a class or an instance, as ``Trainer.pop_callback`` takes it) names this tracker."""
+        if isinstance(callback, type):
+            return isinstance(self.tracker, callback)
+        return callback is self or callback is self.tracker
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.tracker!r})"
 
 
 for _event in (name for name in vars(TrainerCallback) if name.startswith("on_")):
-    setattr(TrackerAdapter, _event, _forward(_event))
+    setattr(TrackerCallback, _event, _forward(_event))
 
 
-def adapt_trackers(handler: CallbackHandler) -> None:
-    """Wrap each of ``handler``'s reporting callbacks (those of ``report_to``, and any instance of their classes
-    passed in ``callbacks=``) in a :class:`TrackerAdapter`, in its place in the order of the callbacks."""
-    reporting = tuple(INTEGRATION_TO_CALLBACK.values())
-    handler.callbacks[:] = [
-        TrackerAdapter(cb) if isinstance(cb, reporting) and not isinstance(cb, TrackerAdapter) else cb
-        for cb in handler.callbacks
-    ]
+def tracker_in(callbacks: list[TrainerCallback], callback: type[TrainerCallback] | TrainerCallback) -> Any:
+    """The :class:`TrackerCallback` among ``callbacks`` that ``callback`` names (a tracker's class or instance);
+    ``None`` where none does."""
+    return next((c for c in callbacks if isinstance(c, TrackerCallback) and c.matches(callback)), None)
