@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,16 +93,24 @@ def test_the_docs_advice_states_each_measured_error() -> None:
         assert re.fullmatch(rf"\+{(row.ratio - 1) * 100:.0f} %", cells[3]), (cells, row)
 
 
+# The census counts every live tensor of its process, so in the test's own process it would also count what earlier
+# tests leave to be freed (a compiled test's caches let go between two censuses): it runs in a fresh interpreter.
+CENSUS = """
+import json
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode  # what torch.compile's caches hold
+from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
+
+before = live_tensor_bytes()
+kept = torch.zeros(1000)  # 4000 bytes, and a view of them that adds none
+view = kept[10:]
+with FakeTensorMode():
+    fake = torch.empty(10**6)  # no memory of its own: its data pointer cannot be read
+print(json.dumps(live_tensor_bytes() - before))
+"""
+
+
 def test_the_live_census_counts_real_storages_once_and_leaves_out_a_compilers_fake_tensors():
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode  # what torch.compile's caches hold
-
-    from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
-
-    before = live_tensor_bytes()
-    kept = torch.zeros(1000)  # 4000 bytes, and a view of them that adds none
-    view = kept[10:]
-    with FakeTensorMode():
-        fake = torch.empty(10**6)  # no memory of its own: its data pointer cannot be read
-    assert live_tensor_bytes() - before == 4000
-    del kept, view, fake
+    done = subprocess.run([sys.executable, "-c", CENSUS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == 4000
