@@ -4,10 +4,11 @@ subprocess by ``tests/io/test_preemption_on_one_process.py``).
 
     accelerate launch ... tests/preemption_one_process_worker.py OUTPUT_DIR --tokenizer-dir DIR --results DIR
 
-Each process writes ``<results>/<rank>.json``: how its ``train()`` ended (``exit_code``: the ``SystemExit`` status,
-``None`` when it returned) and the optimizer step it had reached. The run's own saves are off, so any checkpoint is
-the preemption's. A process whose run hangs (processes that stopped after different steps wait on each other) ends
-itself after ``--give-up`` seconds with its threads' tracebacks, so none outlives the test.
+Each process writes ``<results>/<rank>.json``: how its ``train()`` ended (``exit_code``: the status the command
+line ends a preempted run with, ``None`` when it returned) and the optimizer step it had reached. The run's own
+saves are off, so any checkpoint is the preemption's. A process whose run hangs (processes that stopped after
+different steps wait on each other) ends itself after ``--give-up`` seconds with its threads' tracebacks, so none
+outlives the test.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from transformers import TrainerCallback  # noqa: E402
 
 from tests.checkpoint_kill_worker import build_trainer  # noqa: E402
+from trl_diffusion_sdpo.callbacks.interruptions import PreemptionCallback, TrainingPreempted  # noqa: E402
 
 
 class SignalAtStep(TrainerCallback):
@@ -49,12 +51,13 @@ def main() -> None:
     options = parser.parse_args()
     faulthandler.dump_traceback_later(options.give_up, exit=True)
     trainer = build_trainer(options.output_dir, options.tokenizer_dir, max_steps=options.max_steps, save_steps=1000)
+    trainer.add_callback(PreemptionCallback())  # as the command line passes it
     trainer.add_callback(SignalAtStep(options.signal_step, options.signal_rank))
     exit_code = None
     try:
         trainer.train()
-    except SystemExit as stopped:
-        exit_code = stopped.code
+    except TrainingPreempted as stopped:
+        exit_code = stopped.exit_code
     rank = trainer.args.process_index
     report = {"exit_code": exit_code, "global_step": trainer.state.global_step}
     with open(os.path.join(options.results, f"{rank}.json"), "w") as f:

@@ -1,5 +1,6 @@
 """Train the tiny LoRA run of ``checkpoint_kill_worker.py`` and wait, during one optimizer step, for the test to
-send it a real signal (run as a subprocess).
+send it a real signal (run as a subprocess), as the command line runs: the preemption callback passed, a stop
+turned into its exit status.
 
     python tests/preemption_worker.py OUTPUT_DIR --tokenizer-dir DIR --pause-step 3 [--signals SIGTERM ...]
 
@@ -21,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from transformers import TrainerCallback  # noqa: E402
 
 from tests.checkpoint_kill_worker import build_trainer  # noqa: E402
+from trl_diffusion_sdpo.callbacks.interruptions import PREEMPTION_SIGNALS, PreemptionCallback  # noqa: E402
+from trl_diffusion_sdpo.cli.train import stopped_or  # noqa: E402
 
 
 class PauseAtStep(TrainerCallback):
@@ -57,12 +60,18 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     trainer = build_trainer(options.output_dir, options.tokenizer_dir)
     trainer.args.save_steps = 1000  # the run's own saves off: the only checkpoint is the preemption's
-    if options.signals is not None:
-        from trl_diffusion_sdpo.callbacks.interruptions import PreemptionCallback
-
-        trainer.add_callback(PreemptionCallback(trainer, signals=options.signals))
+    # As the command line: the preemption callback passed, a stop turned into its exit status.
+    signals = PREEMPTION_SIGNALS if options.signals is None else options.signals
+    trainer.add_callback(PreemptionCallback(signals=signals))
     trainer.add_callback(PauseAtStep(options.pause_step, options.pause_rank, options.pause_dir))
-    trainer.train()
+
+    def train() -> int:
+        trainer.train()
+        return 0
+
+    status = stopped_or(train)
+    if status:
+        sys.exit(status)
     print("finished without being preempted", flush=True)
 
 

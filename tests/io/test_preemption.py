@@ -1,8 +1,11 @@
-"""Preemption: a real signal sent to a real training subprocess ends the step, writes a checkpoint and exits with
-status 75; resuming from it ends with the same weights, bit for bit, as a run never interrupted."""
+"""Preemption: a real signal sent to a real training subprocess run as the command line runs (the preemption
+callback passed) ends the step, writes a checkpoint and exits with status 75; resuming from it ends with the same
+weights, bit for bit, as a run never interrupted. A Python ``train()`` without the callback leaves the process's
+signal handling alone, and no library code ends the process."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import signal
@@ -10,18 +13,26 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import TrainerCallback, TrainerControl
 
+import trl_diffusion_sdpo
 from tests.checkpoint_kill_worker import build_trainer
 from tests.helpers.common import worker_environment
 from trl_diffusion_sdpo.callbacks.interruptions import (
     INTERRUPTED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
+    PREEMPTION_SYNC_EVERY,
+    PreemptionCallback,
+    TrainingInterrupted,
     TrainingPreempted,
     parse_signals,
 )
+from trl_diffusion_sdpo.cli.train import stopped_or
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -138,9 +149,159 @@ def test_signal_names_are_parsed_and_uncatchable_or_unknown_ones_refused():
         parse_signals(["SIGNOPE"])
 
 
-def test_training_preempted_is_a_system_exit_with_status_75():
-    error = TrainingPreempted("out/checkpoint-3", "SIGTERM", 3)
-    assert isinstance(error, SystemExit) and error.code == PREEMPTED_EXIT_CODE == 75
+def test_the_stops_are_exceptions_that_carry_the_command_lines_exit_status():
+    """Library code ends no process: a preemption is an Exception, a second Ctrl-C a KeyboardInterrupt; the command
+    line turns each into its exit status (stopped_or)."""
+    preempted, interrupted = TrainingPreempted("out/checkpoint-3", "SIGTERM", 3), TrainingInterrupted(3)
+    assert isinstance(preempted, Exception) and not isinstance(preempted, SystemExit)
+    assert isinstance(interrupted, KeyboardInterrupt) and not isinstance(interrupted, SystemExit)
+    assert preempted.exit_code == PREEMPTED_EXIT_CODE == 75
+    assert TrainingPreempted("out/checkpoint-3", "SIGINT", 3).exit_code == interrupted.exit_code == 130
+
+    def raising(error: BaseException):
+        def run() -> int:
+            raise error
+
+        return run
+
+    assert stopped_or(raising(preempted)) == 75 and stopped_or(raising(interrupted)) == 130
+    assert stopped_or(lambda: 3) == 3
+    with pytest.raises(KeyboardInterrupt):  # a Ctrl-C without the callback is the user's, as ever
+        stopped_or(raising(KeyboardInterrupt()))
+
+
+def _package_sources() -> list[Path]:
+    return sorted(Path(trl_diffusion_sdpo.__file__).parent.rglob("*.py"))
+
+
+def _ends_the_process(tree: ast.AST) -> list[str]:
+    """Where a module's code ends the process: ``SystemExit`` named (raised, subclassed), ``sys.exit``/``os._exit``
+    or the builtin ``exit``/``quit`` called."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in ("SystemExit",):
+            found.append(f"line {node.lineno}: SystemExit")
+        elif isinstance(node, ast.Attribute) and node.attr in ("exit", "_exit") and isinstance(node.value, ast.Name):
+            if node.value.id in ("sys", "os"):
+                found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("exit", "quit"):
+            found.append(f"line {node.lineno}: {node.func.id}()")
+    return found
+
+
+def test_no_library_code_ends_the_process():
+    """Only the command line (cli/) and the ``python -m`` entry points end the process; the trainer, the callbacks
+    and everything else raise exceptions. The scan itself finds a planted ``raise SystemExit`` in a callback."""
+    found = {}
+    for path in _package_sources():
+        relative = path.relative_to(Path(trl_diffusion_sdpo.__file__).parent)
+        if relative.parts[0] == "cli" or path.name == "__main__.py":
+            continue
+        where = _ends_the_process(ast.parse(path.read_text()))
+        if where:
+            found[str(relative)] = where
+    assert found == {}
+    planted = "class Stop(TrainerCallback):\n    def on_save(self, *a, **k):\n        raise SystemExit(75)\n"
+    assert _ends_the_process(ast.parse(planted)) == ["line 3: SystemExit"]
+
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class SignalAtStep(TrainerCallback):
+    """Sends this process ``sig`` as optimizer step ``step`` begins, and records the handlers in force then."""
+
+    def __init__(self, sig: signal.Signals, step: int) -> None:
+        self.sig, self.step, self.during = sig, step, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.during = {s: signal.getsignal(s) for s in HANDLED}
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.fixture
+def own_handlers():
+    """The caller's own handlers for the signals the callback handles (a recorder, so a signal that reached no
+    handler of the trainer's ends no test process), put back after the test."""
+    received = []
+
+    def record(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, record) for s in HANDLED}
+    yield record, received
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def test_a_python_train_leaves_the_callers_signal_handlers_alone(make_trainer, own_handlers):
+    """Without a PreemptionCallback, train() installs no handler: the caller's stay in force throughout (a signal
+    reaches them), and nothing is checkpointed or raised for it."""
+    record, received = own_handlers
+    at_step = SignalAtStep(signal.SIGUSR1, 2)
+    trainer = make_trainer(max_steps=3, save_steps=1000, callbacks=[at_step])
+    trainer.train()
+    assert at_step.during == {s: record for s in HANDLED}
+    assert received == ["SIGUSR1"] and trainer.state.global_step == 3
+    assert {s: signal.getsignal(s) for s in HANDLED} == {s: record for s in HANDLED}
+
+
+def test_with_the_callback_a_signal_checkpoints_and_raises_an_exception_and_the_handlers_come_back(
+    make_trainer, own_handlers
+):
+    record, received = own_handlers
+    callback, at_step = PreemptionCallback(signals=["SIGUSR1"]), SignalAtStep(signal.SIGUSR1, 2)
+    trainer = make_trainer(max_steps=3, save_steps=1000, callbacks=[callback, at_step])
+    with pytest.raises(TrainingPreempted) as stopped:
+        trainer.train()
+    assert at_step.during[signal.SIGUSR1] == callback.handle and at_step.during[signal.SIGTERM] is record
+    assert received == []  # the trainer's handler took it
+    checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-2")
+    assert stopped.value.checkpoint == checkpoint and stopped.value.exit_code == PREEMPTED_EXIT_CODE
+    assert checkpoint_problem(checkpoint) == ""
+    assert {s: signal.getsignal(s) for s in HANDLED} == {s: record for s in HANDLED}
+
+
+class Agreements:
+    """``torch.distributed`` as ``PreemptionCallback`` sees it under two processes, the other one's flag given: the
+    steps at which the flag was agreed are recorded."""
+
+    def __init__(self, other_flag: float = 0.0) -> None:
+        self.other_flag, self.at = other_flag, []
+
+    def all_reduce(self, tensor):
+        self.at.append(self.step)
+        tensor += self.other_flag
+
+
+@pytest.mark.parametrize("received_at", [None, 3])
+def test_under_several_processes_the_flag_is_agreed_at_logging_steps_and_every_sync_every_steps(
+    monkeypatch, received_at
+):
+    """No device read per step for a flag: the all-reduce (which the host waits for) runs at the steps that log,
+    where the host reads the metrics anyway, and every ``sync_every`` steps; a signal received at step 3 stops the
+    run at the next of those (step 4 logs here), on every process alike."""
+    agreements = Agreements()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", agreements.all_reduce)
+    callback = PreemptionCallback(sync_every=5)
+    args = SimpleNamespace(world_size=2, device=torch.device("cpu"))
+    state = SimpleNamespace(global_step=0)
+    callback.on_train_begin(args, state, None)
+    stopped_at = None
+    for step in range(1, 13):
+        state.global_step = agreements.step = step
+        if step == received_at:
+            callback.received = "SIGTERM"
+        control = TrainerControl(should_log=step == 4)
+        callback.on_step_end(args, state, control)
+        if control.should_save:
+            stopped_at = step
+            break
+    assert stopped_at == (None if received_at is None else 4)
+    assert agreements.at == ([4, 5, 10] if received_at is None else [4])
+    assert callback.sync_every == 5 and PreemptionCallback().sync_every == PREEMPTION_SYNC_EVERY
 
 
 @pytest.mark.slow  # one process's preemption by default: test_sigterm_finishes_the_step_checkpoints_exits_75_...

@@ -41,6 +41,8 @@ __all__ = [
     "INTERRUPTED_EXIT_CODE",
     "PREEMPTED_EXIT_CODE",
     "PREEMPTION_SIGNALS",
+    "PREEMPTION_SYNC_EVERY",
+    "TRAINING_STOPS",
     "dropped_at_preparation",
     "flag_nonfinite",
     "NonFiniteLossGuard",
@@ -51,6 +53,7 @@ __all__ = [
     "PreemptionCallback",
     "stop_threshold",
     "StreamGuard",
+    "TrainingInterrupted",
     "TrainingPreempted",
 ]
 
@@ -353,28 +356,34 @@ def resume_advice() -> str:
     return "Resume with --resume_from_checkpoint true (command line) or trainer.train(resume_from_checkpoint=True)."
 
 
-class TrainingPreempted(SystemExit):
-    """Training stopped on a preemption signal after writing ``checkpoint``. Uncaught, the process exits with
-    :data:`PREEMPTED_EXIT_CODE` and no traceback."""
+class TrainingPreempted(Exception):
+    """Training stopped on a preemption signal after writing ``checkpoint``. The command line ends with
+    :attr:`exit_code` (:data:`PREEMPTED_EXIT_CODE`, or :data:`INTERRUPTED_EXIT_CODE` for Ctrl-C) and no traceback; in
+    a Python program it is an exception like any other."""
 
     def __init__(self, checkpoint: str, signal_name: str, step: int) -> None:
-        super().__init__(exit_code_for(signal_name))
+        super().__init__(checkpoint, signal_name, step)
         self.checkpoint, self.signal_name, self.step = checkpoint, signal_name, step
+        #: the exit status the command line ends with
+        self.exit_code = exit_code_for(signal_name)
 
     def __str__(self) -> str:
         return (
             f"Training preempted by {self.signal_name} after optimizer step {self.step}; checkpoint written to "
-            f"{self.checkpoint} (exit status {self.code}). {resume_advice()}"
+            f"{self.checkpoint} (exit status {self.exit_code}). {resume_advice()}"
         )
 
 
-class TrainingInterrupted(SystemExit):
-    """A second Ctrl-C: training stops at once, without a checkpoint. Uncaught, the process exits with
-    :data:`INTERRUPTED_EXIT_CODE` and no traceback (the ``finally`` blocks run: the output folder's lock is
-    released)."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C: training stops at once, without a checkpoint. A ``KeyboardInterrupt``, as Ctrl-C is without
+    the callback; the command line ends with :attr:`exit_code` (:data:`INTERRUPTED_EXIT_CODE`) and no traceback (the
+    ``finally`` blocks run: the output folder's lock is released)."""
+
+    #: the exit status the command line ends with
+    exit_code = INTERRUPTED_EXIT_CODE
 
     def __init__(self, step: int) -> None:
-        super().__init__(INTERRUPTED_EXIT_CODE)
+        super().__init__(step)
         self.step = step
 
     def __str__(self) -> str:
@@ -384,8 +393,14 @@ class TrainingInterrupted(SystemExit):
         )
 
 
+#: what ends a run on a signal: the command line turns each into its ``exit_code``
+TRAINING_STOPS = (TrainingPreempted, TrainingInterrupted)
+
 #: the signals handled by default: what SLURM and Kubernetes send before killing a job, and Ctrl-C's SIGINT
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+#: under several processes, the optimizer steps between two agreements on the flag (besides every logging step, where
+#: the host reads the metrics anyway): a bound on how many steps a signal may wait, never a read per step
+PREEMPTION_SYNC_EVERY = 10
 
 
 def parse_signals(names: Sequence[str] | None) -> list[signal.Signals]:
@@ -413,27 +428,40 @@ def parse_signals(names: Sequence[str] | None) -> list[signal.Signals]:
 
 
 class PreemptionCallback(TrainerCallback):
-    """Turns a received preemption signal into a checkpoint and :class:`TrainingPreempted` at the next step end.
+    """Turns a received preemption signal into a checkpoint and :class:`TrainingPreempted`.
 
-    ``on_step_end`` agrees on the flag over processes and asks the trainer for a save (``control.should_save``);
-    ``on_save``, called right after that save, raises. The save is therefore the trainer's ordinary checkpoint
-    (weights, optimizer, scheduler, RNG states, trainer state), and resuming from it continues bit-exactly.
+    Opt-in: a trainer given this callback (the command line passes one) handles ``signals`` while ``train()`` runs
+    and puts the handlers in place before it back after; without one, ``train()`` leaves the process's signal handling
+    alone. The handler only sets a flag. ``on_step_end`` reads it: on one process at every step (a Python flag, no
+    device read); under several processes agreed over them (one scalar all-reduce) at every logging step and at least
+    every ``sync_every`` optimizer steps, so every process stops after the same step. It then asks for a save
+    (``control.should_save``), the trainer's ordinary checkpoint (weights, optimizer, scheduler, RNG states, trainer
+    state: resuming continues bit-exactly), and ``on_save``, called right after it, raises :class:`TrainingPreempted`.
+
+    Args:
+        signals: the signals handled (names or numbers, :func:`parse_signals`); ``[]`` handles none.
+        sync_every: under several processes, the most optimizer steps between two agreements on the flag.
     """
 
-    def __init__(self, trainer: Trainer | None = None, signals: Sequence[str] = PREEMPTION_SIGNALS) -> None:
-        self.trainer = trainer  # set by the trainer when the callback is passed in ``callbacks=``
+    def __init__(self, signals: Sequence[str] = PREEMPTION_SIGNALS, sync_every: int = PREEMPTION_SYNC_EVERY) -> None:
+        if sync_every < 1:
+            raise ValueError(f"PreemptionCallback(sync_every=): {sync_every} should be at least 1")
         self.signals = parse_signals(signals)  # a bad name fails here, before training
+        self.sync_every = sync_every
         self.received: str | None = None  # name of the first signal received, set by the handler
-        self.enabled = bool(self.signals)  # False with signals=[]: no per-step all-reduce then
         self.interrupts = 0  # SIGINTs received: the second one stops at once
+        self._state: Any = None  # the trainer's state, from on_train_begin: the step the handler names
         self._stopping = False
+
+    def _step(self) -> int:
+        return 0 if self._state is None else self._state.global_step
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         """The signal handler: remember the signal, nothing else (it runs between two Python bytecodes). A second
         ``SIGINT`` (Ctrl-C pressed again) raises :class:`TrainingInterrupted` where the program is."""
         name = signal.Signals(signum).name
         if name == "SIGINT" and self.interrupts:
-            error = TrainingInterrupted(self.trainer.state.global_step)
+            error = TrainingInterrupted(self._step())
             logger.warning("%s", error)
             raise error
         if name == "SIGINT":
@@ -441,25 +469,28 @@ class PreemptionCallback(TrainerCallback):
             logger.warning(
                 "SIGINT received: finishing optimizer step %d, then writing a checkpoint; press Ctrl-C again to stop "
                 "at once without one",
-                self.trainer.state.global_step + 1,
+                self._step() + 1,
             )
         if self.received is None:
             self.received = name
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.received, self._stopping, self.interrupts = None, False, 0
+        self.received, self._stopping, self.interrupts, self._state = None, False, 0, state
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.enabled:
+        if not self.signals:
             return control
-        accelerator = self.trainer.accelerator
-        local = self.received is not None
-        if accelerator.num_processes > 1:  # every process stops after the same step
-            flag = torch.full((), float(local), device=accelerator.device)
-            local = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-            if local and self.received is None:
+        stop = self.received is not None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # every process decides to agree at the same steps (DefaultFlowCallback set should_log before this)
+            if not (control.should_log or state.global_step % self.sync_every == 0):
+                return control
+            flag = torch.full((), float(stop), device=args.device)
+            torch.distributed.all_reduce(flag)
+            stop = bool(flag.item() > 0)
+            if stop and self.received is None:
                 self.received = "a preemption signal on another process"
-        if local:
+        if stop:
             self._stopping = True
             control.should_save = True
             logger.warning(
@@ -479,10 +510,11 @@ class PreemptionCallback(TrainerCallback):
 
 
 @contextlib.contextmanager
-def preemption_signal_handlers(callback: PreemptionCallback, signals: Sequence[signal.Signals]) -> Iterator[None]:
-    """Install ``callback.handle`` for ``signals`` while the block runs; the previous handlers come back after it,
-    however it ends (a crashed ``train()`` must not leave ``SIGTERM`` ignored). Outside the main thread, where Python
-    cannot install handlers, a warning says preemption is not handled."""
+def preemption_signal_handlers(callback: PreemptionCallback | None) -> Iterator[None]:
+    """Install ``callback.handle`` for its signals while the block runs (none without a callback); the previous
+    handlers come back after it, however it ends (a crashed ``train()`` must not leave ``SIGTERM`` ignored). Outside
+    the main thread, where Python cannot install handlers, a warning says preemption is not handled."""
+    signals = [] if callback is None else callback.signals
     if not signals:
         yield
         return

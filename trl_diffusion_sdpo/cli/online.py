@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from datasets import Dataset
 from trl import ModelConfig
 
+from ..callbacks.interruptions import PreemptionCallback
 from ..evaluation.prompts import load_prompt_set
 from ..online.config import OnlineDiffusionSDPOConfig
 from ..online.trainer import OnlineDiffusionSDPOTrainer
 from .console import log_to_console
 from .model_loading import build_pipeline, peft_config_for
 from .online_options import ARGUMENT_TYPES, DESCRIPTION, EPILOG, OnlinePromptArguments, online_topics, parse_args
-from .train import refuse_earlier_run, train_save_and_push
+from .train import refuse_earlier_run, stopped_or, train_save_and_push
 from .train_options import DiffusionScriptArguments, check_supported_model
 
 # The options' names are this module's too (the command's Python entry points import them here).
@@ -66,8 +67,12 @@ def main(argv: Sequence[str] | None = None):
 def run(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig]) -> int:
     """``trl-diffusion-sdpo online`` once :func:`~.online_options.parse_args` has read its words (the command
     registry's runner, :data:`~.main.COMMANDS`): the exit status."""
-    train_online(arguments)
-    return 0
+
+    def trained() -> int:
+        train_online(arguments)
+        return 0
+
+    return stopped_or(trained)
 
 
 def train_online(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig]):
@@ -89,6 +94,6 @@ def train_online(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConf
         load_prompt_dataset(prompt_args, prompt_args.prompt_column),
         probe_prompts,
         peft_config=peft_config,
-        callbacks=prompt_args.validation_callbacks(),
+        callbacks=[*prompt_args.validation_callbacks(), PreemptionCallback()],  # a checkpoint, then exit 75 / 130
     )
     return train_save_and_push(trainer, prompt_args.prompts, prompt_args.overwrite)

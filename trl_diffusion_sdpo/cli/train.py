@@ -12,12 +12,13 @@ module runs what they parse: the data (:mod:`.data_options`), the pipeline (:mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from transformers import TrainerCallback
 
 from ..callbacks.guards import configure_early_stopping, early_stopping
+from ..callbacks.interruptions import TRAINING_STOPS, PreemptionCallback
 from ..data.sharded_cache import load_sharded_latent_cache
 from ..io.run_files import check_new_run_folder
 from ..trainer import DiffusionSDPOTrainer
@@ -59,6 +60,7 @@ __all__ = [
     "load_split",
     "load_train_split",
     "main",
+    "stopped_or",
     "make_parser",
     "parse_args",
     "parse_or_exit",
@@ -89,8 +91,22 @@ def main(argv: Sequence[str] | None = None):
 def run(arguments: TrainArguments) -> int:
     """``trl-diffusion-sdpo train`` once :func:`~.train_options.parse_args` has read its words (the command registry,
     :data:`~.main.COMMANDS`, parses with the options' module and runs this one): the exit status."""
-    train(arguments)
-    return 0
+
+    def trained() -> int:
+        train(arguments)
+        return 0
+
+    return stopped_or(trained)
+
+
+def stopped_or(run: Callable[[], int]) -> int:
+    """``run()``'s exit status, or that of a run a signal stopped (75 preempted, 130 Ctrl-C:
+    :data:`~..callbacks.interruptions.TRAINING_STOPS`), which the callback logged: the process ends with it, no
+    traceback."""
+    try:
+        return run()
+    except TRAINING_STOPS as stopped:
+        return stopped.exit_code
 
 
 def train(arguments: TrainArguments):
@@ -125,6 +141,7 @@ def train(arguments: TrainArguments):
         callbacks=[
             *early_stopping(diffusion_args.early_stopping_patience),
             *diffusion_args.validation_callbacks(),
+            PreemptionCallback(),  # SIGTERM, SIGUSR1, Ctrl-C: a checkpoint, then exit 75 / 130
         ],
     )
     return train_save_and_push(trainer, script_args.dataset_name, diffusion_args.overwrite)

@@ -18,8 +18,9 @@ what it does there and calls the helpers of :class:`RunFiles`, which keeps the s
 * around ``train``: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
   checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume from, checked, its config
   compared with the new one (:mod:`.resume_check`), resuming on another number of processes (:mod:`.resume_world`,
-  through the engine), and preemption signals
-  (:class:`~trl_diffusion_sdpo.callbacks.interruptions.PreemptionCallback`) while it runs (:meth:`RunFiles.training`);
+  through the engine), and, where the caller passed a
+  :class:`~trl_diffusion_sdpo.callbacks.interruptions.PreemptionCallback`, its signals while it runs
+  (:meth:`RunFiles.training`);
 * the model card and Hub pushes (:attr:`RunFiles.hub`, :mod:`.hub`): transformers' versions copy files named as its
   own weights (none of ours) and upload a pickled ``training_args.bin``;
 * the run's loss sum, recorded in every checkpoint, so that a resumed run logs what an uninterrupted one does.
@@ -148,7 +149,7 @@ class RunFiles(TrainerCallback):
         and checked (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), its
         parts and loss sum read, and, on another number of processes, the folder the engine resumes from
         (:mod:`.resume_world`); a ``save_total_limit`` set on ``trainer.args`` since the trainer was built taken over
-        (see the trainer's ``save_total_limit``). While it runs: the preemption signals handled. After it: with
+        (see the trainer's ``save_total_limit``). While it runs: a given preemption callback's signals. After it: with
         ``save_total_limit=1`` and a best checkpoint, that one alone kept (as transformers does); the lock released."""
         trainer = self.trainer
         resumed = resume_from_checkpoint not in (None, False)
@@ -178,12 +179,9 @@ class RunFiles(TrainerCallback):
                     resume_from_checkpoint = trainer.engine.resume_on_other_count(
                         resume_from_checkpoint, saved["num_processes"], view
                     )
+            # signals handled only where the caller passed a PreemptionCallback (the command line does)
             callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
-            if callback is None:
-                callback = PreemptionCallback(trainer)
-                trainer.add_callback(callback)
-            callback.trainer = trainer
-            with preemption_signal_handlers(callback, callback.signals):
+            with preemption_signal_handlers(callback):
                 yield resume_from_checkpoint
             best = trainer.state.best_model_checkpoint
             if trainer.args.should_save and trainer.save_total_limit == 1 and best is not None:
