@@ -45,6 +45,7 @@ from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, Strea
 from .callbacks.state_files import StatesPart
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
+from .config.trl_habits import refuse_trainer_arguments
 from .data.columns import prompt_column
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
@@ -188,6 +189,9 @@ class DiffusionSDPOTrainer(Trainer):
             (``score_0``, ``score_1``), both images of every row are scored before training
             (``dataset.map``; lazily for a streamed dataset) and the higher-scored image is the winner. An error with
             any other ``loss_type``.
+        **trl_arguments: none taken: a ``DPOTrainer`` argument with no counterpart here (``processing_class``,
+            ``data_collator``, ...) is refused with a ``TypeError`` saying what takes its place
+            (:data:`~trl_diffusion_sdpo.config.trl_habits.TRL_TRAINER_ARGUMENTS`), any other as Python refuses it.
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
@@ -226,7 +230,10 @@ class DiffusionSDPOTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None = None,
+        **trl_arguments: Any,
     ) -> None:
+        # DPOTrainer's arguments with no counterpart here, refused saying what takes their place
+        refuse_trainer_arguments(list(trl_arguments), type(self).__name__)
         if args is None:
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
         if not isinstance(args, DiffusionSDPOConfig):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from ..config.messages import did_you_mean
+from ..config.trl_habits import trl_name_refusal
 
 __all__ = [
     "HIDDEN_OPTIONS",
@@ -52,12 +53,19 @@ def unknown_names_message(known: Sequence[str], from_config: Sequence[str], from
     problems = []
     for key in from_config[::2]:
         name = key[2:]
-        problems.append(f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}")
+        # TRL's name with no counterpart here says what takes its place: the closest name would be another setting
+        refusal = trl_name_refusal(name)
+        problems.append(
+            f"the --config file's key {refusal}"
+            if refusal
+            else f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}"
+        )
     value_of_unknown = False  # the word after an unknown ``--flag`` is taken as its value
     for word in from_flags:
         if word.startswith("--"):
             name = word[2:].split("=", 1)[0]
-            problems.append(f"unknown option --{name}{did_you_mean(name, known)}")
+            refusal = trl_name_refusal(name.replace("-", "_"))
+            problems.append(f"--{refusal}" if refusal else f"unknown option --{name}{did_you_mean(name, known)}")
             value_of_unknown = "=" not in word
         elif word.startswith("-") and len(word) > 1 and not _is_number(word):
             problems.append(f"unknown option {word}")

@@ -43,6 +43,7 @@ from ..config import rules as config_rules
 from ..config.defaults import ResolvedDefault, resolve_default, resolve_defaults
 from ..config.messages import file_syntax_error
 from ..config.rules import check_config, check_field_rules
+from ..config.trl_habits import loss_type_name
 from .command_parser import known_options, unknown_names_message
 from .config_paths import config_file_problem, resolve_config_paths
 from .help_topics import USAGE
@@ -267,8 +268,12 @@ def parse_stored(argv: Sequence[str]) -> tuple[StoredArguments, ...] | None:
         for i in range(len(table["argument_types"]))
     ]
     config_args = groups[table["argument_types"].index("DiffusionSDPOConfig")]
-    # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: a number given as text, the safeguard
-    # space resolved by its table
+    # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: TRL's loss_type, a number given as
+    # text, the safeguard space resolved by its table
+    try:
+        config_args.loss_type = loss_type_name(config_args.loss_type)
+    except ValueError:
+        return None
     mu = config_args.safeguard_mu
     if isinstance(mu, str) and mu != "auto":
         try:
@@ -358,8 +363,12 @@ def read_or_refuse(
     # space from the same table)
     if check_rules and "DiffusionSDPOConfig" in names:
         config_args = groups[names.index("DiffusionSDPOConfig")]
-        # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: a number given as text, the
-        # safeguard space resolved by its table
+        # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: TRL's loss_type, a number given as
+        # text, the safeguard space resolved by its table
+        try:
+            config_args.loss_type = loss_type_name(config_args.loss_type)
+        except ValueError as err:
+            parser.error(str(err))
         mu = config_args.safeguard_mu
         if isinstance(mu, str) and mu != "auto":
             with contextlib.suppress(ValueError):

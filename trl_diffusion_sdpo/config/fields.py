@@ -24,6 +24,7 @@ from .defaults import (
     resolve_defaults,
 )
 from .docs import config_docstring
+from .extras import tracker_problem
 from .pathology import SWITCH_REASON, SWITCH_TO, pair_remedies
 from .rules import (
     DSPO_FORM_CHOICES,
@@ -36,6 +37,7 @@ from .rules import (
     SAFEGUARD_SPACES,
     check_config,
 )
+from .trl_habits import loss_type_name, refuse_trl_names
 
 __all__ = ["DiffusionSDPOConfig", "option"]
 
@@ -71,15 +73,16 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     loss_type: str = option(
         "dpo",
-        "Preference objective (formulas and the authors' settings per model family: "
-        "`docs/objectives.md`). `dpo`: Diffusion-DPO, `-logsigmoid(u)`. `dspo`: the score-matching form "
-        "(authors' beta 0.001 for SD1.5 with `dspo_form=sd15`, 5000 for SDXL with `dspo_form=sdxl`). `dmpo`: "
-        "KL to a Bernoulli target (`dmpo_alpha`; beta 2000 SD1.5, 6000 SDXL). `sft`: supervised fine-tuning on "
-        "the winners (no reference, no safeguard). `mapo`: reference-free margin-aware preference optimisation "
-        "(`mapo_beta`, `mapo_snr_value`; no reference model is built or run). `smpo`: Diffusion-DPO with "
-        "SmPO's smoothed preferences, each pair's logit weighted by `smpo_gamma * (2p - 1)` from two score "
-        "columns. Or the name of an objective registered with `register_objective` (its fields are read from "
-        "the config fields of the same names).",
+        "Preference objective (formulas and the authors' settings per model family: `docs/objectives.md`). `dpo`: "
+        "Diffusion-DPO, `-logsigmoid(u)` (`sigmoid`, TRL's name of the same loss, is read as `dpo`, and TRL's "
+        "one-element list form, e.g. `[sigmoid]`, as its element). `dspo`: the score-matching form (authors' beta "
+        "0.001 for SD1.5 with `dspo_form=sd15`, 5000 for SDXL with `dspo_form=sdxl`). `dmpo`: KL to a Bernoulli "
+        "target (`dmpo_alpha`; beta 2000 SD1.5, 6000 SDXL). `sft`: supervised fine-tuning on the winners (no "
+        "reference, no safeguard). `mapo`: reference-free margin-aware preference optimisation (`mapo_beta`, "
+        "`mapo_snr_value`; no reference model is built or run). `smpo`: Diffusion-DPO with SmPO's smoothed "
+        "preferences, each pair's logit weighted by `smpo_gamma * (2p - 1)` from two score columns. Or the name of an"
+        " objective registered with `register_objective` (its fields are read from the config fields of the same "
+        "names).",
     )
     dmpo_alpha: float = field(default=0.01, metadata={"help": "DMPO's target `q = 1 - alpha` (authors: 0.01)."})
     dspo_form: str = option(
@@ -482,7 +485,15 @@ class DiffusionSDPOConfig(TrainingArguments):
         :func:`~trl_diffusion_sdpo.config.pathology.pair_remedies`."""
         return pair_remedies(self)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> DiffusionSDPOConfig:
+        # A DPOConfig field with no counterpart here is refused saying what takes its place (the dataclass's own
+        # TypeError would name the keyword only)
+        refuse_trl_names([name for name in kwargs if name not in cls.__dataclass_fields__], cls.__name__)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
+        # TRL's name of the Diffusion-DPO loss, and TRL 1.x's one-element list, read as the registry's name
+        self.loss_type = loss_type_name(self.loss_type)
         if isinstance(self.safeguard_mu, str) and self.safeguard_mu != "auto":  # a number given on the command line
             self.safeguard_mu = _number_or_text(self.safeguard_mu)
         # The safeguard space depends on the config's own table only: resolved now (the rules read it), its source
@@ -507,6 +518,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         if launch_problem:
             raise ValueError(launch_problem)
         super().__post_init__()
+        # transformers' list of trackers is made by its __post_init__; its own error, when the trainer is built,
+        # names no extra
+        tracker = tracker_problem(self.report_to)
+        if tracker is not None:
+            raise ValueError(tracker)
         #: the fields of ``MACHINE_FIELDS`` the caller left unset, with the value transformers gave them: the trainer
         #: chooses for its own copy while a field still holds it
         self.left_unset: dict[str, Any] = {name: copy.copy(getattr(self, name)) for name in unset}

@@ -17,6 +17,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..config.defaults import recommended_learning_rate
+from ..config.trl_habits import weak_beta_warning
+from ..objectives import objective_class
 from .cpu_threads import threads_text
 from .run_events import run_events
 
@@ -107,12 +109,22 @@ def start_summary(
             f"  peak learning rate {learning_rate_text(given, effective.learning_rate)}",
             f"  schedule {schedule}, {warmup_text}; {pairs_per_step(given)} pairs per optimizer step",
             f"  objective {_objective_text(effective)}, beta {effective.beta:g}",
-            f"  engine {engine!r}, {_precision_text(given)}",
+            f"  engine {engine!r}, {_precision_text(given)}{_compile_text(effective)}",
             *([f"  {threads_text()}"] if _on_cpu(effective) else []),
             *([f"  {resized}"] if (resized := _resize_text(effective, data_report)) else []),
             *(f"  {line}" for line in _default_lines(effective, defaults or {})),
         ]
     )
+
+
+def _compile_text(args: Any) -> str:
+    """With ``torch_compile``, the compiler's backend and mode as transformers resolved them (``inductor`` unless
+    ``torch_compile_backend`` names another): what the run's first steps pay and how its losses compare with eager's
+    depend on it (docs/usage.md, "Compiling the step")."""
+    if not getattr(args, "torch_compile", False):
+        return ""
+    mode = getattr(args, "torch_compile_mode", None) or "default"
+    return f", compiled (torch_compile_backend {args.torch_compile_backend}, torch_compile_mode {mode})"
 
 
 def _resize_text(effective: Any, data_report: Any) -> str:
@@ -152,6 +164,12 @@ def start_warnings(given: Any, effective: Any, family: Any, lora: bool, max_step
             f"learning rate climbs linearly towards {rate:.3g} and the last step runs at {reached:.3g}. Set "
             f"warmup_steps to a small part of the run (e.g. {suggestion})."
         )
+    # TRL's beta (0.1) is on another scale: the Diffusion-DPO logit multiplies a difference of squared errors
+    if objective_class(effective.loss_type).unet_scale_beta_warning:
+        family_beta = effective.default_for("beta", family, lora=lora)
+        weak = weak_beta_warning(effective.beta, family.name, family_beta.value, family_beta.source)
+        if weak is not None:
+            warnings.append(weak)
     recommended = recommended_learning_rate(family, lora)
     if recommended is not None and not recommended.contains(rate):
         warnings.append(
