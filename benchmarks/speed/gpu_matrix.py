@@ -169,7 +169,7 @@ def memory_estimate(pipeline, spec: ModelSpec, setting: str, base: str, lora_ran
         dtype_bytes=2 if opts.device == "cuda" else 4, lora_rank=lora_rank,
         lora_targets=family_lora_targets(sizes.family), base_quantization=base, optim=opts.optim,
         activation_checkpointing=spec.gradient_checkpointing, latent_cache=opts.cache_latents,
-        safeguard=ESTIMATE_SAFEGUARD[setting],
+        safeguard=ESTIMATE_SAFEGUARD[setting], update_space=setting == "sdpo_update",
     )  # fmt: skip
     return {"estimate_bytes": estimate_memory(sizes, shape).total_bytes, "estimate_shape": asdict(shape)}
 

@@ -49,6 +49,10 @@ SHAPES = [
     RunShape(
         pairs=1, resolution=1024, optim="adamw_torch_8bit", engine="zero3", num_processes=4, safeguard="two_pass"
     ),
+    RunShape(pairs=1, resolution=512, safeguard="one_pass", update_space=True, weight_decay=True),
+    RunShape(
+        pairs=1, resolution=512, lora_rank=16, engine="fsdp2", num_processes=2, safeguard="two_pass", update_space=True
+    ),
 ]
 
 

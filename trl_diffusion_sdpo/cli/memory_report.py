@@ -111,6 +111,8 @@ def shape(
         latent_cache=latent_cache,
         offload_frozen=args.offload_frozen_modules,
         safeguard=_safeguard(args, estimate_args.engine),
+        update_space=args.safeguard_space == "update",
+        weight_decay=bool(args.weight_decay),
         lora_r=model_args.lora_r,
         accumulation=args.gradient_accumulation_steps,
     )

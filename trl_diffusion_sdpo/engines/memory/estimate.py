@@ -33,7 +33,9 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
   Under DeepSpeed ZeRO-1/2 the rows are in ``d`` (sharded as its gradients) and the engine's gradient buffers stay
   beside them: both rows and a piece of the combination after the backward; on FSDP2's and ZeRO-3's shards both rows
   in float32 (the reduce-scatter sums in it) and a piece of the combination; the two-pass mode one more float32
-  gradient (4T);
+  gradient (4T). The update space adds its search's (:mod:`.update_search`): a workspace kept through the step
+  (a pass's temporaries and the largest run's moments: 0.56 GiB for SD1.5's or SDXL's UNet) and, after the backward, a
+  float32 copy of both rows where they are not float32 already (8T under bf16 autocast), while the rows are whole;
 * frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
   device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
 * activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
@@ -71,6 +73,7 @@ from ...families import ModelFamily, family_for_pipeline, registered_families
 from ...families.loading import resolve_model_name
 from . import pieces as one_pass_pieces
 from .models import KNOWN_MODELS, KnownModel
+from .update_search import update_search_bytes
 
 __all__ = [
     "GIB",
@@ -152,6 +155,10 @@ class RunShape:
     latent_cache: bool = False
     offload_frozen: bool = False  # offload_frozen_modules: one layer of the frozen parts at a time on the device
     safeguard: str = "output"  # none, output, one_pass (parameter/update, one pass), two_pass
+    # safeguard_space "update": its search's workspace and copies (.update_search) beside the one_pass or two_pass
+    # rows; weight_decay: whether the optimizer decays the weights (the search then copies them too)
+    update_space: bool = False
+    weight_decay: bool = False
     # not in the peak, read by the advice (.advice): the rank --use_peft trains, and the micro-batches accumulated
     # (fewer pairs per micro-batch keep the pairs per step with more of them)
     lora_r: int = 16
@@ -554,6 +561,14 @@ class MetaCounts:
     def linear_weights(self) -> tuple[int, int]:
         return _linear_weights(self.denoiser)
 
+    def largest_tensor(self) -> int:
+        """The elements of the denoiser's largest tensor (the update space's search reads it as one run)."""
+        return max((p.numel() for p in self.denoiser.parameters()), default=0)
+
+    def largest_lora_tensor(self, rank: int, targets: tuple[str, ...]) -> int:
+        """The elements of the largest LoRA matrix on ``targets`` at ``rank``: r x the widest in or out width."""
+        return rank * _lora_widest(self.denoiser, targets)
+
     def factored_state_bytes(self) -> int:
         """Adafactor's state under full tuning: float32 rows and columns of each matrix, a vector's own size."""
         return sum(
@@ -584,6 +599,19 @@ def _lora_parameters(denoiser: torch.nn.Module, rank: int, targets: tuple[str, .
     return count
 
 
+def _lora_widest(denoiser: torch.nn.Module, targets: tuple[str, ...]) -> int:
+    """The widest in or out width of the linear layers LoRA on ``targets`` adapts (peft's matching, as
+    :func:`_lora_parameters`)."""
+    return max(
+        (
+            max(module.in_features, module.out_features)
+            for name, module in denoiser.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+        ),
+        default=0,
+    )
+
+
 def _linear_weights(denoiser: torch.nn.Module) -> tuple[int, int]:
     """(linear weight values, their output rows): what a weight-only quantization converts."""
     values = rows = 0
@@ -609,15 +637,6 @@ def _optimizer_bytes(optim: str, counts: MetaCounts, trained: int, lora: bool) -
     if name.startswith("sgd"):
         return 0
     return OPTIMIZER_BYTES["adamw"] * trained
-
-
-def _one_pass_bytes(trained: int, row: int, activations: int, after: int) -> int:
-    """What the one pass's rows (two rows of ``row`` bytes over ``trained`` weights, in pieces:
-    safeguards/gradients/one_pass.py) add to the sum of the other terms: two pieces' rows at the activations' peak
-    (the backward takes a piece's memory when it reaches it), or ``after`` (what it holds beyond the other terms once
-    the backward has ended) less the activations, which are gone then, whichever is larger."""
-    pieces = one_pass_pieces.piece_count(trained)
-    return max(2 * -(-row // pieces), after - activations)
 
 
 def _one_pass_after(trained: int, row: int, gradients: int, replaces_gradients: bool) -> int:
@@ -668,17 +687,40 @@ def estimate_memory(
     cast = d * trained // shard_weights if (not lora and d == 2 and not deepspeed) else 0
     optimizer = _optimizer_bytes(shape.optim, counts, trained, lora) // shard_states
     activations, how = activation_bytes(sizes, shape, activations_memo)
+    pieces = one_pass_pieces.piece_count(trained)
     if not deepspeed and stage == 0:  # rows in the products' dtype (d under autocast); the combination is .grad
-        row = d * trained
+        row_bytes, row = d, d * trained
+        combination = -(-gradients // pieces)
         after = _one_pass_after(trained, row, gradients, replaces_gradients=True)
     elif deepspeed and stage < 3:  # rows in d; the engine's gradient buffers beside them
-        row = d * trained // shard_grads
+        row_bytes, row = d, d * trained // shard_grads
+        combination = -(-row // pieces)
         after = _one_pass_after(trained, row, row, replaces_gradients=False)
     else:  # FSDP2, ZeRO-3: the shards' float32 rows (the reduce-scatter sums in float32)
-        row = 4 * trained // shard_grads
+        row_bytes, row = 4, 4 * trained // shard_grads
+        combination = -(-row // pieces)
         after = _one_pass_after(trained, row, row, replaces_gradients=False)
-    one_pass = _one_pass_bytes(trained, row, activations, after)
-    safeguard = {"one_pass": one_pass, "two_pass": 4 * trained // shard_grads}.get(shape.safeguard, 0)
+    at_peak = 2 * -(-row // pieces)  # the one pass: two pieces' rows beside the activations
+    if shape.safeguard == "two_pass":  # one more float32 gradient, held through the step; no combination's piece
+        at_peak = after = 4 * trained // shard_grads
+        combination = 0
+    if shape.update_space and shape.safeguard in ("one_pass", "two_pass"):
+        largest = counts.largest_lora_tensor(shape.lora_rank, shape.lora_targets) if lora else counts.largest_tensor()
+        search = update_search_bytes(
+            trained,
+            largest,
+            engine=shape.engine,
+            num_processes=n,
+            rows_bytes=row_bytes,
+            per_branch=shape.safeguard == "two_pass",
+            adam="sgd" not in shape.optim.lower(),
+            weight_decay=shape.weight_decay,
+        )
+        # its workspace is kept through the step; its copies exist after the backward (the activations gone), while
+        # the rows are whole, and are given back before the combination's piece is formed
+        at_peak += search.kept
+        after += search.kept + max(0, search.during - combination)
+    safeguard = max(at_peak, after - activations) if shape.safeguard in ("one_pass", "two_pass") else 0
     frozen = 0
     if not (shape.latent_cache or shape.offload_frozen):
         frozen = sum((4 if name == "vae" and sizes.vae_fp32 else d) * count for name, count in sizes.frozen.items())
