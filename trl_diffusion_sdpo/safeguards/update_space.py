@@ -48,8 +48,11 @@ into a workspace kept across steps, the run's moments copied into it by one fore
 segment is one run), the gradients read where they lie (the one pass's buffer rows; read in the backward's units,
 with ``unscale`` folded into the scalars). Adam's bias corrections come from each weight's step count where it lies
 (on the device for the fused optimizer), as per-weight scales of ``D``, never read on the host. A step's operations
-grow with the number of runs, not with the number of weights. SGD's update is affine in the gradient: its ``D``
-follows from four sums formed once, and a pass costs a few operations on scalars.
+grow with the number of runs, not with the number of weights. Where :data:`KERNELS` names a compiler for the device
+(CUDA: inductor), Adam's share of a run is instead one compiled kernel for all of the pass's ``lambda``
+(:func:`adam_run_share`, :class:`CompiledShare`): its elementwise work never reaches memory, and the same graphs serve
+every step, eager or compiled; where it cannot compile, the pieces run in its place. SGD's update is affine in the
+gradient: its ``D`` follows from four sums formed once, and a pass costs a few operations on scalars.
 
 On sharded weights (FSDP2) each process holds a shard of every tensor, and every sum above is a sum over
 elements: :class:`OptimizerUpdate` works on the local shards and adds up, through ``reduce_sum``, the clip
@@ -65,6 +68,7 @@ are block-quantized) when the config is made (:mod:`~trl_diffusion_sdpo.config.r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,14 +93,19 @@ from .update_runs import (
 
 __all__ = [
     "GRID_POINTS",
+    "KERNELS",
     "RESOLUTION",
     "SUPPORTED_OPTIMIZERS",
+    "CompiledShare",
     "OptimizerUpdate",
     "UpdateSpace",
     "UpdateSpaceRule",
+    "adam_run_share",
     "unwrap_optimizer",
     "update_space_lambda",
 ]
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_OPTIMIZERS = "torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD"
 
@@ -136,9 +145,19 @@ def check_optimizer(optimizer) -> torch.optim.Optimizer:
 #: copied once per pass) stays bounded.
 CPU_CHUNK, DEVICE_CHUNK = 1 << 20, 1 << 23
 #: A pass's temporaries take ``3 x lambdas x piece`` elements: a run is read in pieces of at most ``work / lambdas``
-#: elements, so that the workspace stays within ``3 x work`` elements (CPU: 9 lambdas over a whole run; accelerator:
-#: 3), whatever the number of ``lambda`` per pass and the size of the largest weight.
-CPU_WORK, DEVICE_WORK = 9 * CPU_CHUNK, 3 * DEVICE_CHUNK
+#: elements, so that the workspace stays within ``3 x work`` elements, whatever the number of ``lambda`` per pass and
+#: the size of the largest weight. On a CPU a piece of 9 lambdas is 32K elements, so that a pass's temporaries stay in
+#: the core's cache between its operations (a run's 1M elements at a time streamed each of them through memory: the
+#: rule took 495 ms against 326 ms on SD1.5's structure at small widths,
+#: ``benchmarks/results/update-space/cpu-update-search-pieces-sd15-structure.json``); an accelerator reads 3 lambdas
+#: over a whole run at a time, where it runs the pieces (:data:`KERNELS`).
+CPU_WORK, DEVICE_WORK = 9 * (1 << 15), 3 * DEVICE_CHUNK
+#: Where Adam's share of ``D`` is one compiled kernel per run (:class:`CompiledShare`), by device type: the
+#: ``torch.compile`` backend that fuses it (a pass's elementwise work then never leaves the kernel: on an H200 about
+#: 3 ms a ``lambda`` at SD1.5's 860M weights against 25 ms eager, ``benchmarks/speed/update_search_fused.py``);
+#: elsewhere the eager pieces, ``"pieces"`` (on a CPU, compiling takes about 20 s a process and its kernel ran no
+#: faster than the pieces). ``OptimizerUpdate(kernel=...)`` chooses otherwise.
+KERNELS: dict[str, str] = {"cuda": "inductor"}
 
 _SGD_SUMS = ("ww", "wh", "wp", "wb")  # SGD's closed form: <g_w, g_w>, <g_w, h_l>, <g_w, theta>, <g_w, b>
 
@@ -152,6 +171,8 @@ class _Segment:
     hyper: dict
     runs: list[Run]
     sums: dict[str, torch.Tensor]
+    #: the compiled kernel's numbers as a device tensor (:func:`adam_run_share`), made at its first pass
+    constants: torch.Tensor | None = None
 
 
 def _run_scales(scales, start: int, weights: int):
@@ -167,6 +188,71 @@ def _run_scales(scales, start: int, weights: int):
 def _sum_dtype(device: torch.device) -> torch.dtype:
     """What ``D`` and the sums are accumulated in: float64, where the device has it (MPS has not: float32)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def adam_run_share(
+    st: torch.Tensor,
+    rows: torch.Tensor,
+    first: torch.Tensor | None,
+    second: torch.Tensor | None,
+    param: torch.Tensor | None,
+    eps: torch.Tensor,
+    weights: torch.Tensor,
+    constants: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A run's Adam share of ``D`` for every row ``[s, t]`` of ``st`` (``[lambdas, 2]``), as one expression a compiler
+    fuses into one reduction over the run (:meth:`OptimizerUpdate._adam` states it; its eager pieces compute the same):
+    ``sum_i weights_i (G_i + c1 m_i) / (sqrt(v_i + G_i^2 / c2) + eps_i)`` with ``G = s g_w + t h_l + l2 theta``
+    (``rows = [g_w; h_l]``; no state, ``first is None``: ``G / (|G| + eps)``), summed in ``dtype``: ``[lambdas]``.
+    ``constants`` is ``[c1, 1 / c2, l2]`` and ``eps`` a tensor, on the device: a number would enter a graph compiled
+    for every size as an input read back on the host."""
+    grad = st[:, 0:1] * rows[0] + st[:, 1:2] * rows[1]
+    if param is not None:
+        grad = grad + constants[2] * param
+    if first is None:
+        ratio = grad / (grad.abs() + eps)
+    else:
+        ratio = (grad + constants[0] * first) / (torch.sqrt(second + grad * grad * constants[1]) + eps)
+    return (ratio * weights).sum(-1, dtype=dtype)
+
+
+class CompiledShare:
+    """:func:`adam_run_share` compiled by ``torch.compile`` with ``backend``, one graph for runs of every size
+    (``dynamic=True``; a graph per kind of run: with or without state, weight decay, per-element ``eps``). Where
+    compiling or running the kernel raises, it says why once and answers ``None`` from then on: the caller runs the
+    eager pieces instead. One per backend (:meth:`of`), so that its graphs serve every step."""
+
+    _by_backend: dict[str | Callable, CompiledShare] = {}
+
+    def __init__(self, backend: str | Callable) -> None:
+        self.backend = backend
+        self.function = torch.compile(adam_run_share, backend=backend, dynamic=True, fullgraph=True)
+        #: why the kernel is not used (``None`` while it is)
+        self.failure: str | None = None
+
+    @classmethod
+    def of(cls, backend: str | Callable) -> CompiledShare:
+        if backend not in cls._by_backend:
+            cls._by_backend[backend] = cls(backend)
+        return cls._by_backend[backend]
+
+    def __call__(self, *args) -> torch.Tensor | None:
+        if self.failure is not None:
+            return None
+        try:
+            return self.function(*args)
+        except Exception as error:  # noqa: BLE001 - any failure to compile: the eager pieces compute the same
+            # the compiler's own error, not dynamo's wrapper of it (BackendCompilerFailed keeps it apart)
+            while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+                error = inner
+            self.failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            logger.warning(
+                "The update space's search runs its eager passes: compiling its kernel (backend %s) failed: %s",
+                getattr(self.backend, "__name__", self.backend),
+                self.failure,
+            )
+            return None
 
 
 class OptimizerUpdate:
@@ -190,6 +276,9 @@ class OptimizerUpdate:
             e.g. an all-reduce): the inputs are then each process's shards, and every sum formed from them is added
             up (see the module docstring). ``None``: the weights are whole here, nothing is reduced.
         workspace: the buffers a pass works in, kept across steps by the caller (a fresh one where not given).
+        kernel: how Adam's share of ``D`` is evaluated: ``"pieces"`` (eager, a few batched operations per piece of a
+            run), or a ``torch.compile`` backend (one compiled kernel per run, :class:`CompiledShare`, falling back to
+            the pieces where it cannot compile); ``None``: :data:`KERNELS`'s for the gradients' device.
     """
 
     def __init__(
@@ -202,6 +291,7 @@ class OptimizerUpdate:
         unscale: torch.Tensor | float = 1.0,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
         workspace: UpdateWorkspace | None = None,
+        kernel: str | Callable | None = None,
     ) -> None:
         self.optimizer = check_optimizer(optimizer)
         self.reduce_sum = reduce_sum
@@ -215,6 +305,8 @@ class OptimizerUpdate:
         device = winner[0].device if winner else torch.device("cpu")
         self.dtype = torch.promote_types(winner[0].dtype, torch.float32) if winner else torch.float32
         self.sum_dtype = _sum_dtype(device)
+        kernel = KERNELS.get(device.type, "pieces") if kernel is None else kernel
+        self.kernel = None if kernel == "pieces" or not self.adam else CompiledShare.of(kernel)
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         states = [self.optimizer.state.get(p, {}) for p in parameters]
         keys, by_key = [], {}
@@ -418,8 +510,7 @@ class OptimizerUpdate:
         st = torch.stack([s, t], 1).to(self.dtype)  # [lambdas, 2]
         count = st.shape[0]
         piece = min(self._largest, max(self._work // count, 1))  # a run's elements per operation
-        work = self.workspace.flat("work", ((3, count * piece),), self.dtype, self.device)[1][0]
-        shares = [share for segment in self.segments for share in self._adam(segment, st, work, piece)]
+        shares = [share for segment in self.segments for share in self._adam(segment, st, piece)]
         total = shares[0] if len(shares) == 1 else torch.stack(shares).sum(0)
         if self.reduce_sum is not None:  # this process's share of the elementwise sums, added up over processes
             total = self.reduce_sum(total)
@@ -446,7 +537,7 @@ class OptimizerUpdate:
         scales = torch.stack([inverse_kappa * eps, inverse_kappa * (lr * (1 - beta1)) / (1 - torch.pow(beta1, step))])
         return scales.to(self.dtype)
 
-    def _adam(self, segment: _Segment, st: torch.Tensor, work: torch.Tensor, piece: int) -> list[torch.Tensor]:
+    def _adam(self, segment: _Segment, st: torch.Tensor, piece: int) -> list[torch.Tensor]:
         """Adam's share of ``D`` per run, ``D = unscale * sum(shares) + decay``: torch's
         ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each run costs a few operations over
         ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``; ``[s, t]`` the rows of ``st``, times
@@ -456,7 +547,8 @@ class OptimizerUpdate:
         ``kappa = sqrt((1 - beta2) c2 / bc2)``:
         ``D = lr (1 - beta1) / (bc1 kappa) <g_w, (G + c1 m) / (sqrt(v + G^2 / c2) + eps / kappa)>``, the per-weight
         ``eps / kappa`` and ``lr (1 - beta1) / (bc1 kappa)`` from each weight's step count (:meth:`_adam_scales`).
-        A run is read in pieces of ``piece`` elements (the workspace holds ``3 x lambdas x piece``)."""
+        A run is read in pieces of ``piece`` elements (the workspace holds ``3 x lambdas x piece``), or whole by the
+        compiled kernel (:func:`adam_run_share`; no workspace)."""
         hyper = segment.hyper
         beta1, beta2 = hyper["beta1"], hyper["beta2"]
         c1, c2 = beta1 / (1 - beta1), (beta2 / (1 - beta2) if hyper["has_state"] else 1.0)
@@ -467,6 +559,18 @@ class OptimizerUpdate:
             first = self._read("first", run) if run.first is not None else None
             second = self._read("second", run) if run.first is not None else None
             param = self._read("param", run) if hyper["l2"] != 0 else None
+            if self.kernel is not None:  # the whole run in one kernel: no piece, no temporaries in memory
+                if segment.constants is None:  # [c1, 1 / c2, l2, eps] on the device, once per segment and step
+                    numbers = [c1, 1 / c2, hyper["l2"], hyper["eps"]]
+                    segment.constants = to_device(torch.tensor(numbers, dtype=self.dtype), self.device)
+                eps = eps if torch.is_tensor(eps) else segment.constants[3]  # the first step's eps: a number
+                share = self.kernel(
+                    st, run.rows, first, second, param, eps, weights, segment.constants, self.sum_dtype
+                )
+                if share is not None:
+                    shares.append(share if factor is None else share * factor)
+                    continue
+            work = self.workspace.flat("work", ((3, count * piece),), self.dtype, self.device)[1][0]
             for a in range(0, run.numel, piece):
                 b = min(a + piece, run.numel)
                 whole = a == 0 and b == run.numel  # one piece: the run's tensors as they are (no slicing)
