@@ -44,7 +44,7 @@ from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .callbacks.state_files import StatesPart
 from .config import DiffusionSDPOConfig, check_config
-from .config.defaults import machine_choices, resolved_config
+from .config.defaults import resolved_config
 from .config.trl_habits import refuse_trainer_arguments
 from .data.columns import prompt_column
 from .data.training_data import eval_collator_for, prepare_training_data
@@ -63,7 +63,6 @@ from .families.preparation import (
     wants_gradient_checkpointing,
 )
 from .io.checkpoints import is_marked_complete
-from .io.console import on_terminal
 from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
 from .io.trackers import CONSOLE_CALLBACKS, TrackerCallback, is_tracker, tracker_in
@@ -268,13 +267,15 @@ class DiffusionSDPOTrainer(Trainer):
         )
         check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
         # The defaults left unset (learning_rate, beta, safeguard_mu) resolved for this family, objective, tuning and
-        # base model, once, and what depends on the machine and the output (data workers, non-blocking copies, a
-        # progress bar or a line per log) chosen for the device: on this run's copy, the caller's config stays as
-        # given (config.defaults). The start summary prints each with its source.
+        # base model, once: on this run's copy, the caller's config stays as given (config.defaults). The start
+        # summary prints each with its source. Nothing is chosen for the machine here: the same config is the same run.
         args, self.resolved_defaults = resolved_config(
             args, self.family, self.base_model_name, lora=peft_config is not None
         )
-        args, self.machine_choices = machine_choices(args, device_type=args.device.type, terminal=on_terminal())
+        #: what the command line chose for this machine and output where the config left it unset (data workers,
+        #: non-blocking copies, a line per log: ``config.defaults.machine_choices``), printed in the start summary;
+        #: empty from Python
+        self.machine_choices: dict[str, Any] = {}
         #: the KL-regularisation strength the objective uses (TRL's ``DPOTrainer.beta``)
         self.beta: float = args.beta
         # DDPM for the UNet families, flow matching for the transformers; its config fields checked.

@@ -67,10 +67,12 @@ def test_a_third_config_class_gets_its_own_decisions_through_the_trainer(make_pi
     resolved = {name: value.value for name, value in trainer.resolved_defaults.items()}
     assert resolved == {"learning_rate": 3.5e-5, "beta": 1234.0, "safeguard_space": "none", "safeguard_mu": 0.7}
     assert (trainer.args.beta, trainer.args.learning_rate, trainer.args.safeguard_mu) == (1234.0, 3.5e-5, 0.7)
-    # the data loading the trainer chose for this machine
-    workers = trainer.machine_choices["dataloader_num_workers"]
-    assert trainer.args.dataloader_num_workers == 3 and workers.value == 3
-    assert ", third, " in workers.source
+    # the data loading is the command line's choice for the machine, from the config's own table; the trainer keeps
+    # the config's value
+    assert trainer.args.dataloader_num_workers == config.dataloader_num_workers == 0 and trainer.machine_choices == {}
+    chosen, choices = machine_choices(config, device_type="cpu", terminal=True, cpus=32, processes=1)
+    assert chosen.dataloader_num_workers == 3 and choices["dataloader_num_workers"].value == 3
+    assert ", third, " in choices["dataloader_num_workers"].source
     # the safeguard the alarm switches to, built when the trainer is, and the remedies it names
     dormant = health.switched_config(trainer.args)
     assert (dormant.safeguard_space, dormant.safeguard_mu) == ("output", 0.8)

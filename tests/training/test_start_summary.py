@@ -93,12 +93,11 @@ def test_the_default_rate_is_the_rate_trained_at_and_in_the_lora_range(make_trai
     assert warnings == []
 
 
-def test_the_summary_states_the_data_loading_chosen_for_the_machine(make_trainer, caplog):
+def test_a_python_runs_summary_states_no_choice_for_the_machine(make_trainer, caplog):
+    """A trainer built from Python chooses nothing for the machine (the command line does, and its summary says so:
+    tests/training/test_machine_choices.py)."""
     _, info, _ = train_and_capture(make_trainer, caplog, max_steps=1, dataloader_num_workers=None)
-    assert "dataloader_num_workers=0 (this machine: cpu, offline," in info[0]
-    assert "non_blocking=False (this machine: cpu, offline," in info[0]
-    _, info, _ = train_and_capture(make_trainer, caplog, max_steps=1, dataloader_num_workers=0)
-    assert "dataloader_num_workers=0 (as given)" in info[-1]
+    assert "this machine" not in info[0] and "dataloader_num_workers=" not in info[0]
 
 
 @pytest.mark.parametrize(

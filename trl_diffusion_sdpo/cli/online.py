@@ -23,7 +23,7 @@ from ..online.trainer import OnlineDiffusionSDPOTrainer
 from .console import log_to_console
 from .model_loading import build_pipeline, peft_config_for
 from .online_options import ARGUMENT_TYPES, DESCRIPTION, EPILOG, OnlinePromptArguments, online_topics, parse_args
-from .train import refuse_earlier_run, stopped_or, train_save_and_push
+from .train import for_this_machine, refuse_earlier_run, stopped_or, train_save_and_push
 from .train_options import DiffusionScriptArguments, check_supported_model
 
 # The options' names are this module's too (the command's Python entry points import them here).
@@ -87,6 +87,7 @@ def train_online(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConf
     probe_prompts = None
     if prompt_args.probe_prompts:
         probe_prompts = load_prompt_dataset(prompt_args, prompt_args.prompt_column, prompt_args.probe_prompts)
+    training_args, machine = for_this_machine(training_args)
     trainer = OnlineDiffusionSDPOTrainer(
         pipeline,
         None,
@@ -96,4 +97,5 @@ def train_online(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConf
         peft_config=peft_config,
         callbacks=[*prompt_args.validation_callbacks(), PreemptionCallback()],  # a checkpoint, then exit 75 / 130
     )
+    trainer.machine_choices = machine  # the start summary prints them
     return train_save_and_push(trainer, prompt_args.prompts, prompt_args.overwrite)

@@ -19,7 +19,9 @@ from transformers import TrainerCallback
 
 from ..callbacks.guards import configure_early_stopping, early_stopping
 from ..callbacks.interruptions import TRAINING_STOPS, PreemptionCallback
+from ..config.defaults import machine_choices
 from ..data.sharded_cache import load_sharded_latent_cache
+from ..io.console import on_terminal
 from ..io.run_files import check_new_run_folder
 from ..trainer import DiffusionSDPOTrainer
 from .console import log_to_console
@@ -57,6 +59,7 @@ __all__ = [
     "check_supported",
     "check_supported_model",
     "early_stopping_split",
+    "for_this_machine",
     "load_split",
     "load_train_split",
     "main",
@@ -131,6 +134,7 @@ def train(arguments: TrainArguments):
         eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
+    training_args, machine = for_this_machine(training_args)
     trainer = DiffusionSDPOTrainer(
         pipeline,
         None,
@@ -144,7 +148,16 @@ def train(arguments: TrainArguments):
             PreemptionCallback(),  # SIGTERM, SIGUSR1, Ctrl-C: a checkpoint, then exit 75 / 130
         ],
     )
+    trainer.machine_choices = machine  # the start summary prints them
     return train_save_and_push(trainer, script_args.dataset_name, diffusion_args.overwrite)
+
+
+def for_this_machine(training_args: Any) -> tuple[Any, dict[str, Any]]:
+    """A copy of ``training_args`` with what the command line chooses for this machine and output where the config
+    leaves it unset (:func:`~..config.defaults.machine_choices`: data workers and non-blocking copies where a GPU
+    trains, a line per log off a terminal), and each choice with its reason for the start summary. A Python run
+    keeps the config's values, whatever the machine."""
+    return machine_choices(training_args, device_type=training_args.device.type, terminal=on_terminal())
 
 
 def refuse_earlier_run(training_args: Any, overwrite: bool) -> None:

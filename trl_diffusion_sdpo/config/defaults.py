@@ -332,8 +332,9 @@ def recommended_learning_rate(family: Any, lora: bool) -> LearningRateRange | No
 
 #: data-loading worker processes where a GPU runs an offline step (at most the CPU cores each process has)
 DATA_WORKERS = 4
-#: the ``TrainingArguments`` fields whose choice depends on the machine or the output, taken by the trainer's copy of
-#: the config where the caller left them unset (:func:`machine_choices`); the config itself holds transformers' values
+#: the ``TrainingArguments`` fields whose choice depends on the machine or the output, made by the command line on its
+#: copy of the config where the caller left them unset (:func:`machine_choices`); the config itself, and so a run
+#: built from Python, holds transformers' values whatever the machine
 MACHINE_FIELDS = ("dataloader_num_workers", "accelerator_config", "disable_tqdm")
 #: the scope of a choice made for the machine and the output (:func:`machine_choices`)
 MACHINE = "this machine"
@@ -354,11 +355,11 @@ def data_loading_defaults(*, cuda: bool, cpus: int, processes: int = 1) -> dict[
 def data_loading_sentence() -> str:
     """The data-loading defaults in one sentence (the config's docs and ``--help`` read it)."""
     return (
-        "Unset (`None`): the trainer chooses once it knows the device, and the start summary prints the choice: "
-        f"where a GPU runs an offline step {DATA_WORKERS} workers (at most the CPU cores per process), so the next "
-        "batches are read, decoded and collated while the GPU trains, and with `accelerator_config` unset the pinned "
-        "batches are copied to the GPU without waiting (`non_blocking`); on the CPU and online, 0 workers. The "
-        "config itself holds 0 whatever the machine."
+        "Unset (`None`): 0, transformers' default, whatever the machine (the same config is the same run); the "
+        "command line chooses for the machine and its start summary prints the choice: where a GPU runs an offline "
+        f"step {DATA_WORKERS} workers (at most the CPU cores per process), so the next batches are read, decoded and "
+        "collated while the GPU trains, and with `accelerator_config` unset the pinned batches are copied to the GPU "
+        "without waiting (`non_blocking`); on the CPU and online, 0 workers."
     )
 
 
@@ -373,7 +374,8 @@ def machine_choices(
 ) -> tuple[Any, dict[str, ResolvedDefault]]:
     """A copy of ``config`` with the choices that depend on the machine and the output made where the caller left
     them unset (:data:`MACHINE_FIELDS`; the caller's config stays as given), and each choice with its reason for the
-    start summary.
+    start summary. The command line calls it (``cli.train.for_this_machine``); the trainer never does, so a config
+    means the same run on every machine.
 
     ``device_type`` is the type of the device the run trains on (``"cuda"``, ``"cpu"``, ...), ``terminal`` whether
     stderr is a terminal or a notebook. The data loading is the config's own choice (its ``data_loading_defaults``:

@@ -504,8 +504,8 @@ class DiffusionSDPOConfig(TrainingArguments):
             resolved = resolve_defaults(self)["safeguard_space"]
             self.safeguard_space = resolved.value
             self.defaulted["safeguard_space"] = resolved
-        # What depends on the machine or the output is left to the trainer (config.defaults.machine_choices): the
-        # config holds transformers' values whatever the machine, and remembers which ones the caller left unset.
+        # What depends on the machine or the output is chosen by the command line (config.defaults.machine_choices):
+        # the config holds transformers' values whatever the machine, and remembers which ones the caller left unset.
         unset = [name for name in MACHINE_FIELDS if getattr(self, name) is None]
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = 0
@@ -523,8 +523,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         tracker = tracker_problem(self.report_to)
         if tracker is not None:
             raise ValueError(tracker)
-        #: the fields of ``MACHINE_FIELDS`` the caller left unset, with the value transformers gave them: the trainer
-        #: chooses for its own copy while a field still holds it
+        #: the fields of ``MACHINE_FIELDS`` the caller left unset, with the value transformers gave them: the command
+        #: line chooses for its copy while a field still holds it
         self.left_unset: dict[str, Any] = {name: copy.copy(getattr(self, name)) for name in unset}
 
     @property

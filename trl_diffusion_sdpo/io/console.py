@@ -1,9 +1,9 @@
 """Whether the package's output goes to a terminal: the trainer's own progress bar and the command line's
 (:mod:`trl_diffusion_sdpo.cli.console`) decide from it.
 
-Nothing here changes a setting of another library. The trainer decides for its own progress bar only: off a
-terminal, with ``disable_tqdm`` left unset, each log is a line of its own (transformers' ``PrinterCallback``;
-``config.defaults.machine_choices``).
+Nothing here changes a setting of another library. The command line decides for the trainer's progress bar only: off
+a terminal, with ``disable_tqdm`` left unset, each log is a line of its own (transformers' ``PrinterCallback``;
+``config.defaults.machine_choices``); a run built from Python keeps the config's ``disable_tqdm``.
 """
 
 from __future__ import annotations
