@@ -5,17 +5,20 @@
 Stages, in the order a save reaches them: ``weights`` (after the weights file), ``weights_partial`` (the weights
 file cut to half its length, as a kill during its write leaves it), ``optimizer`` (after the optimizer's state),
 ``optimizer_partial`` (``optimizer.pt`` cut, after the scheduler, scaler and RNG states), ``rng`` (after the RNG
-state), ``trainer_state`` (after ``trainer_state.json``), ``rewind_snapshot`` (in a run with the held-out probe and
-``on_pathology="rewind"``, :func:`build_rewind_trainer`: after the weights and transformers' files, before the rewind's
-snapshot), ``before_rename`` (the manifest written, not yet renamed into place), ``after_rename`` (marked complete,
-before rotation) and ``rotation`` (while an old checkpoint is being deleted). :func:`build_trainer` is shared with
-the test, so the resumed run in the test is the same run.
+state), ``trainer_state`` (after ``trainer_state.json``), ``rotation`` (while transformers' rotation, inside its save,
+deletes the previous checkpoint, the run's only complete one with ``--save-total-limit 1``: part of its files gone),
+``rewind_snapshot`` (in a run with the held-out probe and ``on_pathology="rewind"``, :func:`build_rewind_trainer`:
+after the weights and transformers' files, before the rewind's snapshot), ``before_rename`` (the manifest written,
+not yet renamed into place) and ``after_rename`` (marked complete, before what was set aside for the save is
+deleted). :func:`build_trainer` is shared with the test, so the resumed run in the test is the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import signal
 import sys
 
@@ -37,18 +40,19 @@ STAGES = [
     "optimizer_partial",
     "rng",
     "trainer_state",
+    "rotation",
     "rewind_snapshot",
     "before_rename",
     "after_rename",
-    "rotation",
 ]
 MAX_STEPS = 4
 
 
 def build_trainer(
-    output_dir: str, tokenizer_dir: str, max_steps: int = MAX_STEPS, peft_config=None, **overrides
+    output_dir: str, tokenizer_dir: str, max_steps: int = MAX_STEPS, peft_config=None, callbacks=None, **overrides
 ) -> DiffusionSDPOTrainer:
-    """The run; ``overrides`` replace config fields, ``peft_config`` the LoRA config (``lora_config()``)."""
+    """The run; ``overrides`` replace config fields, ``peft_config`` the LoRA config (``lora_config()``),
+    ``callbacks`` the trainer's ``callbacks=``."""
     settings = dict(
         output_dir=output_dir,
         resolution=32,
@@ -76,6 +80,7 @@ def build_trainer(
         args=args,
         train_dataset=Dataset.from_list(pickapic_rows(6)),
         peft_config=peft_config if peft_config is not None else lora_config(),
+        callbacks=callbacks,
     )
 
 
@@ -155,26 +160,34 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
                 _die()
 
         TrainerState.save_to_json = save_to_json
-    elif stage in ("before_rename", "rotation"):
+    elif stage == "rotation":
+        original_rmtree = shutil.rmtree
+
+        def rmtree(path, *args, **kwargs):  # transformers' rotation deletes a checkpoint-N in place
+            if at_step() and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(str(path)))):
+                os.remove(os.path.join(path, "pytorch_lora_weights.safetensors"))
+                _die()  # part of it deleted
+            original_rmtree(path, *args, **kwargs)
+
+        shutil.rmtree = rmtree
+    elif stage == "before_rename":
         original_rename = os.rename
 
         def rename(src, dst, *args, **kwargs):
-            if at_step() and stage == "before_rename" and ".tmp-" in str(src):
+            if at_step() and ".tmp-" in str(src):
                 _die()
             original_rename(src, dst, *args, **kwargs)
-            if at_step() and stage == "rotation" and os.path.basename(str(dst)).startswith(".trash-"):
-                _die()  # renamed out of sight, not yet deleted
 
         checkpoint_writing.os.rename = rename
     elif stage == "after_rename":
-        original_rotate = checkpoint_writing.rotate_checkpoints
+        original_drop = checkpoint_writing.drop_replaced
 
-        def rotate(*args, **kwargs):
+        def drop_replaced(*args, **kwargs):
             if at_step():
-                _die()
-            original_rotate(*args, **kwargs)
+                _die()  # marked complete, what was set aside for the save still there
+            original_drop(*args, **kwargs)
 
-        checkpoint_writing.rotate_checkpoints = rotate
+        checkpoint_writing.drop_replaced = drop_replaced
     else:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
 
@@ -186,9 +199,12 @@ def main() -> None:
     parser.add_argument("--kill-step", type=int, required=True)
     parser.add_argument("--kill-stage", choices=STAGES, required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--save-total-limit", type=int, default=2)
     options = parser.parse_args()
-    build = build_rewind_trainer if options.kill_stage == "rewind_snapshot" else build_trainer
-    trainer = build(options.output_dir, options.tokenizer_dir)
+    if options.kill_stage == "rewind_snapshot":
+        trainer = build_rewind_trainer(options.output_dir, options.tokenizer_dir)
+    else:
+        trainer = build_trainer(options.output_dir, options.tokenizer_dir, save_total_limit=options.save_total_limit)
     install_kill(trainer, options.kill_step, options.kill_stage)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     print("finished without being killed")

@@ -62,7 +62,6 @@ from .families.preparation import (
     training_arguments,
     wants_gradient_checkpointing,
 )
-from .io.checkpoints import is_marked_complete
 from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
 from .io.trackers import CONSOLE_CALLBACKS, TrackerCallback, is_tracker, tracker_in
@@ -249,7 +248,6 @@ class DiffusionSDPOTrainer(Trainer):
         given_ema, given_probe = _given_run_control(callbacks or [], args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
-        self.loss_since_log: torch.Tensor | None = None  # the training losses summed since the last log
         self._unwrap_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _unwrapped
         # Seeded before LoRA adapters are initialised, so their random init is the same on every run.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
@@ -291,9 +289,6 @@ class DiffusionSDPOTrainer(Trainer):
         # The data, validated before the denoiser is changed; the adapters; then transformers.Trainer with the
         # effective arguments.
         checkpointing = wants_gradient_checkpointing(args)  # training_arguments hands transformers' flag off
-        #: the number of complete checkpoints kept (the config's ``save_total_limit``): the trainer rotates once a
-        #: checkpoint is marked complete, and ``trainer.args.save_total_limit`` is ``None`` (see training_arguments)
-        self.save_total_limit: int | None = args.save_total_limit
         args = training_arguments(args)
         probe_pairs = None  # the probe's held-back pairs, if it runs (its module loads only then)
         if args.probe_steps:
@@ -559,10 +554,8 @@ class DiffusionSDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ files
     # transformers' file hooks, overridden where the run's files differ from transformers' (the state they share, and
-    # the helpers, are trainer.files: io/run_files.py). Four are private, each for want of a public hook:
+    # the helpers, are trainer.files: io/run_files.py). Three are private, each for want of a public hook:
     # - _save_checkpoint: a checkpoint is trusted only once marked complete by a manifest written after every file;
-    # - _push_from_checkpoint: transformers pushes inside its _save_checkpoint, before that mark, and copies files
-    #   named as its own weights (none of ours) beside a pickled training_args.bin;
     # - _load_from_checkpoint, _load_best_model: transformers' loaders read its own and peft's file names, or FSDP's
     #   model copy; the checkpoints hold the weights in diffusers' format only (safetensors that load_lora_weights
     #   reads), loaded into the engine's shards.
@@ -587,11 +580,14 @@ class DiffusionSDPOTrainer(Trainer):
 
         1. before it, a ``checkpoint-<step>`` a killed save of this step left removed, and ``run_identity.json``
            written into it (a folder holding it and no manifest is a save that never finished);
-        2. after it, the checkpoint parts (the rewind's snapshot, the online generations) and the loss sum; once every
+        2. inside it, transformers' Hub push and rotation (``save_total_limit``), as transformers does them; the
+           newest complete checkpoint is hard-linked aside before it, so a rotation that deletes it before the new
+           checkpoint is marked still leaves one to resume from;
+        3. after it, the checkpoint parts (the EMA, the rewind's snapshot, the online generations); once every
            process is done, the engine's unused files removed and ``checkpoint_manifest.json`` (every file's size and
-           SHA-256) written last: it marks the checkpoint complete, and the resume and the rotation trust no other
-           (:mod:`.io.checkpoints`);
-        3. then the Hub push (:meth:`_push_from_checkpoint`) and the rotation (:attr:`save_total_limit`).
+           SHA-256) written last: it marks the checkpoint complete, and the resume trusts no other
+           (:mod:`.io.checkpoints`); what was set aside is deleted. Files callbacks write in ``on_save`` are added to
+           the manifest by the trainer's own ``on_save``, which runs after theirs.
 
         A save failing on the filesystem (a full disk) removes its partial folder and raises
         :class:`.io.checkpoints.CheckpointSaveError` naming the folder and the bytes needed; the complete
@@ -606,19 +602,6 @@ class DiffusionSDPOTrainer(Trainer):
             if failure is None:
                 raise
             raise failure from err
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(folder)
-        self.files.rotate_checkpoints(folder)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push a complete checkpoint (with ``push_to_hub``): its weights copied into the output folder with a model
-        card, uploaded in the background with the checkpoint itself per ``hub_strategy``
-        (:meth:`.io.hub.RunHub.push_checkpoint`), never a pickled ``training_args.bin``.
-
-        transformers calls this inside its ``_save_checkpoint``, before the checkpoint is marked complete: that call
-        pushes nothing, and :meth:`_save_checkpoint` calls it again once the manifest is written."""
-        if is_marked_complete(checkpoint_folder):
-            self.files.hub.push_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """The LoRA adapters or the denoiser of a checkpoint (diffusers' files), loaded into the engine's shards where
@@ -671,15 +654,14 @@ class DiffusionSDPOTrainer(Trainer):
         ``overwrite`` that run's checkpoints are removed), what an interrupted save left finished or removed,
         ``resume_from_checkpoint`` (``True``: the newest complete checkpoint; a path: refused with the reason where it
         is incomplete or damaged) checked against this run's config, its parts loaded, and the preemption signals
-        handled while it runs. A resumed run's ``training_loss`` is the whole run's mean."""
+        handled while it runs. The losses logged and returned are transformers' (after a resume: over the resumed
+        steps)."""
         self.nonfinite.reset()  # what an interrupted train() left in the fused optimizer
         with (
             self.mixed_precision_forward.running(),
             self.files.training(resume_from_checkpoint, overwrite) as checkpoint,
         ):
-            output = super().train(checkpoint, *args, **kwargs)
-        # log_training corrected the logged metrics in place; the returned loss is a copy of the old value
-        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
+            return super().train(checkpoint, *args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         self.nonfinite.optimizer = super().create_optimizer(model)  # the guard drops and skips through it
@@ -694,7 +676,7 @@ class DiffusionSDPOTrainer(Trainer):
         the branches' gradients apart (the parameter and update spaces) wraps that call: its passes' context around
         it (:class:`.step.backward.PassesInStep`, whose loss carries the split backward into Trainer's), its hook
         after it (``lambda``, and ``g_w + lambda * h_l`` written). Around either: the batch stage before, the
-        safeguard's ``mu`` adapting, the non-finite flag, the metrics and the run's loss sum after."""
+        safeguard's ``mu`` adapting, the non-finite flag and the metrics after."""
         inputs, replay = self._batch(self.place_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
@@ -726,11 +708,7 @@ class DiffusionSDPOTrainer(Trainer):
         )
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
-        loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-        # The run's loss sum on the device, which checkpoints record (trainer.files takes it at each log).
-        loss_sum = self.loss_since_log
-        self.loss_since_log = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-        return loss
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
     def _combine(self, branches: Any) -> dict[str, torch.Tensor | None]:
         """The safeguard's hook after the branches' backward: ``lambda``, and ``g_w + lambda * h_l`` written."""
@@ -856,7 +834,6 @@ class DiffusionSDPOTrainer(Trainer):
         mode = "train" if prefix is None else "eval"
         reduced = reduce_logged_metrics(self._metrics[mode], self.metric_names(), self.args, self.accelerator)
         if mode == "train":
-            self.files.log_training(logs)  # the run's loss sum; a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             reduced.update(self.values_in_force())  # the beta and mu the next steps train with
             if "loss" in logs or "train_loss" in logs:  # a step's log or the run's last, not the time's alone

@@ -1,7 +1,10 @@
 """The trainer's saving and training extend transformers.Trainer's through ``super()``: a class between the trainer and
 ``Trainer`` (TRL's ``_BaseTrainer``, a user's mixin) runs inside them, and its files are part of the checkpoint.
 A checkpoint is trusted only once its manifest, written last, marks it complete: a save killed before the mark leaves
-a folder the resume does not take, and the previous complete checkpoint is still there with ``save_total_limit=1``.
+a folder the resume does not take, and, with ``save_total_limit=1``, the previous complete checkpoint that
+transformers' rotation deleted inside the save comes back from the hard links set aside for it. Files callbacks write
+in ``on_save``, before or after the trainer's own callbacks, are in the manifest; transformers pushes each checkpoint
+itself, with the trainer's weights in the output folder it uploads.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def test_a_save_killed_before_its_mark_is_not_trusted_and_the_previous_checkpoin
 ):
     out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
     trainer = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1)
-    assert trainer.save_total_limit == 1 and trainer.args.save_total_limit is None
+    assert trainer.args.save_total_limit == 1  # transformers' own, which rotates inside its save
     original = checkpoint_writing.mark_complete
 
     def mark_complete(folder: str) -> None:
@@ -127,22 +130,23 @@ def test_a_save_killed_before_its_mark_is_not_trusted_and_the_previous_checkpoin
         trainer.train()
     monkeypatch.undo()
     first, second = os.path.join(out, "checkpoint-1"), os.path.join(out, "checkpoint-2")
-    assert checkpoint_problem(first) == ""  # the complete one, kept although save_total_limit=1
+    kept = os.path.join(out, ".replaced-checkpoint-1")
+    assert not os.path.exists(first)  # transformers' rotation deleted it inside the save, before the mark...
+    assert checkpoint_problem(kept) == ""  # ...but its hard links, set aside before the save, are whole
     assert os.path.isfile(os.path.join(second, "trainer_state.json")) and not os.path.exists(
         os.path.join(second, MANIFEST_NAME)
     )
-    assert resolve_resume_checkpoint(True, out) == first
-    with pytest.raises(CheckpointError, match="marked complete") as info:
+    with pytest.raises(CheckpointError, match="marked complete"):
         resolve_resume_checkpoint(second, out)
-    assert first in str(info.value)
 
     resumed = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1)
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         resumed.train(resume_from_checkpoint=True)
     assert f"Removing {second}: its save was interrupted" in caplog.text
+    assert f"Restoring {kept} as {first}" in caplog.text
     assert f"Resuming from {first}" in caplog.text
     assert resumed.state.global_step == 2
-    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # rotated to one, once the new checkpoint-2 was complete
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # rotated to one by transformers; the hard links dropped
     assert checkpoint_problem(second) == ""
 
 
@@ -171,7 +175,9 @@ def test_a_manifest_killed_before_its_rename_is_finished_when_it_checks_out_and_
     assert resolve_resume_checkpoint(True, run) == first
 
 
-def test_a_damaged_checkpoint_with_a_manifest_never_wins_over_the_complete_one_set_aside(complete_run, tmp_path):
+def test_a_damaged_checkpoint_with_a_manifest_never_wins_over_the_complete_one_set_aside_for_it(
+    complete_run, tmp_path
+):
     """A complete checkpoint set aside (``.replaced-checkpoint-N``) while its step was written again, and a
     ``checkpoint-N`` holding a manifest whose bytes no longer match it: the recovery checks the checksums before
     deleting the only copy of that step, and puts the complete one back."""
@@ -207,32 +213,38 @@ def test_a_plain_checkpoint_without_a_manifest_or_run_identity_is_still_resumed_
     assert resolve_resume_checkpoint(True, run) == second
 
 
-def test_each_checkpoint_is_pushed_once_and_only_once_it_is_marked_complete(tmp_path, monkeypatch):
-    """transformers pushes from inside its ``_save_checkpoint``, before the mark: the trainer's push runs after it,
-    so the Hub's copy of every checkpoint holds its manifest."""
+def test_transformers_pushes_each_checkpoint_with_the_trainers_weights_and_card_in_the_output_folder(
+    tmp_path, monkeypatch
+):
+    """The checkpoint push is transformers' own (its ``hub_strategy``, inside its save): the trainer's
+    ``on_push_begin`` puts the checkpoint's LoRA weights and a model card into the output folder it uploads."""
+    import transformers.trainer
+
     import trl_diffusion_sdpo.io.hub as hub
     from tests.helpers.hub import FakeHfApi
 
-    pushed: list[tuple[str, list[str]]] = []
-
-    class RecordingHfApi(FakeHfApi):
-        def upload_folder(self, **kwargs):
-            if kwargs.get("path_in_repo"):  # the checkpoint's own upload, beside the output folder's
-                pushed.append((kwargs["path_in_repo"], sorted(os.listdir(kwargs["folder_path"]))))
-            return super().upload_folder(**kwargs)
-
-    monkeypatch.setattr(hub, "HfApi", RecordingHfApi)
+    FakeHfApi.instances.clear()
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)  # the repo the trainer creates
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHfApi)  # transformers' uploads
+    out = str(tmp_path / "out")
     trainer = build(
         DiffusionSDPOTrainer,
-        str(tmp_path / "out"),
+        out,
         str(tmp_path / "tok"),
         push_to_hub=True,
         hub_strategy="all_checkpoints",
         hub_model_id="someone/tiny",
+        hub_always_push=True,
     )
     trainer.train()
-    assert [name for name, _ in pushed] == ["checkpoint-1", "checkpoint-2"]
-    assert all(MANIFEST_NAME in files and "trainer_state.json" in files for _, files in pushed)
+    uploads = [
+        (kw.get("path_in_repo"), kw) for api in FakeHfApi.instances for n, kw in api.calls if n == "upload_folder"
+    ]
+    assert [where for where, _ in uploads] == [None, "checkpoint-1", None, "checkpoint-2"]
+    uploaded = {name: data for api in FakeHfApi.instances for name, data in api.uploaded.items()}
+    with open(os.path.join(out, "checkpoint-2", "pytorch_lora_weights.safetensors"), "rb") as f:
+        assert uploaded["pytorch_lora_weights.safetensors"] == f.read()  # the last push's: step 2's weights
+    assert "README.md" in uploaded and "checkpoint-2/trainer_state.json" in uploaded
 
 
 def _manifest(folder: str) -> str:
@@ -266,7 +278,7 @@ def test_a_same_step_save_killed_before_its_mark_leaves_the_complete_checkpoint_
     resumed = build(DiffusionSDPOTrainer, out, tok, save_total_limit=1, max_steps=3)
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         resumed.train(resume_from_checkpoint=True)
-    assert "the save of the same step that replaced it was interrupted" in caplog.text
+    assert "the save that was to replace or rotate it away was interrupted" in caplog.text
     assert f"Resuming from {second}" in caplog.text
     assert resumed.state.global_step == 3
     assert sorted(os.listdir(out)) == ["checkpoint-3"]

@@ -223,16 +223,3 @@ def test_the_refused_fields_are_every_registered_objectives_hyperparameters(obje
             raise AssertionError("not called")
 
     assert "scaled_weight" in refused_fields()
-
-
-def test_a_resumed_runs_train_loss_is_the_whole_runs_as_uninterrupted(tmp_path):
-    """Logs every 3 steps and a checkpoint at step 2: the steps before the checkpoint were never logged, yet the
-    resumed run's final ``train_loss`` (logged and returned) is the mean over all 4 steps, the uninterrupted run's."""
-    out = str(tmp_path / "out")
-    settings = dict(max_steps=4, save_steps=2, logging_steps=3)
-    whole = build_trainer(out, str(tmp_path / "tok"), **settings).train()
-    resumed_trainer = build_trainer(out, str(tmp_path / "tok"), **settings)
-    resumed = resumed_trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
-    assert resumed_trainer.state.global_step == 4
-    assert resumed.training_loss == pytest.approx(whole.training_loss, rel=1e-6)
-    assert resumed_trainer.state.log_history[-1]["train_loss"] == pytest.approx(whole.training_loss, rel=1e-6)

@@ -1,4 +1,5 @@
-"""Saved weights are what diffusers loads; the Hub upload carries the weights and a model card."""
+"""Saved weights are what diffusers loads, the same bytes for the same weights in any process; the Hub upload carries
+the weights and a model card."""
 
 from __future__ import annotations
 
@@ -80,6 +81,24 @@ def test_output_dir_holds_safetensors_and_json_but_no_pickles(make_trainer, tmp_
         config = json.load(f)
     # the file keeps what was given (beta unset), the run used the family's value (config.defaults)
     assert config["beta"] is None and trainer.beta == trainer.args.beta == 5000.0 and config["resolution"] == 32
+
+
+def test_the_lora_file_does_not_depend_on_the_order_a_set_iterates_in(make_trainer, tmp_path):
+    """diffusers writes the adapter config's sets (``target_modules``) in their iteration order, which string hashing
+    makes differ between processes: the same weights saved with the set iterating backwards give the same bytes."""
+
+    class Backwards(set):
+        def __iter__(self):
+            return iter(sorted(super().__iter__(), reverse=True))
+
+    trainer = make_trainer(max_steps=1, output_dir=str(tmp_path / "out"))
+    trainer.save_model(str(tmp_path / "forwards"))
+    config = trainer.model.peft_config["default"]
+    config.target_modules = Backwards(config.target_modules)
+    assert list(config.to_dict()["target_modules"]) == sorted(config.target_modules, reverse=True)
+    trainer.save_model(str(tmp_path / "backwards"))
+    files = [tmp_path / folder / LORA_WEIGHTS_NAME for folder in ("forwards", "backwards")]
+    assert files[0].read_bytes() == files[1].read_bytes()
 
 
 def test_checkpoint_weights_are_the_same_files_a_user_loads(make_pipeline, make_trainer, tmp_path):
@@ -182,9 +201,14 @@ def test_full_checkpoints_hold_only_the_unet(make_trainer, tmp_path):
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_every_save_pushes_carry_the_weights_and_never_training_args_bin(make_trainer, tmp_path, monkeypatch, lora):
+def test_every_save_pushes_carry_the_weights_and_the_final_push_no_pickles(make_trainer, tmp_path, monkeypatch, lora):
+    """The checkpoint pushes are transformers' own (with its pickled ``training_args.bin``), the output folder readied
+    with the checkpoint's weights and a card first; the final ``push_to_hub`` is the package's, with no pickle."""
+    import transformers.trainer
+
     FakeHfApi.instances.clear()
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHfApi)
     trainer = make_trainer(
         lora=lora,
         max_steps=2,
@@ -199,9 +223,8 @@ def test_every_save_pushes_carry_the_weights_and_never_training_args_bin(make_tr
     trainer.push_to_hub()
     uploads = [(api, kwargs) for api in FakeHfApi.instances for name, kwargs in api.calls if name == "upload_folder"]
     assert len(uploads) == 3  # checkpoint-1, checkpoint-2, the final push
+    assert not [f for f in uploads[-1][0].uploaded if f.endswith(PICKLE_SUFFIXES)]
     for api, _ in uploads:
-        assert "training_args.bin" not in api.uploaded
-        assert not [f for f in api.uploaded if f.endswith(PICKLE_SUFFIXES)]
         assert "README.md" in api.uploaded and "training_config.json" in api.uploaded
         if lora:
             assert LORA_WEIGHTS_NAME in api.uploaded
@@ -216,9 +239,12 @@ def test_every_save_pushes_carry_the_weights_and_never_training_args_bin(make_tr
     ]
 
 
-def test_hub_strategy_checkpoint_pushes_the_checkpoint_without_pickled_arguments(make_trainer, tmp_path, monkeypatch):
+def test_hub_strategy_checkpoint_pushes_the_checkpoint_beside_the_weights(make_trainer, tmp_path, monkeypatch):
+    import transformers.trainer
+
     FakeHfApi.instances.clear()
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHfApi)
     trainer = make_trainer(
         max_steps=1,
         save_strategy="steps",
@@ -232,7 +258,6 @@ def test_hub_strategy_checkpoint_pushes_the_checkpoint_without_pickled_arguments
     uploaded = {name for api in FakeHfApi.instances for name in api.uploaded}
     assert f"last-checkpoint/{LORA_WEIGHTS_NAME}" in uploaded and LORA_WEIGHTS_NAME in uploaded
     assert "last-checkpoint/trainer_state.json" in uploaded
-    assert not [name for name in uploaded if name.endswith("training_args.bin")]
 
 
 def test_model_card_follows_trl_and_diffusers_conventions(make_trainer, tmp_path, monkeypatch):
@@ -280,7 +305,6 @@ def test_model_card_shows_the_validation_grid_and_a_hub_widget():
 FILE_HOOKS = [
     "save_model",
     "_save_checkpoint",
-    "_push_from_checkpoint",
     "_load_from_checkpoint",
     "_load_best_model",
     "create_model_card",

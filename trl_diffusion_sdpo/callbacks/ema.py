@@ -1,7 +1,10 @@
 """The EMA weights (``ema_decay``): diffusers' ``EMAModel`` over the trained weights, as a ``TrainerCallback``
 (:class:`EMAWeights`): ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after every optimizer step (diffusers'
 warm-up of the decay included) from the weights training starts from, saved beside the trained weights (``ema/`` in
-each checkpoint and in the output folder, in the same format), and the weights the validation grids sample from.
+each checkpoint and in the output folder, in the same format), and the weights the validation grids sample from. Each
+checkpoint also keeps the average's state (``ema/ema_state``: diffusers' ``EMAModel.state_dict()``, its step count
+included), written before the checkpoint is marked complete and read back when a run resumes from it, so a resumed
+average goes on as the uninterrupted run's does.
 
 Imported when a run sets ``ema_decay`` (the callbacks package's lazy names).
 """
@@ -9,18 +12,24 @@ Imported when a run sets ``ema_decay`` (the callbacks package's lazy names).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-__all__ = ["EMA_FOLDER", "EMAWeights"]
+from .state_files import read_state, write_state
+
+__all__ = ["EMA_FOLDER", "EMA_STATE", "EMAWeights"]
+
+logger = logging.getLogger(__name__)
 
 #: the folder, inside a checkpoint and the output folder, holding the EMA weights
 EMA_FOLDER = "ema"
+#: the name of the average's state in a checkpoint's :data:`EMA_FOLDER` (``.json`` and ``.safetensors``)
+EMA_STATE = "ema_state"
 
 
 class EMAWeights(TrainerCallback):
@@ -52,7 +61,8 @@ class EMAWeights(TrainerCallback):
             raise ValueError(f"EMAWeights needs a decay in (0, 1), got {decay!r}")
         self.parameters = None if parameters is None else list(parameters)
         self.decay, self.save = decay, save
-        self.ema = None  # started with training, from the weights it starts from (a resumed checkpoint's too)
+        self.ema = None  # started with training, from the weights it starts from, or a resumed checkpoint's state
+        self._resumed_state: dict[str, Any] | None = None  # read from the checkpoint a run resumes from
 
     def bind_to_trainer(self, trainer: Any) -> None:
         """Bound to ``trainer`` (built by hand and passed in ``callbacks=``): the weights and the save function left
@@ -67,6 +77,32 @@ class EMAWeights(TrainerCallback):
         from diffusers.training_utils import EMAModel  # diffusers' training utilities: imported when used
 
         self.ema = EMAModel(self.parameters, decay=self.decay)
+        resumed, self._resumed_state = self._resumed_state, None
+        if resumed is not None:
+            self.load_state_dict(resumed)
+
+    def save_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """Into each checkpoint, before it is marked complete: the EMA weights in the run's format and the average's
+        state (:data:`EMA_STATE`), in :data:`EMA_FOLDER` (the main process)."""
+        if self.ema is None or not args.should_save:
+            return
+        folder = os.path.join(checkpoint, EMA_FOLDER)
+        self._save_to(folder)
+        write_state(folder, EMA_STATE, self.ema.state_dict())
+
+    def load_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """The average's state of the checkpoint a run resumes from, taken up when training begins; a checkpoint
+        without one (written before it was kept) restarts the average from the resumed weights, with a warning."""
+        folder = os.path.join(checkpoint, EMA_FOLDER)
+        if os.path.isfile(os.path.join(folder, f"{EMA_STATE}.json")):
+            self._resumed_state = read_state(folder, EMA_STATE)
+            return
+        self._resumed_state = None
+        logger.warning(
+            "%s holds no EMA state (%s): the average starts again from the resumed weights",
+            checkpoint,
+            os.path.join(EMA_FOLDER, f"{EMA_STATE}.json"),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The average's state (diffusers' ``EMAModel.state_dict``: its shadow weights and the optimizer steps it has
@@ -100,14 +136,10 @@ class EMAWeights(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.ema.step(self.parameters)
 
-    def on_save(self, args, state, control, **kwargs):
-        self._save_to(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", EMA_FOLDER), state)
-
     def on_train_end(self, args, state, control, **kwargs):
-        self._save_to(os.path.join(args.output_dir, EMA_FOLDER), state)
+        if args.should_save:
+            self._save_to(os.path.join(args.output_dir, EMA_FOLDER))
 
-    def _save_to(self, folder: str, state) -> None:
-        if not state.is_world_process_zero:
-            return
+    def _save_to(self, folder: str) -> None:
         with self.swapped_in():
             self.save(folder)

@@ -192,14 +192,9 @@ def training_arguments(args):
     * transformers' per-step NaN check of the logged loss (``logging_nan_inf_filter``) is off: it makes the host wait
       for the device every step, and the trainer already keeps non-finite micro-batch losses out of the logged loss
       on the device.
-    * ``save_total_limit`` is ``None``: the trainer rotates its checkpoints itself, once each is marked complete (the
-      trainer's ``save_total_limit`` holds the config's). transformers' rotation runs inside its ``_save_checkpoint``,
-      before a subclass can mark the new checkpoint complete: with ``save_total_limit=1`` it would delete the last
-      complete checkpoint while the new one is still unmarked, and a kill then would leave none to resume from.
     """
     args = copy.copy(args)
     args.logging_nan_inf_filter = False
-    args.save_total_limit = None
     if args.scale_lr:
         args.learning_rate = (
             args.learning_rate * args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps

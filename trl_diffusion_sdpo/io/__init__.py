@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from .hub import CardMethod, RunHub, build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
+    from .hub import CardMethod, RunHub, build_model_card, create_hub_repo, upload_folder_to_hub
     from .resume_check import check_resume_config, read_run_identity, write_run_identity
     from .saving import (
         has_lora_adapters,
@@ -31,7 +31,6 @@ _EXPORTS = {
     "RunHub": ".hub",
     "build_model_card": ".hub",
     "create_hub_repo": ".hub",
-    "push_checkpoint": ".hub",
     "upload_folder_to_hub": ".hub",
     "has_lora_adapters": ".saving",
     "load_full_denoiser": ".saving",
@@ -58,7 +57,6 @@ __all__ = [
     "load_full_denoiser",
     "load_lora_adapters",
     "TrackerCallback",
-    "push_checkpoint",
     "save_full_denoiser",
     "save_lora_adapters",
     "save_pipeline_components",

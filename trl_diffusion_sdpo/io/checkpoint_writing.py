@@ -1,18 +1,21 @@
-"""Marking a checkpoint complete, rotating complete checkpoints, and naming a failed save; loaded by a run's first
-checkpoint save (or a failed save).
+"""Marking a checkpoint complete, keeping a complete one through the save after it, and naming a failed save; loaded
+by a run's first checkpoint save (or a failed save).
 
-The trainer's ``_save_checkpoint`` runs transformers' own, which writes ``checkpoint-N`` in place, with the parts that
-are ours beside it. Before it, :func:`clear_checkpoint` removes a ``checkpoint-N`` a killed earlier save of the same
-step left (renamed out of sight first), and sets a complete one of the same step aside until the new one is complete.
-When every process has written its files, the main process marks the folder
-complete with :func:`mark_complete`: it lists every file with its size and SHA-256 checksum, flushes them to disk,
-writes ``checkpoint_manifest.json`` under a temporary name, flushes it and renames it into place (one ``rename``,
-atomic on a POSIX filesystem). That manifest, written last, is what resume and rotation trust
-(:mod:`.checkpoints`). Rotation (``save_total_limit``, :func:`rotate_checkpoints`) runs only after it, renames a
-folder out of the way before deleting it, and never deletes the checkpoint just written nor the newest complete one.
+The trainer's ``_save_checkpoint`` runs transformers' own, which writes ``checkpoint-N`` in place, pushes it and
+rotates the older ones (``save_total_limit``, as transformers means it), with the parts that are ours around it.
+Before it, :func:`clear_checkpoint` removes a ``checkpoint-N`` a killed earlier save of the same step left (renamed
+out of sight first), and sets a complete one of the same step aside until the new one is complete; and
+:func:`keep_newest_complete` hard-links the newest complete checkpoint aside, so that transformers' rotation, which
+runs inside its save before the new checkpoint can be marked, never leaves the run without a complete checkpoint.
+When every process has written its files, the main process marks the folder complete with :func:`mark_complete`:
+it lists every file with its size and SHA-256 checksum, flushes them to disk, writes ``checkpoint_manifest.json``
+under a temporary name, flushes it and renames it into place (one ``rename``, atomic on a POSIX filesystem). That
+manifest, written last, is what resume trusts (:mod:`.checkpoints`); what was set aside is deleted then. Files
+callbacks write in ``on_save``, which transformers calls after the save returns, are added to the manifest by
+:func:`amend_manifest` (the trainer's own ``on_save``, run after every other callback's).
 A save failing with an ``OSError`` (a full disk) removes its partial folder and raises
-:class:`~.checkpoints.CheckpointSaveError` naming the folder and the bytes needed (:func:`save_failure`); the
-previous checkpoints are untouched.
+:class:`~.checkpoints.CheckpointSaveError` naming the folder and the bytes needed (:func:`save_failure`); what was set
+aside is put back.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from .checkpoints import (
     STAGING_PREFIX,
     TRASH_PREFIX,
     CheckpointSaveError,
-    checkpoint_folders,
     checkpoint_problem,
     complete_checkpoints,
     file_sha256,
@@ -40,15 +42,16 @@ from .checkpoints import (
 )
 
 __all__ = [
+    "amend_manifest",
     "clear_checkpoint",
     "drop_replaced",
     "folder_bytes",
     "free_bytes",
     "is_save_failure",
+    "keep_newest_complete",
     "mark_complete",
     "publish_checkpoint",
     "restore_replaced",
-    "rotate_checkpoints",
     "save_failure",
     "staging_folder",
 ]
@@ -105,37 +108,100 @@ def clear_checkpoint(folder: str) -> None:
 
 
 def drop_replaced(folder: str) -> None:
-    """Once the save of ``folder`` is marked complete: the one it replaced (:func:`clear_checkpoint`) deleted."""
+    """Once the save under way is marked complete: the copy of ``folder`` set aside for it (:func:`clear_checkpoint`,
+    :func:`keep_newest_complete`) deleted."""
     shutil.rmtree(_beside(folder, REPLACED_PREFIX), ignore_errors=True)
 
 
 def restore_replaced(folder: str) -> None:
-    """After a failed save of ``folder`` removed what it wrote: the complete checkpoint it replaced, put back."""
+    """After a failed save: the complete checkpoint set aside as ``folder``'s copy put back where ``folder`` is gone
+    (the failed save removed what it wrote, or transformers' rotation deleted it), else deleted."""
     aside = _beside(folder, REPLACED_PREFIX)
     if os.path.isdir(aside) and not os.path.lexists(folder):
         os.rename(aside, folder)
+    drop_replaced(folder)
+
+
+def keep_newest_complete(run_dir: str, before_step: int) -> str | None:
+    """The newest complete checkpoint of ``run_dir`` below ``before_step`` (structural checks: it was checked when it
+    was written or resumed from), hard-linked aside as ``.replaced-checkpoint-M`` (no byte copied) until the save of
+    ``before_step`` is marked complete: transformers' rotation, which may delete it before that mark, then leaves
+    the run a complete checkpoint that a kill's recovery puts back (:func:`.checkpoints.recover_interrupted_saves`).
+    Returns the checkpoint kept, ``None`` where there is none or the filesystem has no hard links (a warning says
+    so: a kill between the rotation and the mark may then leave no complete checkpoint)."""
+    newest = next(iter(complete_checkpoints(run_dir, before_step=before_step, verify_checksums=False)), None)
+    if newest is None:
+        return None
+    aside = _beside(newest, REPLACED_PREFIX)
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        shutil.copytree(newest, aside, copy_function=os.link)
+    except OSError as err:
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.warning(
+            "Could not hard-link %s aside during the save (%s): a kill between transformers' rotation and the new "
+            "checkpoint's mark may leave no complete checkpoint",
+            newest,
+            err,
+        )
+        return None
+    _fsync(run_dir, directory=True)
+    return newest
 
 
 def mark_complete(folder: str) -> None:
     """Mark the checkpoint ``folder`` complete: every file given the mode the umask gives (whichever library wrote
     it: safetensors writes owner-only) and flushed to disk, then ``checkpoint_manifest.json`` (the sizes and SHA-256
-    of every file) written to a draft, flushed and renamed into place. The files were just written, so hashing reads
-    them from the page cache."""
+    of every file, and their modification times, which :func:`amend_manifest` compares) written to a draft, flushed
+    and renamed into place. The files were just written, so hashing reads them from the page cache."""
+    _write_manifest(folder, {})
+
+
+def amend_manifest(folder: str) -> bool:
+    """Add to the manifest of the complete checkpoint ``folder`` what was written into it since its mark (files that
+    callbacks write in ``on_save``, which transformers calls after its save returns): new files, and files whose size
+    or modification time changed, flushed and hashed; files gone dropped. The manifest is replaced as it was written
+    (a draft renamed into place), so the checkpoint stays complete throughout. Returns whether anything changed."""
+    with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+        manifest = json.load(f)
+    recorded = {
+        relative: (size, manifest.get("mtime_ns", {}).get(relative), manifest.get("sha256", {}).get(relative))
+        for relative, size in manifest["files"].items()
+    }
+    return _write_manifest(folder, recorded)
+
+
+def _write_manifest(folder: str, recorded: dict[str, tuple[int, int | None, str | None]]) -> bool:
+    """The manifest of ``folder`` written (see :func:`mark_complete`), reusing the checksum of every file whose
+    ``(size, mtime_ns, sha256)`` in ``recorded`` still holds; with ``recorded`` given, written only where the files
+    differ from it."""
     draft = os.path.join(folder, MANIFEST_DRAFT_NAME)
     if os.path.exists(draft):
         os.remove(draft)
     follow_umask(folder)
     files = folder_files(folder)
-    checksums = {}
-    for relative in files:
-        _fsync(os.path.join(folder, relative))
-        checksums[relative] = file_sha256(os.path.join(folder, relative))
+    files.pop(MANIFEST_NAME, None)
+    checksums, mtimes, changed = {}, {}, set(recorded) - set(files)
+    for relative, size in files.items():
+        path = os.path.join(folder, relative)
+        mtimes[relative] = os.stat(path).st_mtime_ns
+        kept = recorded.get(relative)
+        if kept is not None and kept[0] == size and kept[1] == mtimes[relative] and kept[2] is not None:
+            checksums[relative] = kept[2]
+            continue
+        changed.add(relative)
+        _fsync(path)
+        checksums[relative] = file_sha256(path)
+    if recorded and not changed:
+        return False
     with open(draft, "w", encoding="utf-8") as f:
-        json.dump({"format": 2, "files": files, "sha256": checksums}, f, indent=1, sort_keys=True)
+        record = {"format": 2, "files": files, "sha256": checksums, "mtime_ns": mtimes}
+        json.dump(record, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.rename(draft, os.path.join(folder, MANIFEST_NAME))
     _fsync(folder, directory=True)
+    return True
 
 
 def publish_checkpoint(staging: str, final: str) -> None:
@@ -149,30 +215,6 @@ def publish_checkpoint(staging: str, final: str) -> None:
     parent = os.path.dirname(os.path.normpath(staging))
     if os.path.basename(parent).startswith(STAGING_PREFIX):  # the staging run folder, empty now
         shutil.rmtree(parent, ignore_errors=True)
-
-
-def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: list[str], keep_newest: bool = True) -> None:
-    """Delete the oldest ``checkpoint-N`` folders beyond ``save_total_limit``; never one in ``keep`` (the one just
-    written, the best), nor, with ``keep_newest``, the newest complete one (``keep_newest=False``: once training has
-    ended, ``save_total_limit=1`` keeps the best checkpoint alone, as transformers does)."""
-    if not save_total_limit or save_total_limit <= 0:
-        return
-    folders = checkpoint_folders(run_dir)
-    if len(folders) <= save_total_limit:
-        return
-    protected = {os.path.normpath(k) for k in keep if k}
-    # Structural checks only: the newest is the checkpoint just written, whose bytes were hashed a moment ago.
-    newest_complete = next((f for f in folders if not checkpoint_problem(f, verify_checksums=False)), None)
-    if newest_complete is not None and keep_newest:
-        protected.add(os.path.normpath(newest_complete))
-    remaining = len(folders)
-    for folder in reversed(folders):  # oldest first
-        if remaining <= max(save_total_limit, len(protected)):
-            break
-        if os.path.normpath(folder) not in protected:
-            logger.info("Deleting older checkpoint %s (save_total_limit=%d)", folder, save_total_limit)
-            _remove(folder)
-            remaining -= 1
 
 
 def folder_bytes(folder: str) -> int:

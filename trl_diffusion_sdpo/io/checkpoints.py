@@ -265,9 +265,10 @@ def recover_interrupted_saves(run_dir: str) -> None:
       manifest whose ``checkpoint-N`` is absent were killed after they were complete: published by their rename. Any
       other staging folder, every renamed-away folder (``.trash-*``: rotation or replacement had begun deleting it)
       and every resume folder (``.resume-*``: :func:`resume_view_folder`) is deleted.
-    * A complete checkpoint set aside while a save of its step wrote ``checkpoint-N`` again (``.replaced-*``:
-      :func:`.checkpoint_writing.clear_checkpoint`) is put back where that save never became complete, and deleted
-      where it did.
+    * A complete checkpoint set aside while a save ran (``.replaced-*``: renamed by
+      :func:`.checkpoint_writing.clear_checkpoint` for a save of its step, hard-linked by
+      :func:`.checkpoint_writing.keep_newest_complete` through a later save's rotation) is put back where
+      ``checkpoint-N`` is gone or not complete, and deleted where it is complete.
     """
     if not os.path.isdir(run_dir):
         return
@@ -298,14 +299,15 @@ def recover_interrupted_saves(run_dir: str) -> None:
 
 
 def _recover_replaced(aside: str, final: str) -> None:
-    """A complete checkpoint set aside (``aside``) while a save of its step wrote ``final`` again, the save killed:
-    deleted where ``final`` was marked complete and checks out to its checksums (a complete checkpoint is worth
+    """A complete checkpoint set aside (``aside``) while a save ran, the save killed (a save of its step writing
+    ``final`` again, or a later save whose transformers rotation may have deleted ``final``): deleted where ``final``
+    is marked complete and checks out to its checksums (a complete checkpoint is worth
     reading once more before the only copy of its step is deleted), else put back in place of what the save left."""
     if is_marked_complete(final) and not checkpoint_problem(final):
         logger.warning("Removing %s: the save that replaced it was complete", aside)
         shutil.rmtree(aside, ignore_errors=True)
         return
-    logger.warning("Restoring %s as %s: the save of the same step that replaced it was interrupted", aside, final)
+    logger.warning("Restoring %s as %s: the save that was to replace or rotate it away was interrupted", aside, final)
     if os.path.lexists(final):
         shutil.rmtree(final, ignore_errors=True)
     os.rename(aside, final)

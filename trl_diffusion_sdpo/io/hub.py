@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -22,8 +21,6 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import OfflineModeIsEnabled
-from transformers.trainer_utils import HubStrategy
-from transformers.utils import PushInProgress
 
 from ..families.loading import SHIPPED_MODELS
 from . import saving
@@ -39,7 +36,6 @@ __all__ = [
     "build_model_card",
     "create_hub_repo",
     "hub_base_model",
-    "push_checkpoint",
     "upload_folder_to_hub",
     "with_retries",
 ]
@@ -76,8 +72,6 @@ CITATIONS = f"```bibtex\n{DIFFUSION_CITATIONS}\n\n{TRL_CITATION}\n```"
 # writes its arguments as a pickled training_args.bin; this package writes training_config.json instead).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", LOCK_NAME, RECORD_NAME, *PICKLE_PATTERNS]
-# A pushed checkpoint keeps the optimizer and RNG states that resuming from it needs, never the pickled arguments.
-CHECKPOINT_IGNORE_PATTERNS = ["training_args.bin"]
 
 FRAMEWORKS = {
     "trl-diffusion-sdpo": "trl-diffusion-sdpo",
@@ -421,21 +415,6 @@ def with_retries(fn: Callable[[], Any], what: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def _upload_never_raising(api: HfApi, what: str, **kwargs: Any) -> Any:
-    """A checkpoint push, run in HfApi's background thread: retried, then logged, never raised (training goes on;
-    every push uploads the whole output folder, so the next save's push carries what this one missed)."""
-    try:
-        return with_retries(lambda: api.upload_folder(**kwargs), what)
-    except Exception as err:
-        logger.warning(
-            "%s failed and was given up (%s: %s). Training goes on; the next save pushes what was missed.",
-            what,
-            type(err).__name__,
-            err,
-        )
-        return None
-
-
 def create_hub_repo(
     repo_id: str, *, token: str | None = None, private: bool | None = None, api: HfApi | None = None
 ) -> str:
@@ -482,48 +461,12 @@ def upload_folder_to_hub(
         ) from err
 
 
-def push_checkpoint(
-    output_dir: str,
-    checkpoint_folder: str,
-    repo_id: str,
-    *,
-    commit_message: str,
-    push_checkpoint_folder: str | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    api: HfApi | None = None,
-) -> list[Future]:
-    """Upload ``output_dir`` (the weights of ``checkpoint_folder`` already copied there) in the background, and,
-    with ``push_checkpoint_folder`` (a path in the repo: ``last-checkpoint`` or the checkpoint's name), the
-    checkpoint itself for resuming; returns the upload futures. A failing upload is retried with backoff, then
-    logged, never raised: a Hub outage never stops training, and the next save's push uploads what was missed."""
-    api = api or HfApi(token=token)
-
-    def push(folder, message: str, **where) -> Future:
-        return api.run_as_future(
-            _upload_never_raising,
-            api,
-            f"Hub push of {folder} ({commit_message})",
-            repo_id=repo_id,
-            folder_path=os.fspath(folder),
-            commit_message=message,
-            revision=revision,
-            repo_type="model",
-            **where,
-        )
-
-    jobs = [push(output_dir, commit_message, ignore_patterns=OUTPUT_IGNORE_PATTERNS)]
-    if push_checkpoint_folder:
-        checkpoint_files = dict(path_in_repo=push_checkpoint_folder, ignore_patterns=CHECKPOINT_IGNORE_PATTERNS)
-        jobs.append(push(checkpoint_folder, commit_message + ", checkpoint", **checkpoint_files))
-    return jobs
-
-
 class RunHub:
     """A run's model card and Hub pushes, for ``trainer`` (its :class:`~.run_files.RunFiles` builds it when the run
     first writes a card or reaches the Hub): what ``transformers.Trainer``'s ``create_model_card``,
-    ``init_hf_repo`` and ``push_to_hub`` do, and a checkpoint save's push, done with this module's card and uploads.
-    Keeps transformers' own ``hub_model_id`` and ``push_in_progress`` on the trainer, where transformers reads them.
+    ``init_hf_repo`` and ``push_to_hub`` do, done with this module's card and uploads, and the output folder readied
+    for transformers' own checkpoint push. Keeps transformers' own ``hub_model_id`` and ``push_in_progress`` on the
+    trainer, where transformers reads them.
     """
 
     def __init__(self, trainer: Any) -> None:
@@ -625,42 +568,17 @@ class RunHub:
         )
         trainer.push_in_progress = None
 
-    def push_checkpoint(self, checkpoint_folder: str) -> None:
-        """A checkpoint save with ``push_to_hub`` copies the checkpoint's weights to ``output_dir`` (with the rest of
-        the pipeline for full tuning, and a model card) and uploads it in the background; ``push_in_progress`` holds
-        the uploads, which transformers waits for when training ends."""
+    def ready_output_dir(self, checkpoint_folder: str) -> None:
+        """Before transformers' checkpoint push (``push_to_hub``; its ``on_push_begin``) uploads ``output_dir``: the
+        checkpoint's weights copied there (with the rest of the pipeline for full tuning) and a model card written,
+        since transformers copies only files named as its own weights. The upload, its ``hub_strategy`` and
+        ``push_in_progress`` are transformers'."""
         trainer = self.trainer
-        args = trainer.args
-        if not trainer.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
-            return
-        if (
-            not args.hub_always_push
-            and trainer.push_in_progress is not None
-            and not trainer.push_in_progress.is_done()
-        ):
-            return
-        trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
-        saving.copy_saved_model(checkpoint_folder, args.output_dir)
-        if not trainer.is_lora and not saving.has_pipeline_components(args.output_dir):
-            saving.save_pipeline_components(trainer.pipeline, args.output_dir, trainer.family.denoiser_name)
+        output_dir = trainer.args.output_dir
+        saving.copy_saved_model(checkpoint_folder, output_dir)
+        if not trainer.is_lora and not saving.has_pipeline_components(output_dir):
+            saving.save_pipeline_components(trainer.pipeline, output_dir, trainer.family.denoiser_name)
         trainer.create_model_card()
-        checkpoint_path = {
-            HubStrategy.CHECKPOINT: "last-checkpoint",
-            HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder),
-        }.get(args.hub_strategy)
-        jobs = push_checkpoint(
-            args.output_dir,
-            checkpoint_folder,
-            trainer.hub_model_id,
-            commit_message=f"Training in progress, step {trainer.state.global_step}",
-            push_checkpoint_folder=checkpoint_path,
-            token=args.hub_token,
-            revision=args.hub_revision,
-        )
-        if trainer.push_in_progress is None or trainer.push_in_progress.is_done():
-            trainer.push_in_progress = PushInProgress(jobs)
-        else:
-            trainer.push_in_progress.jobs.extend(jobs)
 
     def push_to_hub(
         self,

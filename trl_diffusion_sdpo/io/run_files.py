@@ -1,31 +1,34 @@
 """What a training run writes and reads, beside transformers' own saves: the trainer's helper ``trainer.files``.
 
-The trainer overrides transformers' file hooks (``save_model``, ``_save_checkpoint``, ``_push_from_checkpoint``,
-``_load_from_checkpoint``, ``_load_best_model``, ``create_model_card``, ``init_hf_repo``, ``push_to_hub``) and
-``train`` in its own class, each calling ``super()`` where transformers' version does part of the work; each reads
-what it does there and calls the helpers of :class:`RunFiles`, which keeps the state they share:
+The trainer overrides transformers' file hooks (``save_model``, ``_save_checkpoint``, ``_load_from_checkpoint``,
+``_load_best_model``, ``create_model_card``, ``init_hf_repo``, ``push_to_hub``) and ``train`` in its own class, each
+calling ``super()`` where transformers' version does part of the work; each reads what it does there and calls the
+helpers of :class:`RunFiles`, which keeps the state they share:
 
 * weights in diffusers' formats (:mod:`.saving`): LoRA adapters (``pytorch_lora_weights.safetensors``) or the
   denoiser's subfolder, never pickles, gathered first where the engine shards them
   (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
-* checkpoints the resume can trust: before transformers' ``_save_checkpoint`` writes ``checkpoint-N`` in place, a
-  leftover of a killed save of that step is removed and ``run_identity.json`` written into it; after it, the parts
-  that are ours (:class:`CheckpointPart`, :class:`CheckpointPartCallback`: the rewind's snapshot, the online
-  generations; the loss sum), and, once every process is done, a checksummed manifest written last marks it
-  complete (:mod:`.checkpoints`, written by :mod:`.checkpoint_writing`, which the run's first checkpoint save
-  imports); then the Hub push and the rotation, which trust complete checkpoints only;
+* checkpoints the resume can trust: before transformers' ``_save_checkpoint`` writes ``checkpoint-N`` in place (and
+  pushes and rotates, as it does), a leftover of a killed save of that step is removed, the newest complete
+  checkpoint hard-linked aside until the new one is complete, and ``run_identity.json`` written into it; after it,
+  the parts that are ours (:class:`CheckpointPart`, :class:`CheckpointPartCallback`: the EMA, the rewind's snapshot,
+  the online generations), and, once every process is done, a checksummed manifest written last marks it complete
+  (:mod:`.checkpoints`, written by :mod:`.checkpoint_writing`, which the run's first checkpoint save imports); the
+  files callbacks write in ``on_save`` are added to it by :meth:`RunFiles.on_save`, which runs after theirs;
 * around ``train``: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
   checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume from, checked, its config
   compared with the new one (:mod:`.resume_check`), resuming on another number of processes (:mod:`.resume_world`,
   through the engine), and, where the caller passed a
   :class:`~trl_diffusion_sdpo.callbacks.interruptions.PreemptionCallback`, its signals while it runs
   (:meth:`RunFiles.training`);
-* the model card and Hub pushes (:attr:`RunFiles.hub`, :mod:`.hub`): transformers' versions copy files named as its
-  own weights (none of ours) and upload a pickled ``training_args.bin``;
-* the run's loss sum, recorded in every checkpoint, so that a resumed run logs what an uninterrupted one does.
+* the model card and Hub pushes (:attr:`RunFiles.hub`, :mod:`.hub`): transformers pushes each checkpoint itself,
+  and copies only files named as its own weights into the output folder, so :meth:`RunFiles.on_push_begin` puts the
+  checkpoint's weights and a model card there first; the final ``push_to_hub`` is the package's (transformers' copies
+  its own weights' names and uploads a pickled ``training_args.bin``).
 
-:class:`RunFiles` is also a callback: the logging window opens when training begins.
+:class:`RunFiles` is also a callback: it completes each checkpoint's record in ``on_save``, after every other
+callback's, and readies the output folder in ``on_push_begin``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -51,6 +53,7 @@ from . import saving
 from .checkpoints import (
     CheckpointSaveError,
     is_checkpoint_folder,
+    is_marked_complete,
     recover_interrupted_saves,
     resolve_resume_checkpoint,
     resume_view_folder,
@@ -64,12 +67,6 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointPart", "CheckpointPartCallback", "RunFiles", "check_new_run_folder", "earlier_run_refusal"]
 
 logger = logging.getLogger(__name__)
-
-# In every checkpoint: the sum of the per-step training losses up to it, so that a resumed run's final train_loss is
-# the whole run's mean, as an uninterrupted run's is (transformers' covers only the steps of the resumed train()); and
-# the steps and loss sum of the logging window it splits (since the last training log), so that the first log after a
-# resume averages over the same window as the uninterrupted run's (transformers' starts its window at the resume).
-LOSS_TOTAL_NAME = "training_loss.json"
 
 
 class CheckpointPart(Protocol):
@@ -118,21 +115,15 @@ class RunFiles(TrainerCallback):
     ``state``, ``accelerator``, ``model``, ``model_wrapped``, ``optimizer``, ``lr_scheduler``, ``engine``,
     ``family``, ``pipeline``, ``is_lora`` and ``base_model_name``; keeps transformers' own ``hub_model_id`` and
     ``push_in_progress`` on the trainer, where transformers reads them. Built before ``transformers.Trainer.__init__``,
-    which may call the trainer's ``init_hf_repo``: it reads nothing at construction. The trainer adds it as a callback.
+    which may call the trainer's ``init_hf_repo``: it reads nothing at construction. The trainer adds it as a callback,
+    and :meth:`training` moves it after every other callback when ``train()`` starts, so that its ``on_save`` records
+    the files theirs wrote.
     """
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        # The loss sum of the steps before this train() call: 0 for a new run, the resumed checkpoint's
-        # LOSS_TOTAL_NAME, None where that checkpoint has none (its sum unknown: nothing corrected, nothing recorded).
-        self.loss_before_resume: float | None = 0.0
-        self.resumed = False
         self.parts: list[CheckpointPart] = []  # saved into every checkpoint, loaded at resume
-        self._loss_logged = 0.0  # the per-step training losses of this train() call, up to the last log
-        # The logging window: (global step, this call's loss sum) where it opened (the last training log, or the
-        # start of train()), and (steps, loss sum) of its part before the resumed checkpoint, until its first log.
-        self._window_start: tuple[int, float] = (0, 0.0)
-        self._window_before_resume: tuple[int, float] = (0, 0.0)
+        self._kept: str | None = None  # the complete checkpoint hard-linked aside during a save (keep_newest_complete)
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
@@ -148,29 +139,21 @@ class RunFiles(TrainerCallback):
         (:func:`.checkpoints.recover_interrupted_saves`); ``resume_from_checkpoint`` resolved to a complete checkpoint
         and checked (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), its
         parts and loss sum read, and, on another number of processes, the folder the engine resumes from
-        (:mod:`.resume_world`); a ``save_total_limit`` set on ``trainer.args`` since the trainer was built taken over
-        (see the trainer's ``save_total_limit``). While it runs: a given preemption callback's signals. After it: with
-        ``save_total_limit=1`` and a best checkpoint, that one alone kept (as transformers does); the lock released."""
+        (:mod:`.resume_world`); this callback moved after every other one (its ``on_save`` records what theirs
+        wrote). While it runs: a given preemption callback's signals. After it: the lock released."""
         trainer = self.trainer
         resumed = resume_from_checkpoint not in (None, False)
         lock = self._claim_output_dir(resumed, overwrite)
         view = None
         try:
-            if trainer.args.save_total_limit is not None:  # set on trainer.args after the trainer was built
-                trainer.save_total_limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
             if trainer.args.should_save:
                 recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
-            self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
-            trainer.loss_since_log, self._loss_logged = None, 0.0
-            self._window_before_resume = (0, 0.0)
             if resume_from_checkpoint is not None:
                 run_io.check_resume_config(resume_from_checkpoint, trainer)
                 for part in self.checkpoint_parts():
                     part.load(resume_from_checkpoint)
-                self.loss_before_resume = _read_loss_total(resume_from_checkpoint)
-                self._window_before_resume = _read_log_window(resume_from_checkpoint)
                 saved = run_io.read_run_identity(resume_from_checkpoint) or {}
                 processes = trainer.accelerator.num_processes
                 if saved.get("num_processes", processes) != processes:
@@ -181,11 +164,10 @@ class RunFiles(TrainerCallback):
                     )
             # signals handled only where the caller passed a PreemptionCallback (the command line does)
             callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
+            trainer.remove_callback(self)  # last: callbacks added since the trainer was built run before it
+            trainer.add_callback(self)
             with preemption_signal_handlers(callback):
                 yield resume_from_checkpoint
-            best = trainer.state.best_model_checkpoint
-            if trainer.args.should_save and trainer.save_total_limit == 1 and best is not None:
-                checkpoint_writing().rotate_checkpoints(trainer.args.output_dir, 1, keep=[best], keep_newest=False)
         finally:
             if view is not None:  # every process is done reading it
                 trainer.accelerator.wait_for_everyone()
@@ -193,54 +175,6 @@ class RunFiles(TrainerCallback):
                     shutil.rmtree(view, ignore_errors=True)  # links and the converted state, never the checkpoint
             if lock is not None:
                 lock.release()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        """The logging window opens where transformers' opens: at the resumed step."""
-        self._window_start = (state.global_step, self._loss_logged)
-
-    def _fold_loss(self) -> float:
-        """The sum of this ``train()`` call's per-step losses, averaged over processes: the trainer's
-        ``loss_since_log`` (summed on the device by ``training_step``, as transformers sums its own, which it keeps
-        private) folded in. One reduction, which every process enters, also one whose micro-batches since the last log
-        were all replays (it adds 0)."""
-        trainer = self.trainer
-        accelerator = trainer.accelerator
-        since, trainer.loss_since_log = trainer.loss_since_log, None
-        since = since.clone() if since is not None else torch.zeros((), dtype=torch.float32, device=accelerator.device)
-        self._loss_logged += accelerator.reduce(since, reduction="mean").item()
-        return self._loss_logged
-
-    def log_training(self, logs: dict[str, float]) -> None:
-        """At every training log (every process): the loss sum folded into a float. The first ``loss`` logged after a
-        resume from a checkpoint inside a logging window is the mean over that whole window, its steps before the
-        checkpoint included (their sum and count recorded in the checkpoint), as the uninterrupted run logs it;
-        transformers' covers the steps since the resume only. In the final metrics (``train_loss`` in ``logs``) of a
-        run resumed from a checkpoint that records its loss sum, ``train_loss`` becomes the mean over every step of
-        the run, the steps before the checkpoint included, as an uninterrupted run reports it; transformers' is the
-        mean over the resumed steps only."""
-        total = self._fold_loss()
-        if "loss" in logs:  # transformers' mean over the window this log closes
-            if self._window_before_resume[0]:  # a window the resumed checkpoint split: over all its steps
-                steps, loss_sum = self._open_window(total)
-                logs["loss"] = loss_sum / steps
-            self._window_start, self._window_before_resume = (self.trainer.state.global_step, total), (0, 0.0)
-        if "train_loss" not in logs or not self.resumed or self.loss_before_resume is None:
-            return
-        logs["train_loss"] = (self.loss_before_resume + total) / max(self.trainer.state.global_step, 0.001)
-
-    def _open_window(self, total: float) -> tuple[int, float]:
-        """The optimizer steps and the loss sum of the logging window open now, its part before the resumed
-        checkpoint included; ``total``: this call's loss sum, folded."""
-        start_step, start_total = self._window_start
-        steps_before, sum_before = self._window_before_resume
-        return steps_before + self.trainer.state.global_step - start_step, sum_before + total - start_total
-
-    def _loss_total(self) -> float | None:
-        """The sum of the per-step losses (each averaged over processes) up to now: what a resumed checkpoint had and
-        this call's; ``None`` where the sum before the resumed checkpoint is unknown. Every process calls it (a
-        reduction)."""
-        total = self._fold_loss()
-        return None if self.loss_before_resume is None else self.loss_before_resume + total
 
     def _claim_output_dir(self, resumed: bool, overwrite: bool = False) -> RunLock | None:
         """Process 0 locks ``output_dir`` and refuses it where a new run would replace another run's files (before
@@ -355,62 +289,80 @@ class RunFiles(TrainerCallback):
 
     def begin_checkpoint(self, folder: str) -> None:
         """Before transformers' save writes ``folder``: a ``checkpoint-N`` left there by a killed save of the same step
-        removed, and ``run_identity.json`` written into it first (a folder holding it and no manifest is a save never
-        finished: :mod:`.checkpoints`). Every process calls it."""
+        removed (a complete one set aside), the newest complete checkpoint hard-linked aside where transformers'
+        rotation may delete it before ``folder`` is marked complete (``save_total_limit``), and ``run_identity.json``
+        written into ``folder`` first (a folder holding it and no manifest is a save never finished:
+        :mod:`.checkpoints`). Every process calls it."""
         trainer = self.trainer
+        self._kept = None
         if trainer.args.should_save:
-            checkpoint_writing().clear_checkpoint(folder)
+            writing = checkpoint_writing()
+            writing.clear_checkpoint(folder)
+            if trainer.args.save_total_limit is not None and trainer.args.save_total_limit > 0:
+                self._kept = writing.keep_newest_complete(trainer.args.output_dir, trainer.state.global_step)
             os.makedirs(folder)
             run_io.write_run_identity(trainer, folder)
         trainer.accelerator.wait_for_everyone()  # no process writes into a folder being cleared
         trainer.engine.prepare_checkpoint(trainer.optimizer)
 
     def finish_checkpoint(self, folder: str) -> None:
-        """After transformers' save: the checkpoint parts and the loss sum written into ``folder``; once every process
-        has written its files (RNG states, engine shards, parts), the engine's files no resume reads removed and the
-        checkpoint marked complete by its manifest, written last (:func:`.checkpoint_writing.mark_complete`). Every
-        process calls it."""
+        """After transformers' save: the checkpoint parts written into ``folder``; once every process has written its
+        files (RNG states, engine shards, parts), the engine's files no resume reads removed and the checkpoint marked
+        complete by its manifest, written last (:func:`.checkpoint_writing.mark_complete`); what was set aside for
+        the save deleted. Every process calls it."""
         trainer = self.trainer
-        args, state = trainer.args, trainer.state
+        args = trainer.args
         for part in self.checkpoint_parts():
             part.save(folder)
-        loss_total = self._loss_total()  # a reduction: every process
-        window_steps, window_sum = self._open_window(self._loss_logged)
-        if args.should_save and loss_total is not None:
-            with open(os.path.join(folder, LOSS_TOTAL_NAME), "w") as f:
-                record = {"global_step": state.global_step, "loss_sum": loss_total}
-                json.dump(record | {"log_window_steps": window_steps, "log_window_loss_sum": window_sum}, f)
         trainer.accelerator.wait_for_everyone()
         if args.should_save:
             for unused in trainer.engine.unused_checkpoint_files(folder):  # FSDP's model copy: never resumed from
                 shutil.rmtree(unused) if os.path.isdir(unused) else os.remove(unused)
-            checkpoint_writing().mark_complete(folder)
-            checkpoint_writing().drop_replaced(folder)  # a complete one of this step, set aside until now
+            writing = checkpoint_writing()
+            writing.mark_complete(folder)
+            writing.drop_replaced(folder)  # a complete one of this step, set aside until now
+            if self._kept is not None:  # the newest complete one before it, kept through transformers' rotation
+                writing.drop_replaced(self._kept)
+                self._kept = None
         trainer.accelerator.wait_for_everyone()
 
+    def on_save(self, args, state, control, **kwargs):
+        """After transformers' save and every other callback's ``on_save`` (this callback runs last): the files they
+        wrote into the checkpoint added to its manifest (:func:`.checkpoint_writing.amend_manifest`), once every
+        process has written them. A callback that raises in ``on_save`` ends the event before this one: the
+        checkpoint stays complete, without the files written in ``on_save`` in its record."""
+        self.trainer.accelerator.wait_for_everyone()
+        folder = self.checkpoint_folder()
+        if args.should_save and is_marked_complete(folder):
+            checkpoint_writing().amend_manifest(folder)
+        return control
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        """transformers' checkpoint push (``push_to_hub``, inside its save; the main process) is about to upload the
+        output folder, into which it copies only files named as its own weights: the checkpoint's weights (with the
+        rest of the pipeline for full tuning) and a model card put there first
+        (:meth:`.hub.RunHub.ready_output_dir`)."""
+        self.hub.ready_output_dir(self.checkpoint_folder())
+        return control
+
     def checkpoint_failed(self, err: Exception, folder: str) -> CheckpointSaveError | None:
-        """A save of ``folder`` raised ``err``: the partial folder removed (the complete checkpoints are untouched;
-        rotation never ran); a :class:`.checkpoints.CheckpointSaveError` naming the folder and the bytes needed to
-        raise where the filesystem failed (a full disk), else ``None`` (``err`` is raised as it is). Under several
-        processes the others are left at a barrier; the job fails on this error."""
+        """A save of ``folder`` raised ``err``: the partial folder removed, and what was set aside for the save put
+        back where it is gone (the complete checkpoint of this step it was replacing; the newest complete one, where
+        transformers' rotation deleted it before the failure); a :class:`.checkpoints.CheckpointSaveError` naming the
+        folder and the bytes needed to raise where the filesystem failed (a full disk), else ``None`` (``err`` is
+        raised as it is). Under several processes the others are left at a barrier; the job fails on this error."""
         writing = checkpoint_writing()
         run_dir = self.trainer.args.output_dir
         written, free = writing.folder_bytes(folder), writing.free_bytes(run_dir)
         if self.trainer.args.should_save:
             shutil.rmtree(folder, ignore_errors=True)
             writing.restore_replaced(folder)  # a complete checkpoint of this step the save was replacing
+            if self._kept is not None:  # put back where transformers' rotation had deleted it
+                writing.restore_replaced(self._kept)
+                self._kept = None
         if not writing.is_save_failure(err, free):
             return None
         return writing.save_failure(err, folder, run_dir, written, free)
-
-    def rotate_checkpoints(self, folder: str) -> None:
-        """The oldest checkpoints beyond the trainer's ``save_total_limit`` deleted, never ``folder`` (just written),
-        the best nor the newest complete one (:func:`.checkpoint_writing.rotate_checkpoints`: renamed out of sight,
-        then deleted, looked up on the module at call time, so that a test can stop a run inside it)."""
-        trainer = self.trainer
-        if trainer.args.should_save:
-            keep = [folder, trainer.state.best_model_checkpoint]
-            checkpoint_writing().rotate_checkpoints(trainer.args.output_dir, trainer.save_total_limit, keep=keep)
 
     def save_checkpoint(self) -> None:
         """A checkpoint of the trainer's state now (the last good step, before a run stops on an error): the
@@ -453,24 +405,3 @@ def checkpoint_writing() -> ModuleType:
     """:mod:`.checkpoint_writing`, imported by the run's first checkpoint save (or a failed save): a run that writes
     no checkpoint never loads it. Asked for at each call, so that a test can stop a run inside one of its functions."""
     return importlib.import_module(".checkpoint_writing", __package__)
-
-
-def _read_loss_total(checkpoint: str) -> float | None:
-    """The loss sum a checkpoint recorded; ``None`` for one written before it was recorded (its resumed run then
-    reports, as transformers does, the mean over the resumed steps)."""
-    path = os.path.join(checkpoint, LOSS_TOTAL_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return float(json.load(f)["loss_sum"])
-
-
-def _read_log_window(checkpoint: str) -> tuple[int, float]:
-    """The steps and loss sum of the logging window a checkpoint split; none for one written before they were
-    recorded (its first log after a resume then covers the resumed steps only, as transformers' does)."""
-    path = os.path.join(checkpoint, LOSS_TOTAL_NAME)
-    if not os.path.isfile(path):
-        return 0, 0.0
-    with open(path) as f:
-        record = json.load(f)
-    return int(record.get("log_window_steps", 0)), float(record.get("log_window_loss_sum", 0.0))

@@ -81,11 +81,14 @@ def save_lora_adapters(
     for a pipeline class without one); returns the file path.
 
     The adapter config (``lora_alpha`` above all) is stored in the file's metadata: without it ``load_lora_weights``
-    assumes ``lora_alpha == r`` and a model trained with another alpha would load with the wrong scale.
+    assumes ``lora_alpha == r`` and a model trained with another alpha would load with the wrong scale. Its sets
+    (``target_modules``) are written sorted: diffusers lists a set in its iteration order, which Python's string
+    hashing makes differ from one process to the next, so the same weights would give other bytes after a resume.
     ``prefix`` is the pipeline's name of the denoiser (``"unet"`` or ``"transformer"``).
     """
     os.makedirs(output_dir, exist_ok=True)
-    layers, metadata = lora_state_dict(denoiser, state_dict, prefix), denoiser.peft_config["default"].to_dict()
+    layers = lora_state_dict(denoiser, state_dict, prefix)
+    metadata = _sets_sorted(denoiser.peft_config["default"].to_dict())
     if not hasattr(pipeline_cls, "save_lora_weights"):
         # A pipeline diffusers has no LoRA loader for (HunyuanVideo15Pipeline in 0.42): the same file through the
         # writer every loader's save_lora_weights calls, which the denoiser's own load_lora_adapter reads back.
@@ -101,6 +104,17 @@ def save_lora_adapters(
     path = os.path.join(output_dir, LORA_WEIGHTS_NAME)
     follow_umask(path)  # safetensors writes it owner-only
     return path
+
+
+def _sets_sorted(value: Any) -> Any:
+    """``value`` with every set in it (nested in dicts and lists too) a list sorted by its items' text."""
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    if isinstance(value, dict):
+        return {key: _sets_sorted(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_sets_sorted(item) for item in value)
+    return value
 
 
 def load_lora_adapters(
