@@ -453,7 +453,7 @@ def test_nonfinite_loss_with_raise_stops_with_runtime_error_after_a_checkpoint(m
 
 
 # By default: LoRA's bit-exact resume in test_checkpoints.py's test_a_run_killed_during_a_save_resumes_... and
-# test_preemption.py's SIGTERM test, the resumed loss in test_resume_config.py's test_a_resumed_runs_train_loss_...,
+# test_preemption.py's SIGTERM test, the resumed logs in test_log_window_resume.py,
 # full tuning's in test_checkpoint_parts.py's full-tuning rewind resume
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
