@@ -12,6 +12,7 @@ import pytest
 from trl_diffusion_sdpo.cli.memory import run_estimate_memory
 from trl_diffusion_sdpo.engines.memory import MEASURED_ERRORS, planning_error
 from trl_diffusion_sdpo.engines.memory.advice import CHANGES
+from trl_diffusion_sdpo.engines.memory.measured import MEASUREMENTS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "configs"
@@ -128,6 +129,7 @@ def test_the_sentence_of_a_family_with_a_gpu_measurement_cites_its_runs() -> Non
         error = planning_error(row.family, row.lora, row.bitsandbytes)
         text = error.describe(row.family, row.lora)
         assert error.ratio == row.ratio and row.runs in text and f"{row.family} {row.tuning}" in text
+        assert MEASUREMENTS_FILE in text
         assert "not been measured" not in text and "largest" not in text
 
 
@@ -139,7 +141,8 @@ def test_the_sentence_of_a_family_without_one_names_the_measured_row_it_plans_wi
     error = planning_error("flux", True, bitsandbytes)
     text = error.describe("flux", True)
     assert error.ratio == largest.ratio
-    assert f"the largest error measured on a GPU, for {largest.family} {largest.tuning}" in text
+    assert f"the largest error measured on a GPU, borrowed from {largest.family} {largest.tuning}" in text
+    assert f"({largest.runs}; {MEASUREMENTS_FILE})" in text  # the measurement it is borrowed from, and its file
     assert text.endswith("flux LoRA has not been measured on a GPU")
     assert text.count("flux LoRA") == 1  # the family asked about is not named as the measured one
     assert ("bitsandbytes" in text) is bitsandbytes

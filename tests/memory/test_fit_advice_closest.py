@@ -92,8 +92,13 @@ def test_flux2_dev_lora_on_24_gb_names_the_fewest_gpus_that_fit_it_sharded(capsy
     for other, change in itertools.product(("zero3", "fsdp2"), SAME_TRAINING):
         fewer = estimate_json(capsys, *FLUX2_LORA, "--engine", other, "--num_processes", str(count - 1), *change)
         assert fewer["fits"] is False, (other, change)
+    # the other engine named beside it fits at that count with the same changes
+    for other in sharded["also_engines"]:
+        assert other in ("zero3", "fsdp2") and other != engine
+        assert estimate_json(capsys, *FLUX2_LORA, "--engine", other, *flags[2:])["fits"] is True, other
+    also = "".join(f" (or --engine {other})" for other in sharded["also_engines"])
     line = printed_line(capsys, *FLUX2_LORA)
-    assert f"Sharded over {count} GPUs of 24 GB, it fits: {' '.join(flags)} (the estimate" in line
+    assert f"Sharded over {count} GPUs of 24 GB, it fits: {' '.join(flags)}{also} (the estimate" in line
 
 
 def test_a_run_no_count_of_gpus_fits_says_so_up_to_the_maximum(capsys):

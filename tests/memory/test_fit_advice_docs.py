@@ -56,6 +56,9 @@ def row(config: str) -> str:
             change += f"; sharded, `{' '.join(sharded['flags'])}`: {sharded['planned_gib']:.1f} GiB planned"
     else:
         change = f"`{' '.join(advice['flags'])}`: {advice['planned_gib']:.1f} GiB planned"
+        full = advice["full_tuning"]
+        if full is not None:  # full tuning asked, LoRA advised: the full-tuning setting that fits, sharded
+            change += f"; full tuning, `{' '.join(full['flags'])}`: {full['planned_gib']:.1f} GiB planned"
     return f"| `{config}` | {result['planned_gib']:.1f} GiB | {change} |"
 
 
@@ -80,7 +83,9 @@ def test_docs_row_is_the_advice_of_a_lora_config(config: str) -> None:
 
 
 def test_docs_row_is_the_advice_of_a_full_config() -> None:
+    """SD3.5 Medium full tuning: LoRA is the least change, and the full-tuning setting that fits is beside it."""
     generated = table_markdown(["sd3_full.yaml"]).splitlines()
+    assert "; full tuning, `--engine " in generated[2]
     assert generated[2] in docs_rows(), STALE
 
 

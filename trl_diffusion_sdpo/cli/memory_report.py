@@ -20,6 +20,7 @@ from ..engines.memory import (
     estimate_memory,
 )
 from ..engines.memory.advice import SHARDED_ENGINES, fit_advice, plan_verdict
+from ..engines.memory.measured import planning_error
 
 __all__ = ["EstimateArguments", "answer", "format_estimate", "shape", "verdict_line"]
 
@@ -54,9 +55,13 @@ class EstimateArguments:
         default=False,
         metadata={
             "help": "Print one JSON object: total_gib (the per-process peak), gpu_gb, fits, planned_gib (the peak "
-            "planned with the measured error), plan (where that error comes from) and margin_gib (the GPU's usable "
-            "GiB minus the planned peak) and advice (null when the run fits; else the flags of the least change "
-            "that fits, with its total_gib, planned_gib and margin_gib; where none fits, flags null, those figures "
+            "planned with the measured error), plan (where that error comes from), margin_source (that error's "
+            "percent, whether it is borrowed from another family or tuning, the family, tuning, base, runs and "
+            "result file it was measured on) and margin_gib (the GPU's usable GiB minus the planned peak) and "
+            "advice (null when the run fits; else the flags of the least change that fits, with its total_gib, "
+            "planned_gib and margin_gib, and full_tuning, where full tuning was asked and that change trains LoRA, "
+            "the full-tuning setting that fits sharded from the run's process count up, null where none is needed "
+            "or fits; where none fits, flags null, those figures "
             "the closest's, closest its flags (the combination with the lowest planned peak), and sharded the "
             f"fewest GPUs up to sharded_max_gpus that fit it under {' or '.join(SHARDED_ENGINES)}: its flags, "
             "engine, num_processes and figures, null when no count does)."
@@ -168,6 +173,9 @@ def answer(
             "margin_gib": found.margin_gib,
             "planned_gib": found.planned_gib,
             "plan": found.plan,
+            "margin_source": planning_error(
+                sizes.family, shape.lora_rank is not None, bitsandbytes=shape.base_quantization.startswith("bnb")
+            ).as_dict(),
             "advice": None if advice is None else advice.as_dict(),
         }
         return json.dumps({"model": model, "family": sizes.family, **estimate.as_dict(), **card})

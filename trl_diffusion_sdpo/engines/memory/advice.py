@@ -149,24 +149,35 @@ class ShardedFit:
     changes: tuple[Change, ...]
     estimate: MemoryEstimate
     verdict: CardVerdict
+    #: the other engines of :data:`SHARDED_ENGINES` that fit at this count with the same changes
+    also: tuple[str, ...] = ()
 
     @property
     def flags(self) -> list[str]:
         changes = [word for change in self.changes for word in change.flags]
         return ["--engine", self.engine, "--num_processes", str(self.num_processes), *changes]
 
-    def sentence(self) -> str:
+    def _figures(self) -> str:
         found = self.verdict
+        also = "".join(f" (or --engine {engine})" for engine in self.also)
         return (
-            f"Sharded over {self.num_processes} GPUs of {found.gpu_gb:g} GB, it fits: {' '.join(self.flags)} (the "
-            f"estimate {found.estimate_gib:.2f} GiB per process, planned {found.planned_gib:.2f} GiB, "
-            f"{found.margin_gib:.2f} GiB to spare)."
+            f"{' '.join(self.flags)}{also} (the estimate {found.estimate_gib:.2f} GiB per process, planned "
+            f"{found.planned_gib:.2f} GiB, {found.margin_gib:.2f} GiB to spare)"
         )
+
+    def sentence(self) -> str:
+        return f"Sharded over {self.num_processes} GPUs of {self.verdict.gpu_gb:g} GB, it fits: {self._figures()}."
+
+    def full_tuning_sentence(self, processes: int) -> str:
+        """The sentence naming this as the full-tuning setting that fits, for a run asked on ``processes``."""
+        where = f"on its {processes} GPUs" if processes == self.num_processes else f"over {self.num_processes} GPUs"
+        return f"Full tuning, as asked, fits {where} of {self.verdict.gpu_gb:g} GB: {self._figures()}."
 
     def as_dict(self) -> dict:
         return {
             "flags": self.flags,
             "engine": self.engine,
+            "also_engines": list(self.also),
             "num_processes": self.num_processes,
             "total_gib": round(self.estimate.total_gib, 3),
             "planned_gib": self.verdict.planned_gib,
@@ -186,6 +197,11 @@ class FitAdvice:
     verdict: CardVerdict
     closest: tuple[Change, ...] = ()
     sharded: ShardedFit | None = None
+    #: where full tuning was asked and the least change trains LoRA instead: the full-tuning setting that fits (the
+    #: fewest processes from the run's own, sharded, :func:`_fewest_gpus`); ``None`` otherwise, or where none does
+    full_tuning: ShardedFit | None = None
+    #: the processes the run was asked on
+    num_processes: int = 1
 
     @property
     def fits(self) -> bool:
@@ -217,10 +233,13 @@ class FitAdvice:
                 "step), it does not fit either."
             )
         gives_up = "; ".join(f"{' '.join(c.flags)}: {c.gives_up}" for c in self.changes)
-        return (
+        least = (
             f"The least change that fits {card}: {' '.join(self.flags)} (the estimate {found.estimate_gib:.2f} GiB, "
             f"planned {found.planned_gib:.2f} GiB, {found.margin_gib:.2f} GiB to spare; it gives up {gives_up})."
         )
+        if self.full_tuning is None:
+            return least
+        return f"{self.full_tuning.full_tuning_sentence(self.num_processes)} {least}"
 
     def as_dict(self) -> dict:
         found = {
@@ -231,7 +250,7 @@ class FitAdvice:
             "margin_gib": self.verdict.margin_gib,
         }
         if self.fits:
-            return found
+            return {**found, "full_tuning": None if self.full_tuning is None else self.full_tuning.as_dict()}
         return {
             **found,
             "closest": self.closest_flags or None,
@@ -319,11 +338,16 @@ def fit_advice(
     if not verdict.fits:
         closest = _closest(changes, verdict_of)
         estimate, verdict = verdict_of(closest, bounded=False)
-        return FitAdvice((), estimate, verdict, closest, _fewest_gpus(shape, changes, verdict_of))
+        sharded = _fewest_gpus(shape, changes, verdict_of)
+        return FitAdvice((), estimate, verdict, closest, sharded, num_processes=shape.num_processes)
     for combo in _combinations(changes):  # the strongest combination is among them: one fits
         estimate, verdict = verdict_of(combo)
         if verdict.fits:
-            return FitAdvice(combo, estimate, verdict)
+            # full tuning asked, LoRA advised: also the full-tuning setting, sharded from the run's own count up
+            full = None
+            if shape.lora_rank is None and any(c.group == "tuning" for c in combo):
+                full = _fewest_gpus(shape, changes, verdict_of, fewest=max(2, shape.num_processes))
+            return FitAdvice(combo, estimate, verdict, full_tuning=full, num_processes=shape.num_processes)
     return FitAdvice((), estimate, verdict)  # pragma: no cover
 
 
@@ -357,14 +381,16 @@ def _fewest_gpus(
     shape: RunShape,
     changes: list[Change],
     verdict_of: Callable[[tuple[Change, ...], RunShape], tuple[MemoryEstimate, CardVerdict]],
+    fewest: int = 2,
 ) -> ShardedFit | None:
-    """The fewest processes, 2 to :data:`MAX_SHARDED_GPUS`, of one of :data:`SHARDED_ENGINES` that fit ``shape``
-    as it is or with the cheapest combination of its ``changes`` of :data:`SAME_TRAINING` (each estimated by
-    ``verdict_of``); ``None`` where no count does. A count fits when the strongest such combination does (the
-    lowest peak), and more processes never raise a per-process peak: the first count that fits is the fewest."""
+    """The fewest processes, ``fewest`` to :data:`MAX_SHARDED_GPUS`, of one of :data:`SHARDED_ENGINES` that fit
+    ``shape`` as it is or with the cheapest combination of its ``changes`` of :data:`SAME_TRAINING` (each estimated
+    by ``verdict_of``); ``None`` where no count does. A count fits when the strongest such combination does (the
+    lowest peak), and more processes never raise a per-process peak: the first count that fits is the fewest. Where
+    both engines fit with the same changes, the first is named and the other given as ``also``."""
     same = [c for c in changes if c.group in SAME_TRAINING]
     strongest = _strongest(same)
-    for processes in range(2, MAX_SHARDED_GPUS + 1):
+    for processes in range(fewest, MAX_SHARDED_GPUS + 1):
         found = []
         for engine in SHARDED_ENGINES:
             run = replace(shape, engine=engine, num_processes=processes)
@@ -373,7 +399,9 @@ def _fewest_gpus(
             combo = next(c for c in ((), *_combinations(same)) if verdict_of(c, run)[1].fits)
             found.append((_cost(combo), len(combo), SHARDED_ENGINES.index(engine), engine, combo, run))
         if found:
-            *_, engine, combo, run = min(found, key=lambda entry: entry[:3])
+            best = min(found, key=lambda entry: entry[:3])
+            *_, engine, combo, run = best
+            also = tuple(entry[3] for entry in found if entry is not best and entry[4] == combo)
             estimate, verdict = verdict_of(combo, run, False)
-            return ShardedFit(engine, processes, combo, estimate, verdict)
+            return ShardedFit(engine, processes, combo, estimate, verdict, also)
     return None

@@ -64,15 +64,42 @@ class PlanningError:
     def percent(self) -> str:
         return f"{(self.ratio - 1) * 100:.0f} %"
 
+    @property
+    def source(self) -> MeasuredError | None:
+        """The row the ratio was measured on: this family's and tuning's, or the one it is borrowed from."""
+        return self.measured if self.measured is not None else self.largest
+
     def describe(self, family: str, lora: bool) -> str:
-        """Where the ratio comes from, in a clause."""
+        """Where the ratio comes from, in a clause: the runs it was measured on and their result file, and, where it
+        is borrowed from another family or tuning, which and that this one was not measured."""
         tuning = "LoRA" if lora else "full tuning"
         if self.measured is not None:
-            return f"the most a {family} {tuning} run's peak exceeded its estimate on a GPU ({self.measured.runs})"
+            return (
+                f"the most a {family} {tuning} run's peak exceeded its estimate on a GPU ({self.measured.runs}; "
+                f"{MEASUREMENTS_FILE})"
+            )
         source = self.largest
-        base = " on a bitsandbytes base" if source is not None and source.bitsandbytes else ""
-        where = f", for {source.family} {source.tuning}{base}" if source is not None else ""
-        return f"the largest error measured on a GPU{where}; {family} {tuning} has not been measured on a GPU"
+        if source is None:  # pragma: no cover - every kind of base has a row
+            return f"{family} {tuning} has not been measured on a GPU"
+        base = " on a bitsandbytes base" if source.bitsandbytes else ""
+        return (
+            f"the largest error measured on a GPU, borrowed from {source.family} {source.tuning}{base} "
+            f"({source.runs}; {MEASUREMENTS_FILE}): {family} {tuning} has not been measured on a GPU"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """The margin's source for ``--json``: the row's family, tuning, base, runs and result file, and whether it
+        is borrowed (not the run's own family and tuning)."""
+        source = self.source
+        return {
+            "percent": round((self.ratio - 1) * 100, 1),
+            "borrowed": self.measured is None,
+            "family": None if source is None else source.family,
+            "tuning": None if source is None else source.tuning,
+            "bitsandbytes_base": None if source is None else source.bitsandbytes,
+            "runs": None if source is None else source.runs,
+            "file": MEASUREMENTS_FILE,
+        }
 
 
 def planning_error(family: str, lora: bool, bitsandbytes: bool = False) -> PlanningError:
