@@ -9,7 +9,7 @@ differs between DDP, DeepSpeed and FSDP in :mod:`.engines`, the step's stages in
     -> predictions of the policy and the reference            (step.stages, step.predictions)
     -> [safeguard.loser_weight: the output space's lambda]    (safeguards.output)
     -> denoising errors -> objective                          (step.predictions, objectives)
-    -> backward: the engine's, or the branches kept apart     (step.backward; safeguards.parameter)
+    -> backward: the engine's, or the branches kept apart     (Trainer's; safeguards.passes, safeguards.parameter)
     -> [safeguard.combine: lambda, g_w + lambda * h_l]        (safeguards.parameter)
     -> non-finite guard -> metrics                            (callbacks.interruptions, step.predictions)
 
@@ -67,7 +67,6 @@ from .io.run_summary import StartSummary
 from .io.trackers import CONSOLE_CALLBACKS, TrackerCallback, is_tracker, tracker_in
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
-from .step.backward import Backward, BackwardWindow, PassesInStep
 from .step.predictions import (
     Evaluation,
     evaluate_objective,
@@ -82,7 +81,6 @@ from .step.stages import (
     Augmentation,
     MicroBatchDraws,
     MicroBatchStages,
-    PlacedMicroBatch,
     UsableBatches,
 )
 
@@ -406,6 +404,7 @@ class DiffusionSDPOTrainer(Trainer):
                 callback.bind_to_trainer(self)
                 self.sampling_callbacks.append(callback)
         self._eval_metric_prefix: str | None = None
+        self._passes: Any = None  # the exact rule's passes while Trainer's step runs (_training_step_in_passes)
         self._next_log: dict[str, float] = {}  # what callbacks handed log_next since the last training log
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -668,65 +667,53 @@ class DiffusionSDPOTrainer(Trainer):
         return self.nonfinite.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One micro-batch of Diffusion-DPO: batch -> noised pair -> predictions of the policy and the reference ->
-        denoising errors -> objective -> backward -> metrics. Returns the loss averaged over the accumulation window.
-
-        The step is ``transformers.Trainer.training_step`` running :meth:`compute_loss`: the loss, its division by the
-        accumulation window, the engine's backward and the cache clearing are Trainer's. A safeguard whose rule keeps
-        the branches' gradients apart (the parameter and update spaces) wraps that call: its passes' context around
-        it (:class:`.step.backward.PassesInStep`, whose loss carries the split backward into Trainer's), its hook
-        after it (``lambda``, and ``g_w + lambda * h_l`` written). Around either: the batch stage before, the
-        safeguard's ``mu`` adapting, the non-finite flag and the metrics after."""
-        inputs, replay = self._batch(self.place_inputs(inputs), "train")
-        if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
-            return torch.zeros((), device=self.args.device)
-        batch = PlacedMicroBatch(inputs, replay)
-        stage: Backward | None = getattr(self.safeguard, "backward_stage", None)
+        """``transformers.Trainer.training_step`` running :meth:`compute_loss`: the placement, the loss's division by
+        the accumulation window, the engine's backward and the cache clearing are Trainer's. A safeguard whose rule
+        keeps the branches' gradients apart (the parameter and update spaces) brings passes that run inside that step
+        (:meth:`_training_step_in_passes`). After it: the logged loss kept finite, on the device."""
+        if self.engine.input_dtype() is not None and "pair_scores" in inputs:
+            # Trainer casts every floating input to DeepSpeed's dtype; SmPO's scores are data, not model inputs, and
+            # bf16 steps of 1e-3 near 0.2 would move a 0.01 score gap by 10%: their float32 bits travel as int32.
+            inputs = {**inputs, "pair_scores": inputs["pair_scores"].float().view(torch.int32)}
+        stage = getattr(self.safeguard, "backward_stage", None)
         if stage is None:
-            loss = super().training_step(model, batch, num_items_in_batch)  # compute_loss fills `batch`
+            loss = super().training_step(model, inputs, num_items_in_batch)
         else:
-            policy = model if stage.through_engine else self._unwrapped(model)
-            window = BackwardWindow(
-                self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay
-            )
-            placement = self.engine.passes_placement  # where the engine lets the passes run in Trainer's step
-            hook = self._combine if placement == "with_combination" else None  # else after Trainer's step
-            context = self.compute_loss_context_manager
-            with PassesInStep(stage, policy, window, context, placement, hook) as batch.passes:
-                loss = super().training_step(model, batch, num_items_in_batch)
-            if batch.passes.lambdas is None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
-                batch.lambdas.update(self._combine(batch.passes.branches))
-            else:
-                batch.lambdas.update(batch.passes.lambdas)
-        if self.safeguard is not None:  # mu with safeguard_mu="auto", once the safeguard has read it (its hook too)
-            self.safeguard.margin.adapt(batch.evaluation.errors, not replay, self.accelerator.sync_gradients)
-        if replay:  # a zero-weighted replay: its loss and metrics are its peers'
-            return torch.zeros((), device=self.args.device)
-        self.nonfinite.flag(loss)
-        record_step_metrics(
-            self._metrics["train"], batch.evaluation, batch.lambdas, batch.noised, self.noiser.num_train_timesteps
-        )
+            loss = self._training_step_in_passes(stage, model, inputs, num_items_in_batch)
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
         return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
+    def _training_step_in_passes(self, stage: Any, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """Trainer's step with the exact rule's passes (built by the safeguard's ``backward_stage``: its module alone
+        loads them) entered around it; :meth:`compute_loss` runs their forward and the loss it returns carries their
+        backward into Trainer's. Then the safeguard's hook (``lambda``, and ``g_w + lambda * h_l`` written), unless
+        the engine's placement ran it already, and ``mu`` adapted on the micro-batch's errors."""
+        policy = model if stage.through_engine else self._unwrapped(model)
+        steps, sync = self.current_gradient_accumulation_steps, self.accelerator.sync_gradients
+        placement = self.engine.passes_placement  # where the engine lets the passes run in Trainer's step
+        hook = self._combine if placement == "with_combination" else None  # else after Trainer's step
+        with stage.in_step(policy, steps, sync, self.compute_loss_context_manager, placement, hook) as passes:
+            self._passes = passes
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._passes = None
+        if passes.evaluation is None:  # every row was invalid, one process: no pass ran
+            return loss
+        lambdas = passes.lambdas if passes.lambdas is not None else self._combine(passes.branches)
+        contributes = passes.window.contributes
+        self.safeguard.margin.adapt(passes.evaluation.errors, contributes, sync)  # once the hook has read mu
+        if not contributes:  # a zero-weighted replay: its loss and metrics are its peers'
+            return torch.zeros_like(loss)
+        for name, value in lambdas.items():
+            if value is not None:
+                self._metrics["train"][name].append(value)
+        return loss
+
     def _combine(self, branches: Any) -> dict[str, torch.Tensor | None]:
         """The safeguard's hook after the branches' backward: ``lambda``, and ``g_w + lambda * h_l`` written."""
         return self.safeguard.combine(branches, self.optimizer)
-
-    def _objective(
-        self,
-        objective: PreferenceObjective,
-        predictions: PreferencePredictions,
-        pair_scores: torch.Tensor | None,
-        contributes: bool,
-    ) -> tuple[Evaluation, dict[str, torch.Tensor | None]]:
-        """denoising errors -> ``objective`` (the one in force), the loser error's gradient weighted by the
-        safeguard's ``lambda`` where its hook acts on the predictions (the output space); the ``lambda`` by metric
-        name."""
-        weight = None if self.safeguard is None else self.safeguard.loser_weight(predictions, contributes)
-        evaluation = evaluate_objective(objective, predictions, pair_scores, loser_weight=weight)
-        return evaluation, ({} if weight is None else {"safeguard/lambda": weight})
 
     def objective_in_force(self) -> PreferenceObjective:
         """The objective with the ``beta`` in force (the :attr:`auto_beta`'s, or the configured one)."""
@@ -758,50 +745,56 @@ class DiffusionSDPOTrainer(Trainer):
     def compute_loss(
         self,
         model: torch.nn.Module,
-        inputs: dict[str, torch.Tensor] | PlacedMicroBatch,
+        inputs: dict[str, torch.Tensor],
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """A micro-batch's Diffusion-DPO loss: batch -> noised pair -> predictions -> errors -> objective (weighted
-        zero for a replay). A training micro-batch (a :class:`.PlacedMicroBatch`, from :meth:`training_step`) takes
-        the loser error's gradient weighted by the output space's ``lambda`` and keeps what the step records after
-        the backward in ``inputs``; an evaluation one records its metrics and the ``lambda`` a safeguard would take
-        (nothing is weighted without a backward)."""
-        if isinstance(inputs, PlacedMicroBatch):
-            batch = inputs
-            passes = batch.passes  # the exact rule's passes (the parameter and update spaces), else None
-            policy = model if passes is None else passes.policy
-            batch.noised = self.stages.noised_pair(policy, batch.inputs, "train", self.state.global_step)
-            objective = self.objective_in_force()  # one beta for every pass of the micro-batch
-
-            def predict_and_evaluate(separate_branches: bool) -> tuple[torch.Tensor, PreferencePredictions]:
-                predictions = self.stages.predict_noised(policy, batch.noised, separate_branches)
-                batch.evaluation, batch.lambdas = self._objective(
-                    objective, predictions, batch.inputs.get("pair_scores"), not batch.replay
-                )
-                return batch.evaluation.loss, predictions
-
-            if passes is not None:  # the loss carries the passes' backward into Trainer's (their hook follows it)
-                loss = passes.loss(batch.noised.num_pairs, predict_and_evaluate)
-            else:
-                loss = predict_and_evaluate(False)[0]
-                loss = loss * 0.0 if batch.replay else loss
-            if self.auto_beta is not None:  # the next micro-batches' beta: its window closes with the step's last
-                self.auto_beta.adapt(batch.evaluation.errors, not batch.replay, self.accelerator.sync_gradients)
-            return (loss, {"logits": batch.evaluation.output.logits}) if return_outputs else loss
+        """A micro-batch's Diffusion-DPO loss: batch -> noised pair -> predictions of the policy and the reference
+        -> [the output space's ``lambda`` on the loser error's gradient] -> denoising errors -> objective; its
+        metrics kept on the device (reduced at each log). A zero-weighted replay (several processes, a micro-batch
+        that lost every row) weighs zero and records nothing. An evaluation micro-batch records the ``lambda`` a
+        safeguard would take (nothing is weighted without a backward). Under the exact rule's passes (the parameter
+        and update spaces) the forward is theirs to run, once per pass."""
         mode = "train" if model.training else "eval"
         inputs, replay = self._batch(inputs, mode)
         if inputs is None:  # every row was invalid, one process: contribute nothing, keep the graph connected
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, {}) if return_outputs else loss
-        predictions = self.stages.predict(model, inputs, mode, self.state.global_step, separate_branches=False)
-        safeguard = self.safeguard
-        lambdas = {} if safeguard is None else safeguard.evaluation_lambdas(predictions, contributes=not replay)
-        evaluation = evaluate_objective(self.objective_in_force(), predictions, inputs.get("pair_scores"))
-        loss = evaluation.loss
-        if replay:
-            loss = loss * 0.0
-        else:
+        passes = self._passes if mode == "train" else None
+        policy = model if passes is None else passes.policy
+        noised = self.stages.noised_pair(policy, inputs, mode, self.state.global_step)
+        objective = self.objective_in_force()  # one beta for every pass of the micro-batch
+        scores = inputs.get("pair_scores")
+        if scores is not None and scores.dtype == torch.int32:  # float32 bits past Trainer's cast (training_step)
+            scores = scores.view(torch.float32)
+        safeguard, lambdas = self.safeguard, {}
+
+        def forward(separate_branches: bool) -> tuple[Evaluation, PreferencePredictions]:
+            predictions = self.stages.predict_noised(policy, noised, separate_branches)
+            weight = None
+            if safeguard is not None and mode == "train":
+                weight = safeguard.loser_weight(predictions, not replay)
+                lambdas.update({} if weight is None else {"safeguard/lambda": weight})
+            elif safeguard is not None:
+                lambdas.update(safeguard.evaluation_lambdas(predictions, contributes=not replay))
+            return evaluate_objective(objective, predictions, scores, loser_weight=weight), predictions
+
+        if passes is None:
+            evaluation = forward(False)[0]
+            loss = evaluation.loss * 0.0 if replay else evaluation.loss
+        else:  # the loss carries the passes' backward into Trainer's (their hook follows it)
+            loss = passes.loss(noised.num_pairs, forward, contributes=not replay)
+            evaluation = passes.evaluation
+        if mode == "train":
+            sync = self.accelerator.sync_gradients
+            if self.auto_beta is not None:  # the next micro-batches' beta: its window closes with the step's last
+                self.auto_beta.adapt(evaluation.errors, not replay, sync)
+            if safeguard is not None and passes is None:  # mu with safeguard_mu="auto", once the rule has read it
+                safeguard.margin.adapt(evaluation.errors, not replay, sync)
+            if not replay:
+                self.nonfinite.flag(loss)
+                record_step_metrics(self._metrics[mode], evaluation, lambdas, noised, self.noiser.num_train_timesteps)
+        elif not replay:
             record_metrics(self._metrics[mode], evaluation.errors, evaluation.output, lambdas)
         return (loss, {"logits": evaluation.output.logits}) if return_outputs else loss
 

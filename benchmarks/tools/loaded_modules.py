@@ -37,8 +37,8 @@ from pathlib import Path
 PACKAGE = "trl_diffusion_sdpo"
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = {"dpo": {"safeguard_space": "none"}, "parameter": {"safeguard_space": "parameter", "safeguard_mu": 0.5}}
-# The issue's design limits on the lines a run loads, per scenario.
-LIMITS = {"dpo": 10_000, "parameter": 12_500}
+sys.path.insert(0, str(REPO))
+from tests.helpers.core import LOADED_LINES_LIMITS as LIMITS  # noqa: E402  the limits' one home
 
 BUILD = """
 import sys

@@ -323,6 +323,22 @@ def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run
     ]
 
 
+def test_the_exact_rules_passes_load_with_the_exact_rule_only(run_modules):
+    """Plain Diffusion-DPO's step is transformers' step running ``compute_loss``: the passes that keep the branches'
+    gradients apart load with the parameter space (it runs them) and never with a plain run."""
+    passes = "trl_diffusion_sdpo.safeguards.passes"
+    assert passes in run_modules("parameter")
+    assert passes not in run_modules("none")
+
+
+# Over the budget until the run's saving, run control and config load less: strict, so that it is dropped once met.
+@pytest.mark.xfail(strict=True, reason="a plain LoRA run loads more package lines than its budget")
+def test_a_plain_lora_run_loads_within_its_line_budget(plain_run_modules):
+    from tests.helpers.core import LOADED_LINES_LIMITS
+
+    assert sum(plain_run_modules.values()) <= LOADED_LINES_LIMITS["dpo"]
+
+
 # What a plain SD run in TRL's preference form did not choose: the latent cache (cache_latents), reward functions and
 # scoring (reward_funcs), the auto-beta (auto_beta), a quantized base, the inversion (noising="inversion"), video data
 # and Pick-a-Pic's label form, the EMA weights (ema_decay), the Hub and model cards (push_to_hub), the output space's

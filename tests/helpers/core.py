@@ -84,3 +84,8 @@ CORE: dict[str, tuple[str, ...]] = {
         "io/run_summary.py",
     ),
 }
+
+#: the package lines a run on the tiny SD pipeline with LoRA may load, per scenario of
+#: benchmarks/tools/loaded_modules.py (``dpo``: plain Diffusion-DPO; ``parameter``: the exact rule), which records
+#: them beside its figures; tests/docs/test_imports.py holds the plain run to its limit
+LOADED_LINES_LIMITS: dict[str, int] = {"dpo": 10_000, "parameter": 12_500}

@@ -201,7 +201,7 @@ def test_a_compiled_step_equals_the_eager_per_branch_step(make_trainer, fresh_dy
 def _compiled_step_reads(make_trainer, monkeypatch, **overrides) -> list[str]:
     """The host reads of a compiled run's second optimizer step (its first compiles and decides the passes),
     counting those inside the passes too: autograd runs a backward with no torch-function mode on, so the passes that
-    Trainer's backward carries (:class:`~trl_diffusion_sdpo.step.backward.PassesInStep`) re-enter the step's
+    Trainer's backward carries (:class:`~trl_diffusion_sdpo.safeguards.passes.PassesInStep`) re-enter the step's
     counter."""
     counted = StepHostReads(lambda step: step == 1)
     trainer = make_trainer(max_steps=2, logging_steps=1000, callbacks=[counted], **overrides, **COMPILED)
@@ -320,3 +320,24 @@ def test_deepspeed_asks_its_engine_whether_it_runs_the_module_compiled():
         assert collectives.runs_compiled(module) is compiled
     plain = object.__new__(BranchCollectives)
     assert not plain.runs_compiled(module) and plain.runs_compiled(torch.compile(module))
+
+
+def test_a_compiled_update_space_on_one_process_takes_the_per_branch_passes(make_trainer, caplog):
+    """Which passes the update space runs on a compiled denoiser: on one process, whose per-branch store can hold its
+    branches, the per-branch passes (compiled whole), as the parameter space's; only collectives whose per-branch
+    passes keep the winner's gradient inside the engine (DeepSpeed's) take the tapped one pass there. The decision
+    alone, on a compiled policy: no step runs."""
+    from trl_diffusion_sdpo.safeguards.parameter import OnePass, PerBranchPasses
+    from trl_diffusion_sdpo.safeguards.passes import BackwardWindow
+
+    routes = {}
+    for per_branch_store in (True, False):
+        trainer = make_trainer(safeguard_space="update", safeguard_mu=0.5)
+        stage = trainer.safeguard.backward_stage
+        assert stage.update_space and stage.collectives.two_pass_update_space  # one process's collectives
+        stage.collectives.two_pass_update_space = per_branch_store  # False: as DeepSpeed's declare
+        compiled = torch.compile(trainer.policy, backend="aot_eager")  # compiled lazily: nothing runs here
+        with caplog.at_level("WARNING", logger="trl_diffusion_sdpo.safeguards.parameter"):
+            routes[per_branch_store] = type(next(stage.passes(compiled, BackwardWindow()))), stage.two_pass_reason
+    assert routes[True][0] is PerBranchPasses and "compiled" in routes[True][1]
+    assert routes[False] == (OnePass, None)

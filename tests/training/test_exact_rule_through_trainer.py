@@ -90,7 +90,7 @@ def _train_placed(
     ``placement`` (and the stage's ``collectives`` replaced, where given; ``overrides``: more config fields): per
     pass, (inside the engine's backward, its scale left to the stage); the placements ``PassesInStep`` was given;
     the trained weights; the training logs."""
-    from trl_diffusion_sdpo.step.backward import PassesInStep
+    from trl_diffusion_sdpo.safeguards.passes import PassesInStep
 
     trainer = make_trainer(
         max_steps=1, gradient_accumulation_steps=2, safeguard_space="parameter", safeguard_mu=0.5, **overrides
@@ -184,7 +184,7 @@ def test_a_deferred_engine_backward_keeps_the_accumulation_average_of_trainers_s
 
 
 def test_a_placement_and_its_hook_are_checked():
-    from trl_diffusion_sdpo.step.backward import BackwardWindow, PassesInStep
+    from trl_diffusion_sdpo.safeguards.passes import BackwardWindow, PassesInStep
 
     with pytest.raises(ValueError, match="placement must be one of"):
         PassesInStep(None, None, BackwardWindow(), placement="inside")

@@ -661,6 +661,43 @@ def test_pair_scores_stay_float32_where_deepspeed_casts_the_inputs(make_trainer,
     torch.testing.assert_close(inputs["pair_scores"], scores, rtol=0, atol=0)
 
 
+def test_pair_scores_reach_the_objective_exact_through_trainers_cast_of_deepspeed_inputs(make_trainer, monkeypatch):
+    """Through Trainer's own training step, whose placement casts every floating input to DeepSpeed's dtype (a bf16
+    round trip of each floating tensor stands in for it), the objective receives the collated pair scores bit for
+    bit, in float32."""
+    import trl_diffusion_sdpo.trainer as trainer_module
+
+    trainer = make_trainer(lora=True)
+    monkeypatch.setattr(trainer.engine, "input_dtype", lambda: torch.bfloat16)
+    placed = trainer._prepare_inputs
+
+    def cast_like_deepspeed(inputs):
+        lossy = {
+            k: v.to(torch.bfloat16).to(v.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()
+        }
+        return placed(lossy)
+
+    monkeypatch.setattr(trainer, "_prepare_inputs", cast_like_deepspeed)
+    seen = []
+    evaluate = trainer_module.evaluate_objective
+
+    def spy(objective, predictions, pair_scores=None, **kwargs):
+        seen.append(pair_scores)
+        return evaluate(objective, predictions, pair_scores, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_objective", spy)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    scores = torch.tensor([[0.2131, 0.2047], [0.1990, 0.2003]], dtype=torch.float32)
+    assert not torch.equal(scores.to(torch.bfloat16).float(), scores)  # the cast would move them
+    batch["pair_scores"] = scores.clone()
+    trainer.current_gradient_accumulation_steps = 1  # what train() sets for each accumulation window
+    trainer.model.train()
+    trainer.training_step(trainer.model, batch)
+    assert len(seen) == 1 and seen[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0], scores, rtol=0, atol=0)
+
+
 def test_a_replayed_micro_batch_leaves_the_gradients_of_plain_diffusion_dpo_unchanged(make_trainer):
     """Through Trainer's own training step (plain Diffusion-DPO: Trainer runs the backward of the loss compute_loss
     returns), a replay with several processes runs a real forward and backward and adds nothing: ``.grad`` after it

@@ -50,7 +50,7 @@ _ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedT
 
 
 #: Where an engine runs the exact rule's per-branch passes within transformers' ``Trainer.training_step``
-#: (:attr:`Engine.passes_placement`, read by :class:`~trl_diffusion_sdpo.step.backward.PassesInStep`)
+#: (:attr:`Engine.passes_placement`, read by :class:`~trl_diffusion_sdpo.safeguards.passes.PassesInStep`)
 PASS_PLACEMENTS = {
     "in_backward": "inside the engine's backward that Trainer's step runs, carried by the loss compute_loss returns",
     "in_compute_loss": (

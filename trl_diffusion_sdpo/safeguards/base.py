@@ -30,7 +30,7 @@ from .margin import SafeguardMargin
 
 if TYPE_CHECKING:
     from ..config import DiffusionSDPOConfig
-    from ..step.backward import Backward
+    from .passes import Backward
 
 __all__ = ["Safeguard"]
 

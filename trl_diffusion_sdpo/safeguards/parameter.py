@@ -48,11 +48,11 @@ from ..engines import Engine
 from ..engines.base import trainable_parameters
 from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions
-from ..step.backward import BackwardWindow
 from ..step.predictions import Evaluation
 from .base import Safeguard
 from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from .margin import SafeguardMargin
+from .passes import BackwardWindow, PassesInStep
 
 if TYPE_CHECKING:
     from .output import OutputSpaceRule
@@ -275,6 +275,20 @@ class ParameterSpaceBackward:
         would scale the loss (the accumulation average, the fp16 loss scale): the tapped one pass where it can run,
         else, or where the first micro-batch's could not split its branches, one pass per branch."""
         yield from self._passes(policy, window, self._backward_scale(window))
+
+    def in_step(
+        self,
+        policy: torch.nn.Module,
+        accumulation_steps: int,
+        sync_gradients: bool,
+        context: Callable[[], contextlib.AbstractContextManager],
+        placement: str,
+        combine: Callable[[Any], dict[str, Any]] | None,
+    ) -> PassesInStep:
+        """The micro-batch's :meth:`passes` inside transformers' step, where the engine places them (its
+        ``passes_placement``; ``combine``, the safeguard's hook, for ``"with_combination"``)."""
+        window = BackwardWindow(accumulation_steps, sync_gradients)
+        return PassesInStep(self, policy, window, context, placement, combine)
 
     def _passes(
         self, policy: torch.nn.Module, window: BackwardWindow, scale: torch.Tensor

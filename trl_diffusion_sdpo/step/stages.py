@@ -15,7 +15,7 @@
 The predictions, errors and objective come next (:mod:`.predictions`). :class:`MicroBatchStages` holds what the
 stages need (the family, its noiser, the reference, the keyed draws and the augmentation settings) and runs them in
 order; each stage is a public method or function taking what it needs as arguments, so tests can run or replace one
-alone. The trainer's step then runs the objective (:mod:`.predictions`) and the backward (:mod:`.backward`).
+alone. The trainer's step then runs the objective (:mod:`.predictions`); transformers' step runs the backward.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ __all__ = [
     "MicroBatchDraws",
     "MicroBatchStages",
     "NoisedMicroBatch",
-    "PlacedMicroBatch",
     "prompt_inputs",
     "select_prompts",
     "UsableBatches",
@@ -271,37 +270,6 @@ class NoisedMicroBatch:
     @property
     def num_pairs(self) -> int:
         return self.noised.noisy.shape[0] // 2
-
-
-@dataclass(eq=False)
-class PlacedMicroBatch:
-    """A training micro-batch on its way through ``transformers.Trainer.training_step`` to ``compute_loss``.
-
-    It is placed on the device already (the floating tensors in the engine's input dtype, the pair scores in
-    float32), and Trainer's own placement passes through what is neither a tensor nor a container, so it stays as
-    placed (Trainer would cast the scores to DeepSpeed's dtype). ``compute_loss`` fills the slots with what the step
-    records once the backward has run.
-
-    Attributes:
-        inputs: the collated micro-batch, on the device.
-        replay: a zero-weighted replay (see :class:`UsableBatches`): its loss is weighted zero, its metrics left out.
-        noised: the noised pair the predictions were taken on (set by ``compute_loss``).
-        evaluation: the objective's evaluation (set by ``compute_loss``).
-        lambdas: the safeguard's ``lambda`` by metric name, where its hook acts on the predictions.
-        passes: the exact rule's passes (a :class:`~trl_diffusion_sdpo.step.backward.PassesInStep`) where the
-            safeguard keeps the branches' gradients apart, else ``None``.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    replay: bool = False
-    noised: NoisedMicroBatch | None = None
-    evaluation: Any = None
-    lambdas: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
-    passes: Any = None
-
-    def __len__(self) -> int:
-        # Trainer refuses a batch of length 0 (no keys); the micro-batch's length is its keys'.
-        return len(self.inputs)
 
 
 class MicroBatchStages:

@@ -18,8 +18,9 @@ and then::
 
 each one call per flat tensor (:func:`~.one_pass.blocked_dot`), ``lambda`` a device tensor throughout. Each branch's
 gradient is autograd's accumulation into zeros, bit for bit what a separate ``torch.autograd.backward`` of that branch
-gives. The weights a backward reaches are learnt at the first such micro-batch (one hook per weight, once); the
-others keep an empty ``.grad``, as after a plain backward, and a weight reached later is taken into its view.
+gives. Each pass notes the weights it reaches (one hook per weight, a Python call each, no host read); after the
+loser's, a weight neither pass reached keeps an empty ``.grad``, as after a plain backward (a zero ``.grad`` would
+still move it through an optimizer's moments and weight decay).
 
 Where the ``.grad`` fields already hold the earlier micro-batches' sum ``A`` (gradient accumulation), or the winner's
 buffered gradient is averaged over processes while ``.grad`` keeps the local one (the global scope), three vectors
@@ -153,9 +154,7 @@ class BranchGradientSplitter:
         self.local = local
         self._buffer: _Flat | None = None  # g_w (h_l while streaming): the one tensor beyond Diffusion-DPO's
         self._grads: _Flat | None = None  # whole weights: the .grad views, allocated at the first fresh micro-batch
-        self._reached: list[bool] | None = None  # the weights a backward reaches (learnt once; see the docstring)
-        self._unreached: list[int] = []
-        self._learning: list[bool] | None = None
+        self._reached: list[bool] = []  # the weights this micro-batch's passes reached (whole weights, fresh)
         self._seen: list[bool] = []
         self._streaming = True  # False: this micro-batch started from empty gradients (see the module docstring)
 
@@ -224,43 +223,25 @@ class BranchGradientSplitter:
         return cross - torch.stack(torch._foreach_norm([b for b, _ in pairs])).float().pow(2).sum()
 
     def _fresh_grads(self) -> _Flat:
-        """The ``.grad`` flat, zeroed, its views set as the ``.grad`` of the weights a backward reaches (all of them
-        at the first micro-batch, which learns which those are)."""
+        """The ``.grad`` flat, zeroed, its views set as every weight's ``.grad``; none reached yet."""
         if self._grads is None:
             self._grads = _Flat(self.parameters)
         else:
             torch._foreach_zero_(self._grads.flats)
-        if self._reached is None:
-            self._learning = [False] * len(self.parameters)
-        for i in self._targets():
-            self.parameters[i].grad = self._grads.views[i]
+        for p, view in zip(self.parameters, self._grads.views):
+            p.grad = view
+        self._reached = [False] * len(self.parameters)
         return self._grads
 
-    def _targets(self) -> range | list[int]:
-        if self._reached is None:
-            return range(len(self.parameters))
-        return [i for i, reached in enumerate(self._reached) if reached]
-
     def _flat_backward(self, outputs: Tensor, cotangents: Tensor, last: bool = False) -> None:
-        """A branch's backward accumulating into the ``.grad`` views. The first micro-batch notes the weights it
-        reaches (one hook per weight) and, after its ``last`` pass, empties the others' ``.grad``; afterwards a weight
-        reached for the first time is taken into its view."""
-        if self._learning is not None:
-            learning = self._learning
-            _hooked_backward(self.parameters, outputs, cotangents, lambda i, grad: learning.__setitem__(i, True))
-            if last:
-                self._reached, self._learning = learning, None
-                self._unreached = [i for i, reached in enumerate(learning) if not reached]
-                for i in self._unreached:
-                    self.parameters[i].grad = None
-            return
-        torch.autograd.backward(outputs, cotangents)
-        views = self._grads.views
-        for i in [i for i in self._unreached if self.parameters[i].grad is not None]:  # reached for the first time
-            p = self.parameters[i]
-            views[i].copy_(p.grad)
-            p.grad, self._reached[i] = views[i], True
-            self._unreached.remove(i)
+        """A branch's backward accumulating into the ``.grad`` views, noting the weights it reaches; after the
+        micro-batch's ``last`` pass the weights neither pass reached get an empty ``.grad`` back."""
+        reached = self._reached
+        _hooked_backward(self.parameters, outputs, cotangents, lambda i, grad: reached.__setitem__(i, True))
+        if last:
+            for p, hit in zip(self.parameters, reached):
+                if not hit:
+                    p.grad = None
 
     # ------------------------------------------------------------------ after the passes
 

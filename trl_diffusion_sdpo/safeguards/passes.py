@@ -1,13 +1,15 @@
-"""The backward stage of a safeguard whose rule needs the winner's and the loser's gradients apart.
+"""The exact rule's backward inside transformers' step: the passes of a safeguard whose rule needs the winner's and
+the loser's gradients apart (the parameter and update spaces; loaded with them only).
 
 Diffusion-DPO's backward, and the output space's, is transformers' own: ``Trainer.training_step`` divides the loss
 :meth:`~trl_diffusion_sdpo.trainer.DiffusionSDPOTrainer.compute_loss` returns by the accumulation window and runs the
 engine's backward (accelerate's ``backward``: its loss scale, DeepSpeed's own accumulation). The parameter and update
 spaces bring a stage of their own (:class:`~trl_diffusion_sdpo.safeguards.parameter.ParameterSpaceBackward`), behind
-this interface (:class:`Backward`); the trainer runs it inside transformers' step (:class:`PassesInStep`)::
+this interface (:class:`Backward`), whose :meth:`Backward.in_step` gives the trainer the passes to run inside
+transformers' step (:class:`PassesInStep`)::
 
-    with PassesInStep(backward, policy, window) as passes:   # the taps' context: the pass is entered in compute_loss
-        loss = super().training_step(model, batch)            # compute_loss: passes.loss(pairs, predict_and_evaluate)
+    with stage.in_step(policy, ...) as passes:                # the taps' context: the pass is entered in compute_loss
+        loss = super().training_step(model, inputs)           # compute_loss: passes.loss(pairs, forward, contributes)
                                                               # Trainer's backward reaches the pass's backward
     safeguard.combine(passes.branches, optimizer)             # lambda, and g_w + lambda * h_l written
 
@@ -86,9 +88,22 @@ class Backward(Protocol):
     def passes(self, policy: torch.nn.Module, window: BackwardWindow) -> Iterator[GradientPass]:
         """The micro-batch's passes, one at a time (the next only if the last could not form the gradients)."""
 
+    def in_step(
+        self,
+        policy: torch.nn.Module,
+        accumulation_steps: int,
+        sync_gradients: bool,
+        context: Callable[[], contextlib.AbstractContextManager],
+        placement: str,
+        combine: Callable[[Any], dict[str, Any]] | None,
+    ) -> PassesInStep:
+        """The passes of a micro-batch of an accumulation window of ``accumulation_steps`` (``sync_gradients``: the
+        window's last) inside transformers' step (:class:`PassesInStep`'s other arguments)."""
 
-#: ``run(separate_branches) -> (loss, predictions)``: a pass's forward, errors and objective (compute_loss's part)
-PassForward = Callable[[bool], tuple[torch.Tensor, PreferencePredictions]]
+
+#: ``run(separate_branches) -> (evaluation, predictions)``: a pass's forward, errors and objective (compute_loss's
+#: part); ``evaluation`` has the loss as ``.loss``, or is the loss
+PassForward = Callable[[bool], tuple[Any, PreferencePredictions]]
 
 
 class _CarriedBackward(torch.autograd.Function):
@@ -113,10 +128,11 @@ class PassesInStep:
     """The exact rule's passes of one micro-batch inside transformers' ``Trainer.training_step``.
 
     The trainer enters it around ``super().training_step`` (the taps' context). Its ``compute_loss`` calls
-    :meth:`loss`, which enters the first pass and runs its forward; the loss it returns carries the pass's backward,
-    which the engine's backward in Trainer's step runs, with the engine's scale. Where the first micro-batch's one pass
-    could not split the branches, the per-branch passes follow inside that same backward, on the same noised pair.
-    Afterwards :attr:`branches` holds the branches' gradients for the safeguard's hook.
+    :meth:`loss`, which enters the first pass and runs its forward (compute_loss's own, handed in); the loss it
+    returns carries the pass's backward, which the engine's backward in Trainer's step runs, with the engine's scale.
+    Where the first micro-batch's one pass could not split the branches, the per-branch passes follow inside that same
+    backward, on the same noised pair. Afterwards :attr:`branches` holds the branches' gradients for the safeguard's
+    hook, and :attr:`evaluation` the micro-batch's errors and objective.
 
     This is the one place the exact rule meets Trainer's backward: a safeguard stage needs the backward split by
     branch and ``lambda`` chosen between the backward and the optimizer, and Trainer offers no public hook between its
@@ -157,6 +173,8 @@ class PassesInStep:
         self.lambdas: dict[str, Any] | None = None
         #: after the step, the branches' gradients for the safeguard's hook
         self.branches: Any = None
+        #: what the micro-batch's forward last returned besides its predictions (``None``: :meth:`loss` never ran)
+        self.evaluation: Any = None
         self._passes: Iterator[GradientPass] | None = None
         self._open: GradientPass | None = None
         self._forward: PassForward | None = None
@@ -170,13 +188,14 @@ class PassesInStep:
             gradient_pass, self._open = self._open, None
             gradient_pass.__exit__(*exc)
 
-    def loss(self, pairs: int, forward: PassForward) -> torch.Tensor:
-        """The first pass entered and its forward run (``forward(separate_branches)``); the returned loss, of the
-        objective's value, carries the passes' backward."""
-        self.window = dataclasses.replace(self.window, pairs=pairs)
+    def loss(self, pairs: int, forward: PassForward, contributes: bool = True) -> torch.Tensor:
+        """The first pass entered and its forward run (``forward(separate_branches)``) on a micro-batch of ``pairs``
+        (``contributes=False``: a zero-weighted replay); the returned loss, of the objective's value, carries the
+        passes' backward."""
+        self.window = dataclasses.replace(self.window, pairs=pairs, contributes=contributes)
         self._passes, self._forward = self.backward.passes(self.policy, self.window), forward
         self._run(next(self._passes))
-        loss = self._formed[0]
+        loss = self._loss_of(self._formed[0])
         anchor = torch.zeros((), device=loss.device, requires_grad=True)
         if self.placement == "with_combination":  # the engine steps in its backward: its last one is Trainer's
             with self.backward.engine_backward_deferred() as deferred:
@@ -196,12 +215,17 @@ class PassesInStep:
         self._open = gradient_pass
         with torch.enable_grad(), self.context():  # inside a backward (a fallback pass) grad mode is off
             self._formed = self._forward(gradient_pass.separate_branches)
+        self.evaluation = self._formed[0]
+
+    @staticmethod
+    def _loss_of(evaluation: Any) -> torch.Tensor:
+        return getattr(evaluation, "loss", evaluation)
 
     def _backward(self, scale: torch.Tensor | None) -> None:
         while True:
-            gradient_pass, (loss, predictions) = self._open, self._formed
+            gradient_pass, (evaluation, predictions) = self._open, self._formed
             with self.context():
-                gradient_pass.backward(loss, predictions, scale)
+                gradient_pass.backward(self._loss_of(evaluation), predictions, scale)
             self._open, self._formed = None, None
             gradient_pass.__exit__(None, None, None)
             if gradient_pass.branches is not None:
