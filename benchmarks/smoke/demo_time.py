@@ -6,7 +6,9 @@ from disk where the OS has not cached them. The second (``warm``) runs the same 
 folder. Each runs under ``/usr/bin/time -v`` (wall clock, user and system CPU seconds, peak resident memory); the
 load average is read before and after each run and sampled every ``--sample-s`` seconds during it, since the demo
 computes with one thread and waits for a core on a machine shared with other work. The demo's own ``timings`` (its
-``summary.json``: the work it times itself, without Python's start and the imports) are kept beside each.
+``summary.json``: the work it times itself, without Python's start and the imports) are kept beside each, with the
+work it planned (``plan``: runs, optimizer steps, pairs through the denoiser, sampled images), which ties the figure to
+the demo's size.
 
 This script imports nothing heavy (no torch), so the cold run is the first to load the libraries::
 
@@ -181,6 +183,7 @@ def assemble(workdir: Path, outputs: dict[str, Path], note: str, command: str = 
                 "load_1min_during": load_during(samples, start, start + timed["wall_s"]),
                 "demo_timings": summary["timings"],
                 "demo_environment": summary["environment"],
+                "demo_plan": summary.get("plan"),  # what the run trained and sampled (DemoRecipe.planned_work)
             }
         )
     loads = [s["load_1min_during"] for s in steps]

@@ -48,7 +48,8 @@ def _records(folder: Path) -> dict[str, Path]:
         outputs[name] = folder / f"demo-{name}"
         outputs[name].mkdir()
         timings = {"total_seconds": 50.0 if name == "cold" else 25.0}
-        (outputs[name] / "summary.json").write_text(json.dumps({"timings": timings, "environment": {}}))
+        plan = {"training_runs": 14}
+        (outputs[name] / "summary.json").write_text(json.dumps({"timings": timings, "environment": {}, "plan": plan}))
     # 2.0 .. 8.0 inside the cold run, 9.0 between the runs, 4.0 and 5.0 inside the warm one
     stamps = [(1010, 2.0), (1030, 8.0), (1060, 6.0), (1080, 9.0), (1110, 4.0), (1130, 5.0), (1150, 20.0)]
     (folder / "loadsamples.txt").write_text("".join(f"{t} {load} 1.0 1.0 1/100 44\n" for t, load in stamps))
@@ -64,6 +65,7 @@ def test_each_run_keeps_the_load_sampled_while_it_ran_and_its_own_timings(tmp_pa
     assert cold["cpu_s"] == pytest.approx(230.3)
     assert cold["load_average_before"] == [1.0, 0.5, 0.25] and warm["load_average_after"] == [3.0, 2.0, 1.0]
     assert cold["demo_timings"]["total_seconds"] == 50.0 and cold["max_rss_mib"] == pytest.approx(864.96, abs=0.05)
+    assert cold["demo_plan"] == {"training_runs": 14}
     assert cold["command"] == f"trl-diffusion-sdpo demo --output-dir {tmp_path / 'demo-cold'}"
     assert record["load"].startswith("1-minute load average 2 to 8 during the runs")
     assert record["load_sample_interval_s"] == 20  # the samples' median spacing: 20, 30, 20, 30, 20, 20
