@@ -63,3 +63,28 @@ def test_sdxl_full_tunings_measured_peak_is_above_the_estimate_without_the_searc
     peak = cell["peak_memory_bytes"]
     assert without == cell["estimate_bytes"] and without < 0.8 * peak
     assert with_search == pytest.approx(peak, rel=0.015)
+
+
+def test_the_memory_page_states_the_measured_cells_as_estimated() -> None:
+    """docs/memory.md quotes each cell's peak, its estimate without and with the search's term, and its plan."""
+    text = " ".join((ROOT / "docs" / "memory.md").read_text().split())
+    figures = {}
+    for _, model, cell in update_cells():
+        sizes = stored_model_sizes(MODELS[model])
+        shape = shape_of(cell)
+        ratio = planning_error(sizes.family, shape.lora_rank is not None).ratio
+        with_search = estimate_memory(sizes, replace(shape, update_space=True)).total_bytes
+        figures[model] = [
+            cell["peak_memory_bytes"] / 2**30, cell["estimate_bytes"] / 2**30, with_search / 2**30,
+            with_search * ratio / 2**30,
+        ]  # fmt: skip
+    peak, without, with_search, planned = figures["sdxl"]
+    assert (
+        f"SDXL's step peaked at {peak:.1f} GiB against {without:.1f} GiB estimated before the search's term and "
+        f"{with_search:.1f} GiB with it (planned {planned:.1f} GiB" in text
+    )
+    peak, without, with_search, planned = figures["sd15"]
+    assert (
+        f"SD1.5's at {peak:.1f} GiB against {without:.1f} and {with_search:.1f} GiB (planned {planned:.1f} GiB)"
+        in text
+    )

@@ -120,9 +120,15 @@ def test_a_borrowed_margin_names_its_measurement_beside_the_verdict(capsys) -> N
 
 def test_the_docs_quote_the_sdxl_full_tuning_line_as_printed(capsys) -> None:
     """docs/memory.md's example of the full-tuning setting is the command's line for SDXL full tuning on four 24 GB
-    GPUs (the parts it quotes between its ellipses)."""
+    GPUs (the parts it quotes between its ellipses), and the margin it says SDXL full tuning borrows is the one
+    planned with."""
     section = (ROOT / "docs" / "memory.md").read_text().split("## When a run does not fit", 1)[1]
     example = next(block for block in section.split("```text")[1:] if "Full tuning, as asked" in block)
+    largest = max((row for row in MEASURED_ERRORS if not row.bitsandbytes), key=lambda row: row.ratio)
+    assert f"SDXL full tuning plans with FLUX.2 [klein] LoRA's +{(largest.ratio - 1) * 100:.0f} %" in " ".join(
+        (ROOT / "docs" / "memory.md").read_text().split()
+    )
+    assert largest.family == "flux2-klein" and largest.lora
     quoted = " ".join(example.split("```", 1)[0].split())
     printed = verdict_line(capsys, *SDXL_FULL, "--num_processes", "4")
     for part in quoted.split("..."):

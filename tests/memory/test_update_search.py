@@ -5,17 +5,21 @@ for ``safeguard_space: update`` holds the search's workspace and copies at the m
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from trl_diffusion_sdpo.engines.memory import RunShape, estimate_memory
+from trl_diffusion_sdpo.engines.memory import estimate as estimate_module
 from trl_diffusion_sdpo.engines.memory import update_search as model
 from trl_diffusion_sdpo.engines.memory.measure import step_peak_bytes
 from trl_diffusion_sdpo.engines.memory.stored import stored_model_sizes
 from trl_diffusion_sdpo.safeguards import crossing, update_space
 from trl_diffusion_sdpo.safeguards.update_runs import UpdateWorkspace
 
+ROOT = Path(__file__).resolve().parents[2]
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 # weights of the search's test: one larger than a run (a run of its own), the others cut into runs of several
 SIZES = (40_000, 9_000, 7_000, 5_000, 3_000, 2_000, 64, 1_000)
@@ -103,3 +107,27 @@ def test_the_estimate_holds_the_searchs_bytes_where_they_are_held() -> None:
     assert update.total_bytes - parameter.total_bytes >= search.kept
     for name in held + ("gradients", "activations"):
         assert terms[name] == parameter.components[name], name
+
+
+def test_the_memory_page_states_the_searchs_bytes_as_planned() -> None:
+    """docs/memory.md's safeguard row (and the estimate's docstring) quote the workspace of SD1.5's and SDXL's UNets
+    (their largest tensors are alike), with and without a weight decay, and SDXL's float32 copy of the rows."""
+    gib = 2**30
+    kept = {}
+    for name in (SD15, SDXL):
+        counts = stored_model_sizes(name).counts
+        for decay in (False, True):
+            found = model.update_search_bytes(
+                counts.parameters(), counts.largest_tensor(), engine="ddp", num_processes=1, rows_bytes=2,
+                per_branch=False, weight_decay=decay,
+            )  # fmt: skip
+            kept.setdefault(decay, set()).add(f"{found.kept / gib:.2f} GiB")
+    assert len(kept[False]) == len(kept[True]) == 1
+    copy = 2 * 4 * stored_model_sizes(SDXL).counts.parameters() / gib
+    row = next(
+        line for line in (ROOT / "docs" / "memory.md").read_text().splitlines() if line.startswith("| safeguard")
+    )
+    without_decay = kept[False].pop()
+    assert f"{without_decay} for SD1.5's or SDXL's UNet, {kept[True].pop()} with a decay" in row
+    assert f"{without_decay} for SD1.5's or SDXL's UNet" in " ".join(estimate_module.__doc__.split())
+    assert f"{copy:.1f} GiB for SDXL's UNet" in row
