@@ -3,10 +3,11 @@
 transformers' own ``_save_checkpoint`` writes a checkpoint's files straight into ``checkpoint-N`` (weights,
 optimizer, scheduler, RNG state, ``trainer_state.json`` last), so a process killed during a save leaves a partial
 folder that transformers' ``get_last_checkpoint`` would pick. The trainer writes ``run_identity.json`` first, lets
-transformers' save write in place, adds the parts that are ours (the rewind's snapshot, the online generations, the
-loss sum), then, once every process is done, writes ``checkpoint_manifest.json`` last: the sizes and SHA-256
-checksums of every file, written to a temporary name, flushed and renamed (:mod:`.checkpoint_writing`, loaded by a
-run's first checkpoint save). That manifest marks the checkpoint complete; rotation and resume trust nothing else.
+transformers' save write in place (and rotate, as it does), adds the parts that are ours (the EMA, the rewind's
+snapshot, the online generations), then, once every process is done, writes ``checkpoint_manifest.json`` last: the
+sizes and SHA-256 checksums of every file, written to a temporary name, flushed and renamed
+(:mod:`.checkpoint_writing`, loaded by a run's first checkpoint save). That manifest marks the checkpoint complete;
+the resume trusts nothing else.
 
 On resume a checkpoint is checked before use: every file of the manifest is present with its size, JSON files
 parse, safetensors headers parse and agree with the file size, torch files open as zip archives, and every file's
@@ -80,9 +81,8 @@ def checkpoint_folders(run_dir: str) -> list[str]:
     """``checkpoint-N`` folders in ``run_dir``, newest step first.
 
     transformers' ``sort_checkpoints`` lists and orders them; not its ``get_last_checkpoint``, which names only the
-    newest, where resuming wants the newest complete one (the manifest's check), nor its ``rotate_checkpoints``, which
-    deletes in place where :func:`~.checkpoint_writing.rotate_checkpoints` renames out of sight first. Its pattern
-    also takes ``checkpoint-5-old``; the strict one here keeps only the trainer's names."""
+    newest, where resuming wants the newest complete one (the manifest's check). Its pattern also takes
+    ``checkpoint-5-old``; the strict one here keeps only the trainer's names."""
     folders = sort_checkpoints(run_dir) if os.path.isdir(run_dir) else []
     return [f for f in reversed(folders) if _CHECKPOINT_RE.match(os.path.basename(f))]
 

@@ -138,7 +138,7 @@ class RunFiles(TrainerCallback):
         removed and its weights replaced by this run's saves); what an interrupted save left finished or removed
         (:func:`.checkpoints.recover_interrupted_saves`); ``resume_from_checkpoint`` resolved to a complete checkpoint
         and checked (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), its
-        parts and loss sum read, and, on another number of processes, the folder the engine resumes from
+        parts read, and, on another number of processes, the folder the engine resumes from
         (:mod:`.resume_world`); this callback moved after every other one (its ``on_save`` records what theirs
         wrote). While it runs: a given preemption callback's signals. After it: the lock released."""
         trainer = self.trainer
