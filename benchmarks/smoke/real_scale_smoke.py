@@ -5,7 +5,7 @@ not depend on the weights; the numbers it produces mean nothing as quality): an 
 folder, a synthetic Pick-a-Pic-style dataset of 512 px JPEGs saved with ``save_to_disk``, and a PickScore-sized
 CLIP ViT-H/14. Then, through the same entry points a user runs:
 
-1. ``examples/train_sd15.py --config examples/configs/sd15_full.yaml`` (the authors' SD1.5 recipe: full UNet, 8 pairs
+1. ``trl-diffusion-sdpo train --config examples/configs/sd15_full.yaml`` (the authors' SD1.5 recipe: full UNet, 8 pairs
    per device, bf16, gradient checkpointing) for ``--steps`` optimizer steps without accumulation, with the chosen
    safeguard space; records wall time per step and peak GPU memory;
 2. ``trl_diffusion_sdpo.evaluation.evaluate`` of the base and the trained UNet on ``--prompts`` prompts with the
@@ -27,7 +27,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the package and benchmarks.harness
-sys.path.insert(0, str(ROOT / "examples"))
 
 from benchmarks import harness  # noqa: E402
 
@@ -76,7 +75,7 @@ def build_assets(workdir: Path, pairs: int) -> dict[str, Path]:
 
 
 def train(paths: dict[str, Path], workdir: Path, steps: int, space: str) -> dict:
-    import train_sd15
+    from trl_diffusion_sdpo.cli.train import main as train_command  # after the models are built: heavy
 
     output_dir = workdir / f"run-{space}"
     argv = [
@@ -109,7 +108,7 @@ def train(paths: dict[str, Path], workdir: Path, steps: int, space: str) -> dict
     ]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer = train_sd15.main(argv)
+    trainer = train_command(argv)
     seconds = time.perf_counter() - start
     runtime = [h for h in trainer.state.log_history if "train_runtime" in h][-1]
     return {

@@ -1,6 +1,6 @@
 """Two processes on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, FSDP2, LoRA and full UNet tuning.
 
-Each case launches ``examples/train_sd15.py`` with the shipped accelerate config (``accelerate launch
+Each case launches the train command with the shipped accelerate config (``accelerate launch
 --num_processes 2 --mixed_precision no``) through ``tests/distributed_worker.py``, and compares it with the same
 script on one process with the same global batch and seed. The tiny UNet is widened (128 channels) so that some of
 its tensors exceed ZeRO-3's persistence threshold and really are partitioned; the worker reports how many were.
@@ -424,7 +424,7 @@ def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(
 
 @pytest.mark.slow  # ZeRO-3 by default: test_one_pass_engines.py's zero3 case
 def test_sdxl_example_under_zero3_trains_like_one_process(runs):
-    """examples/train_sdxl.py under ZeRO-3: both text encoders stay whole (the naive load would partition them),
+    """The train command on SDXL under ZeRO-3: both text encoders stay whole (the naive load would partition them),
     the reference copy is a DeepSpeed engine, and losses, saved weights and the reference behave as on one process."""
     # beta 500: with the default 5000 this tiny SDXL's loss reaches 2.8 in 3 steps, where float summation noise
     # (1e-7 in the errors) is amplified past 1e-3 in the loss.
@@ -647,7 +647,9 @@ def test_parameter_space_under_zero3_with_the_local_scope_is_refused_before_trai
         "no",
         "--main_process_port",
         str(_free_port()),
-        str(ROOT / "examples" / "train_sd15.py"),
+        "--module",  # the train command, as docs/distributed.md launches it
+        "trl_diffusion_sdpo",
+        "train",
         "--model_name_or_path",
         str(assets["pipeline"]),
         "--dataset_name",
@@ -786,7 +788,7 @@ def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora, state_d
 
 @pytest.mark.slow
 def test_sdxl_example_under_fsdp2_trains_like_one_process(sdxl_assets):
-    """examples/train_sdxl.py under FSDP2, full tuning: both text encoders stay whole, policy and reference copy are
+    """The train command on SDXL under FSDP2, full tuning: both text encoders stay whole, policy and reference copy are
     sharded, and losses and saved weights behave as on one process."""
     single = run(sdxl_assets, "sdxl-single-full", None, False, "--beta", "500")  # beta as in the ZeRO-3 SDXL test
     report = run(sdxl_assets, "sdxl-fsdp2-full", FSDP2, False, "--beta", "500")

@@ -7,7 +7,6 @@ prompt encoding, crop offsets worked out by hand, the scheduler's formulas, or a
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.cli import train as train_command  # the train command's parse_args and main
 from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.families import PromptEmbeddings, StableDiffusionXLFamily, family_for_pipeline
 from trl_diffusion_sdpo.families.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
@@ -490,21 +490,11 @@ def test_full_unet_saved_with_save_pretrained_loads_into_an_sdxl_pipeline(
     torch.testing.assert_close(unet_outputs(fresh.unet, fresh), expected, atol=1e-6, rtol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------------- example
-
-
-def _import_example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import train_sdxl
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return train_sdxl
+# ------------------------------------------- the train command on the shipped SDXL configs
 
 
 def test_sdxl_yaml_configs_parse_into_the_authors_sdxl_settings() -> None:
-    train_sdxl = _import_example()
-    _, config, model_args, _ = train_sdxl.parse_args(
+    _, config, model_args, _ = train_command.parse_args(
         ["--config", str(EXAMPLES / "configs" / "sdxl_full.yaml"), "--use_cpu", "--output_dir", "/tmp/unused"]
     )
     assert isinstance(config, DiffusionSDPOConfig)
@@ -516,7 +506,7 @@ def test_sdxl_yaml_configs_parse_into_the_authors_sdxl_settings() -> None:
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 2048
     assert config.resolution == 1024 and config.bf16 and config.max_steps == 2000
 
-    _, config, model_args, _ = train_sdxl.parse_args(
+    _, config, model_args, _ = train_command.parse_args(
         ["--config", str(EXAMPLES / "configs" / "sdxl_lora.yaml"), "--use_cpu", "--safeguard_mu", "0.5"]
     )
     assert model_args.use_peft and model_args.lora_r == model_args.lora_alpha == 16
@@ -527,11 +517,10 @@ def test_sdxl_yaml_configs_parse_into_the_authors_sdxl_settings() -> None:
 def test_sdxl_example_trains_full_unet_with_adafactor_and_checkpointing_from_local_folders(
     make_sdxl, sdxl_pairs, tmp_path
 ) -> None:
-    train_sdxl = _import_example()
     local, data, out = tmp_path / "tiny-sdxl", tmp_path / "pairs", tmp_path / "out"
     make_sdxl().save_pretrained(local)
     sdxl_pairs.save_to_disk(str(data))
-    trainer = train_sdxl.main(
+    trainer = train_command.main(
         [
             "--config",
             str(EXAMPLES / "configs" / "sdxl_full.yaml"),
