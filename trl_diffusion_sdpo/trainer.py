@@ -64,7 +64,7 @@ from .families.preparation import (
 )
 from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
-from .io.trackers import CONSOLE_CALLBACKS, TrackerCallback, is_tracker, tracker_in
+from .io.trackers import CONSOLE_CALLBACKS, is_tracker, tracker_callback, tracker_in
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
 from .step.predictions import (
@@ -844,7 +844,7 @@ class DiffusionSDPOTrainer(Trainer):
         if not is_tracker(callback):
             super().add_callback(callback)
             return
-        super().add_callback(TrackerCallback(callback() if isinstance(callback, type) else callback))
+        super().add_callback(tracker_callback(callback() if isinstance(callback, type) else callback))
         # transformers' console callback stays after the trackers: it takes total_flos out of the logs it prints
         for console in [c for c in self.callback_handler.callbacks if isinstance(c, CONSOLE_CALLBACKS)]:
             super().remove_callback(console)

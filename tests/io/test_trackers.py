@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import sqlite3
 
@@ -86,7 +87,11 @@ def test_to_dict_trackers_receive_the_unet_config_and_its_module_in_every_run(wh
     if when == "add_callback":
         trainer.add_callback(tracker)
     (registered,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerCallback)]
-    assert type(registered) is TrackerCallback and registered.tracker is tracker  # each says what it is
+    assert registered.tracker is tracker
+    # each object says what it is: a TrackerCallback subclass named after the tracker's class, not the tracker's class
+    assert type(registered).__name__ == "TrackedDictReadingTracker" and type(registered).__bases__ == (
+        TrackerCallback,
+    )
     trainer.train()
     assert tracker.model_config == _expected(pipe.unet.config)
     assert tracker.args["beta"] == trainer.args.beta and tracker.args["output_dir"] == trainer.args.output_dir
@@ -243,3 +248,30 @@ def test_a_tracker_given_is_found_by_its_class_and_by_itself(make_trainer):
     trainer.add_callback(TensorBoardCallback)  # a class, as Trainer.add_callback takes it
     (registered,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrackerCallback)]
     assert type(registered.tracker) is TensorBoardCallback
+
+
+def test_two_trackers_of_different_kinds_draw_no_warning_of_a_second_callback(make_trainer):
+    """transformers warns when a callback's class is registered twice: two trackers of different kinds are registered
+    in classes of their own (a second tracker of one kind is still warned of, as transformers does)."""
+
+    class OtherTracker(TensorBoardCallback):
+        pass
+
+    class Said(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    trainer = make_trainer(max_steps=1, report_to="none", callbacks=[TensorBoardCallback(tb_writer=RecordingWriter())])
+    said, logger = Said(), logging.getLogger("transformers.trainer_callback")  # transformers' loggers do not propagate
+    logger.addHandler(said)
+    try:
+        trainer.add_callback(OtherTracker(tb_writer=RecordingWriter()))
+        assert not [line for line in said.lines if "there is already one" in line]
+        trainer.add_callback(TensorBoardCallback(tb_writer=RecordingWriter()))
+        assert [line for line in said.lines if "there is already one" in line]
+    finally:
+        logger.removeHandler(said)

@@ -27,6 +27,7 @@ __all__ = [
     "TrackerCallback",
     "TrackerConfig",
     "is_tracker",
+    "tracker_callback",
     "tracker_in",
     "for_trackers",
 ]
@@ -140,6 +141,21 @@ class TrackerCallback(TrainerCallback):
 
 for _event in (name for name in vars(TrainerCallback) if name.startswith("on_")):
     setattr(TrackerCallback, _event, _forward(_event))
+
+
+#: one :class:`TrackerCallback` subclass per tracker class (``TrackedTensorBoardCallback``, ...): transformers warns of
+#: two callbacks of one class, which two trackers of different kinds are not
+_TRACKED: dict[type, type[TrackerCallback]] = {}
+
+
+def tracker_callback(tracker: TrainerCallback) -> TrackerCallback:
+    """``tracker`` registered in a :class:`TrackerCallback` of the subclass named after its class."""
+    kind = _TRACKED.get(type(tracker))
+    if kind is None:
+        name = f"Tracked{type(tracker).__name__}"
+        doc = f"A :class:`TrackerCallback` holding a ``{type(tracker).__name__}``."
+        kind = _TRACKED[type(tracker)] = type(name, (TrackerCallback,), {"__module__": __name__, "__doc__": doc})
+    return kind(tracker)
 
 
 def tracker_in(callbacks: list[TrainerCallback], callback: type[TrainerCallback] | TrainerCallback) -> Any:
