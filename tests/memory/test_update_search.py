@@ -77,9 +77,11 @@ def test_a_real_search_allocates_what_the_plan_counts(monkeypatch, rows_dtype: t
         chunk=CHUNK,
         work=WORK,
     )
-    slack = 64 * 1024  # the search's small tensors, whatever the weights' size
-    assert abs(first - (planned.kept + planned.during)) <= 0.06 * first + slack, (first, planned)
-    assert abs(second - planned.during) <= 0.06 * second + 2 * slack, (second, planned)
+    # the search's small tensors (lambdas, sums, scalars), whatever the weights' size: about 50 KB here, less than the
+    # smallest term planned (the largest run's weights for a decay, 160 KB)
+    slack = 48 * 1024
+    assert abs(first - (planned.kept + planned.during)) <= 0.02 * first + slack, (first, planned)
+    assert abs(second - planned.during) <= 0.02 * second + 2 * slack, (second, planned)
 
 
 def test_the_estimate_holds_the_searchs_bytes_where_they_are_held() -> None:
