@@ -189,6 +189,7 @@ SETTING_KEYS = (
     "grace_s",
     "threads",
     "compile_modes",
+    "compile_backend",
     "profile_steps",
 )
 MEMORY_MEASURES = {"cuda": "torch.cuda.max_memory_allocated, reset before each step", "cpu": "process RSS (CPU)"}
@@ -291,6 +292,7 @@ class CellRecorder:
         cuda = self.device == "cuda"
         return {
             "step_s": step_s,
+            "warmup_step_times_s": self.steps[:warmup],  # the compiling steps, where the cell compiles
             "floor_s": floor_s,
             "ratio_to_floor": step_s / floor_s,
             "step_times_s": steps,
@@ -331,7 +333,11 @@ def run_cell(
     from trl_diffusion_sdpo.families import family_for_pipeline
 
     num_steps, bf16 = opts.warmup + opts.steps + opts.profile_steps, opts.device == "cuda"
-    compiled = {} if mode == "none" else {"torch_compile": True, "torch_compile_mode": mode}
+    compiled = {} if mode == "none" else {"torch_compile": True}
+    if mode not in ("none", "default"):  # "default": Trainer's own (None), which any backend takes
+        compiled["torch_compile_mode"] = mode
+    if compiled and opts.compile_backend:
+        compiled["torch_compile_backend"] = opts.compile_backend
     pipeline = build_model(spec, opts, workdir, base)
     args = DiffusionSDPOConfig(
         output_dir=os.path.join(workdir, "out"), resolution=spec.resolution,
@@ -646,6 +652,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="none",
         help=f"comma-separated among {','.join(COMPILE_MODES)}: each setting eager (none) and under Trainer's "
         "torch_compile with that torch_compile_mode (cells keyed setting+mode)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default=None,
+        help="Trainer's torch_compile_backend for the compiled cells (default: Trainer's, inductor)",
     )
     parser.add_argument(
         "--profile-steps",
