@@ -54,17 +54,12 @@ class EstimateArguments:
     json: bool = field(
         default=False,
         metadata={
-            "help": "Print one JSON object: total_gib (the per-process peak), gpu_gb, fits, planned_gib (the peak "
-            "planned with the measured error), plan (where that error comes from), margin_source (that error's "
-            "percent, whether it is borrowed from another family or tuning, the family, tuning, base, runs and "
-            "result file it was measured on) and margin_gib (the GPU's usable GiB minus the planned peak) and "
-            "advice (null when the run fits; else the flags of the least change that fits, with its total_gib, "
-            "planned_gib and margin_gib, and full_tuning, where full tuning was asked and that change trains LoRA, "
-            "the full-tuning setting that fits sharded from the run's process count up, null where none is needed "
-            "or fits; where none fits, flags null, those figures "
-            "the closest's, closest its flags (the combination with the lowest planned peak), and sharded the "
-            f"fewest GPUs up to sharded_max_gpus that fit it under {' or '.join(SHARDED_ENGINES)}: its flags, "
-            "engine, num_processes and figures, null when no count does)."
+            "help": "Print one JSON object: total_gib (the per-process peak) and its terms, gpu_gb, fits, planned_gib "
+            "(the peak planned with the error measured on a GPU), plan and margin_source (that error and the "
+            "measurement it comes from), margin_gib (the GPU's usable GiB minus the planned peak) and advice (null "
+            "when the run fits; else the least change's flags and figures, full_tuning (the full-tuning setting "
+            "named before LoRA), and where nothing fits the closest combination and sharded, the fewest GPUs up to "
+            f"sharded_max_gpus under {' or '.join(SHARDED_ENGINES)}). docs/memory.md says what each field holds."
         },
     )
 
