@@ -83,22 +83,39 @@ def test_output_dir_holds_safetensors_and_json_but_no_pickles(make_trainer, tmp_
     assert config["beta"] is None and trainer.beta == trainer.args.beta == 5000.0 and config["resolution"] == 32
 
 
+def load_file_keys(path) -> set[str]:
+    from safetensors.torch import load_file
+
+    return set(load_file(str(path)))
+
+
 def test_the_lora_file_does_not_depend_on_the_order_a_set_iterates_in(make_trainer, tmp_path):
     """diffusers writes the adapter config's sets (``target_modules``) in their iteration order, which string hashing
-    makes differ between processes: the same weights saved with the set iterating backwards give the same bytes."""
+    makes differ between processes, and safetensors the file's metadata in a hash map's order, which differs from one
+    save to the next: the same weights saved twice, and twice with the set iterating backwards, give the same bytes,
+    and diffusers reads the file back."""
 
     class Backwards(set):
         def __iter__(self):
             return iter(sorted(super().__iter__(), reverse=True))
 
     trainer = make_trainer(max_steps=1, output_dir=str(tmp_path / "out"))
-    trainer.save_model(str(tmp_path / "forwards"))
+    for n in range(3):
+        trainer.save_model(str(tmp_path / f"forwards-{n}"))
     config = trainer.model.peft_config["default"]
     config.target_modules = Backwards(config.target_modules)
     assert list(config.to_dict()["target_modules"]) == sorted(config.target_modules, reverse=True)
-    trainer.save_model(str(tmp_path / "backwards"))
-    files = [tmp_path / folder / LORA_WEIGHTS_NAME for folder in ("forwards", "backwards")]
-    assert files[0].read_bytes() == files[1].read_bytes()
+    for n in range(3):
+        trainer.save_model(str(tmp_path / f"backwards-{n}"))
+    files = [tmp_path / f"{way}-{n}" / LORA_WEIGHTS_NAME for way in ("forwards", "backwards") for n in range(3)]
+    assert len({file.read_bytes() for file in files}) == 1
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(str(files[-1]), framework="pt") as f:  # the rewritten header reads back, metadata and tensors
+        metadata = json.loads(f.metadata()[LORA_ADAPTER_METADATA_KEY])
+        assert metadata["unet.target_modules"] == sorted(config.target_modules)
+        assert set(f.keys()) == set(load_file_keys(files[0]))
 
 
 def test_checkpoint_weights_are_the_same_files_a_user_loads(make_pipeline, make_trainer, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from typing import Any
 
 import torch
@@ -83,7 +84,9 @@ def save_lora_adapters(
     The adapter config (``lora_alpha`` above all) is stored in the file's metadata: without it ``load_lora_weights``
     assumes ``lora_alpha == r`` and a model trained with another alpha would load with the wrong scale. Its sets
     (``target_modules``) are written sorted: diffusers lists a set in its iteration order, which Python's string
-    hashing makes differ from one process to the next, so the same weights would give other bytes after a resume.
+    hashing makes differ from one process to the next, and safetensors writes the file's metadata in a hash map's
+    order, which differs from one save to the next (:func:`_metadata_sorted`): without both, the same weights would
+    give other bytes after a resume.
     ``prefix`` is the pipeline's name of the denoiser (``"unet"`` or ``"transformer"``).
     """
     os.makedirs(output_dir, exist_ok=True)
@@ -102,8 +105,32 @@ def save_lora_adapters(
             **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata},
         )
     path = os.path.join(output_dir, LORA_WEIGHTS_NAME)
+    _metadata_sorted(path)
     follow_umask(path)  # safetensors writes it owner-only
     return path
+
+
+def _metadata_sorted(path: str) -> None:
+    """The safetensors file at ``path`` with its header's ``__metadata__`` keys in sorted order: safetensors (0.8)
+    serialises them from a Rust hash map, whose order changes from one save to the next. Only the order changes, so
+    the header keeps its length and is rewritten in place (padded with spaces, as safetensors pads it); where it
+    would not fit, the whole file is rewritten."""
+    with open(path, "rb+") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= length:
+            f.seek(8)
+            f.write(text + b" " * (length - len(text)))
+            return
+        data = f.read()
+        padded = text + b" " * (-len(text) % 8)
+        f.seek(0)
+        f.write(struct.pack("<Q", len(padded)) + padded + data)
+        f.truncate()
 
 
 def _sets_sorted(value: Any) -> Any:
