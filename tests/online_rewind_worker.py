@@ -38,7 +38,7 @@ def main(out: str) -> None:
     args = online_config(
         Path(out), per_device_train_batch_size=2, max_steps=3, safeguard_space="none", probe_steps=1,
         probe_pairs=2,  # one held-out pair per process: each process's own figures differ until reduced
-        on_pathology="rewind",
+        on_pathology="rewind", rewind_max_times=0,  # no rung of the ladder: the first alarm stops the run
     )  # fmt: skip
     held = Dataset.from_dict({"prompt": [c.text for c in all_captions()[8:10]]})
     trainer = OnlineDiffusionSDPOTrainer(

@@ -103,7 +103,8 @@ def build_trainer(out: str, job: str, config: str | None, pipe):
         "safeguard_space": "none",
     }
     if not job.endswith("plain"):
-        values.update(probe_steps=1, probe_pairs=2, on_pathology="rewind")
+        # the ladder of one rung offline (switch, then stop at the second alarm), none online (stop at the first)
+        values.update(probe_steps=1, probe_pairs=2, on_pathology="rewind", rewind_max_times=0 if online else 1)
     if job.startswith("resume-"):
         values.update(max_steps=RESUME_STEPS, save_strategy="steps", save_steps=RESUME_AT)
     if online:

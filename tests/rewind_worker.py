@@ -43,11 +43,12 @@ def main(out: str) -> None:
         probe_steps=1,
         probe_pairs=2,  # one held-out pair per process: each process's own figures differ until reduced
         on_pathology="rewind",
+        rewind_max_times=1,  # one rung of the ladder: the second alarm stops the run
     )
     trainer = DiffusionSDPOTrainer(
         pipe, args=args, train_dataset=Dataset.from_list(pickapic_rows(8)), peft_config=lora_config()
     )
-    # Every probe unhealthy, one probe enough: the alarm fires at steps 1 and 2, both back to step 0.
+    # Every probe unhealthy, one probe enough: the alarm fires at steps 1 and 2, both back to step 0 (then the stop).
     trainer.probe_alarm.signal.rule = ProbeAlarmRule(patience=1, threshold=float("-inf"))
     parameters = list(trainable_parameters(trainer.family.denoiser))
     initial = fingerprint(parameters)

@@ -63,15 +63,24 @@ def test_a_change_that_makes_the_checkpoint_meaningless_is_refused_naming_the_fi
     assert sorted(os.listdir(run)) == before  # nothing trained, nothing written, the lock released
 
 
-def test_a_changed_learning_rate_is_refused_and_safe_changes_are_logged(run, tmp_path, caplog):
-    before = sorted(os.listdir(run))
+def test_a_changed_learning_rate_is_applied_from_the_resumed_step_and_logged(run, tmp_path, caplog):
     trainer = build_trainer(run, str(tmp_path / "tok"), max_steps=4, learning_rate=2e-3)
-    with pytest.raises(ResumeConfigError, match=r"learning_rate \(0.001 -> 0.002\) changed") as info:
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io"):
         trainer.train(resume_from_checkpoint=True)
-    assert "continues the checkpoint's learning-rate schedule" in str(info.value)
-    assert trainer.state.global_step == 0 and sorted(os.listdir(run)) == before
+    assert trainer.state.global_step == 4
+    logged = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry}
+    # Steps 1-2 ran before the resume at 1e-3 (the restored history); steps 3-4 at the new schedule's rate (constant:
+    # 2e-3), not the old one the restored optimizer and scheduler states bring back.
+    assert logged == pytest.approx({1: 1e-3, 2: 1e-3, 3: 2e-3, 4: 2e-3})
+    groups = trainer.optimizer.param_groups
+    assert trainer.lr_scheduler.base_lrs == pytest.approx([2e-3] * len(groups))
+    assert [group["lr"] for group in groups] == pytest.approx([2e-3] * len(groups))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("learning_rate (0.001 -> 0.002)" in w and "multiplied by 2" in w for w in warnings)
+    assert any("the learning rate changed at resume applied" in w and "0.002" in w for w in warnings)
 
-    # The same rate: the run goes on at the restored schedule, with the safe and other changes logged.
+
+def test_the_same_rate_resumes_at_the_restored_schedule_and_safe_changes_are_logged(run, tmp_path, caplog):
     trainer = build_trainer(run, str(tmp_path / "tok2"), max_steps=4, weight_decay=0.0)
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io"):
         trainer.train(resume_from_checkpoint=True)

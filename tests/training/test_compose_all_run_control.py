@@ -38,7 +38,7 @@ def test_the_docs_example_composes_the_alarms_ema_probe_and_rewind(make_pipeline
     names = {
         "pipeline": make_pipeline(),
         "dataset": make_pickapic(ROWS),
-        "args": make_config(max_steps=4, **SAFEGUARDED),
+        "args": make_config(max_steps=4, rewind_max_times=0, **SAFEGUARDED),  # the rewind stops at its first alarm
     }
     exec(compile(setup, "docs/compose.md", "exec"), names)  # noqa: S102 (the page's own example, as written)
     trainer, health, rewind = names["trainer"], names["health"], names["rewind"]
@@ -55,7 +55,7 @@ def test_the_docs_example_composes_the_alarms_ema_probe_and_rewind(make_pipeline
     start = trained_weights(trainer)
     rewind.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})  # the probe's alarm at step 1
     trainer.train()
-    # The rewind given put back the step-0 weights (bit for bit) and, the safeguard on, stopped the run there
+    # The rewind given put back the step-0 weights (bit for bit) and, its ladder of none spent, stopped the run there
     assert equal(trained_weights(trainer), start)
     assert trainer.state.global_step == 1 and rewind.action.rewinds == [(1, 0)]
     [log] = [e for e in trainer.state.log_history if "loss" in e]

@@ -10,8 +10,9 @@ from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
 from trl_diffusion_sdpo.callbacks import AlarmCallback, ProbeCallback, ProbeSignal, RewindAction, hold_back_rows
 
 ROWS, HELD = 8, 2
-# The safeguard on: after its rewind the run stops with the healthy weights, whoever composed it.
-SAFEGUARDED = {"safeguard_space": "output", "safeguard_mu": 0.5}
+# The safeguard on and no rung of the ladder: after its rewind the run stops with the healthy weights, whoever
+# composed it (the hand-built rewind reads the ladder from the trainer's config).
+SAFEGUARDED = {"safeguard_space": "output", "safeguard_mu": 0.5, "rewind_max_times": 0}
 
 
 def test_a_rewind_passed_in_callbacks_restores_the_step_0_weights_as_the_configs_does(make_trainer, make_pickapic):

@@ -168,8 +168,9 @@ def test_defaults_follow_the_papers_but_beta_and_the_safeguard_margin(tmp_path):
 
 
 # DPOConfig adds 25 over TrainingArguments; 4 here are the held-out probe's (its alarm's noise draws, threshold and
-# patience, and the seed that draws its held-back pairs)
-DIFFUSION_SDPO_FIELD_LIMIT = 56
+# patience, and the seed that draws its held-back pairs), 3 the rewind's ladder (its rungs, its factor, and whether a
+# run ending on its starting weights may exit 0)
+DIFFUSION_SDPO_FIELD_LIMIT = 59
 
 
 def test_the_config_adds_at_most_fifty_fields_over_training_arguments():

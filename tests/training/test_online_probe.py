@@ -1,8 +1,8 @@
 """The held-out probe (``probe_steps``) and ``on_pathology="rewind"`` in an online run, through real tiny online runs
 on the shipped base: the probe's prompts are never sampled for training, its pairs are the initial policy's samples
 at the probe's own seeds, a run whose probe never acts trains bit for bit as the same run without it, and a rewind
-puts the weights and the optimizer state back to the last healthy probe's, then stops (online there is no safeguard
-to switch to)."""
+puts the weights and the optimizer state back to the last healthy probe's, then trains on at a lower learning rate
+(online there is no safeguard to switch to) or, its ladder spent, stops."""
 
 from __future__ import annotations
 
@@ -156,12 +156,13 @@ def test_an_online_rewind_restores_the_healthy_steps_weights_and_optimizer_state
     recorder = Recorder()
     trainer = online_trainer(
         tmp_path, eval_prompts=EVAL_PROMPTS, lora=lora, callbacks=[recorder], max_steps=5, probe_steps=1,
-        probe_pairs=HELD, on_pathology="rewind",
+        probe_pairs=HELD, on_pathology="rewind", rewind_max_times=0,
     )  # fmt: skip
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
     trainer.train()
-    # Healthy at 1, unhealthy at 2 and 3: the alarm fires at 3, the run goes back to step 1 and stops there.
+    # Healthy at 1, unhealthy at 2 and 3: the alarm fires at 3, the run goes back to step 1 and, no rung of the
+    # ladder, stops there.
     healthy_weights, healthy_optimizer = recorder.at_end[1]
     broken_weights, broken_optimizer = recorder.at_end[3]
     assert trainer.state.global_step == 3
@@ -192,7 +193,9 @@ def test_the_start_summary_states_the_held_back_prompts_and_how_they_were_paired
         in summary
     )
     assert "sampled once before training by the initial policy" in summary
-    assert "then stops with the healthy weights" in summary
+    # online there is no safeguard to switch to: the ladder lowers the learning rate alone
+    assert "then trains on at the learning rate times" in summary and "safeguard on" not in summary
+    assert "the alarm after those stops the run with the healthy weights" in summary
     # One rule offline and online: the config's fields, at the offline config's defaults.
     offline = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
     assert trainer.probe_alarm.signal.rule == probe_alarm(trainer.args) == offline

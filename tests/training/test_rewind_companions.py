@@ -86,12 +86,18 @@ def test_a_rewind_restores_the_auto_beta(make_trainer, make_pickapic):
 def test_a_rewind_restores_the_automatic_mu_of_a_safeguarded_run_that_stops(make_trainer, make_pickapic):
     watch = StateAtStepBegin()
     trainer = _rewinding_trainer(
-        make_trainer, make_pickapic, watch, safeguard_space="output", safeguard_mu="auto", learning_rate=1e-2
+        make_trainer,
+        make_pickapic,
+        watch,
+        safeguard_space="output",
+        safeguard_mu="auto",
+        learning_rate=1e-2,
+        rewind_max_times=0,
     )
     margin = trainer.safeguard.margin
     watch.read = lambda: torch.as_tensor(margin.value).clone()
     trainer.train()
-    assert trainer.state.global_step == 3  # a safeguarded run stops after its rewind
+    assert trainer.state.global_step == 3  # no rung of the ladder: the run stops after its rewind
     healthy, broken = watch.seen[1], watch.seen[2]
     assert not _same(broken, healthy)
     assert _same(watch.seen["end"], healthy)  # the run's mu is the healthy step's, as its weights are

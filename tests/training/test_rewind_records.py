@@ -17,6 +17,7 @@ import torch
 
 from tests.helpers.common import StopAt
 from tests.helpers.rewind import HandDriven, ScriptedAlarm, equal, trained_weights
+from trl_diffusion_sdpo.callbacks.health import PathologyRule, config_in_force, remedies
 from trl_diffusion_sdpo.callbacks.probe import PROBE_METRICS, HeldOutProbe
 from trl_diffusion_sdpo.callbacks.rewind import MemorySnapshot, RewindAction
 from trl_diffusion_sdpo.online.probe_pairs import random_states_kept
@@ -58,10 +59,10 @@ def test_a_rewound_runs_card_and_end_summary_name_each_rewind_and_the_safeguard_
     out = tmp_path / "rewound"
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=8, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
-        save_strategy="steps", save_steps=6, output_dir=str(out), **DPO,
+        save_strategy="steps", save_steps=6, output_dir=str(out), rewind_max_times=1, **DPO,
     )  # fmt: skip
     # Healthy at 1, unhealthy at 2 and 3: back to 1, the safeguard on; healthy at 4, unhealthy at 5 and 6: back to 4,
-    # and the run stops at 6.
+    # and, the ladder's one rung spent, the run stops at 6.
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3, 5, 6})
     with caplog.at_level("INFO", logger=SUMMARY_LOGGER):
         trainer.train()
@@ -268,3 +269,30 @@ def test_the_probes_pairing_leaves_torchs_numpys_and_pythons_generators_as_it_fo
     with random_states_kept("cpu"):
         draws()  # a pipeline and a reward drawing from every global generator
     assert draws() == expected
+
+
+def test_a_warning_after_the_rewind_switched_the_safeguard_on_reads_it_in_use_and_the_card_keeps_the_order(
+    make_trainer, make_pickapic, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    trainer = make_trainer(
+        train_dataset=make_pickapic(ROWS), max_steps=3, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
+        logging_steps=1, output_dir=str(out), **DPO,
+    )  # fmt: skip
+    trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})  # step 1: the safeguard on
+    # the training logs' alarm made to fire once two logs carry delta/winner: at step 2, after the switch
+    trainer.alarm.signal.rule = PathologyRule(
+        windows=2, window_steps=None, min_delta_winner=-1e9, max_implicit_acc=None
+    )
+    with caplog.at_level("WARNING", logger="trl_diffusion_sdpo.callbacks.health"):
+        trainer.train()
+    [warning] = [r.getMessage() for r in caplog.records if "Remedies not in use" in r.getMessage()]
+    assert warning.startswith("Step 2:") and trainer.safeguard is not None
+    in_force = remedies(config_in_force(trainer.args, trainer.safeguard))  # those of a run with the output space on
+    assert "the safeguard (safeguard_space='output')" not in warning and "safeguard_space='update'" in warning
+    assert warning.endswith(f"Remedies not in use in this run: {'; '.join(in_force)}.")
+    trainer.create_model_card()
+    rewind, flagged = _card_section((out / "README.md").read_text())
+    assert rewind.startswith("Step 1: the held-out probe's alarm fired")  # the events in the order they happened
+    assert flagged.startswith("Step 2: the training logs' pathology alarm fired")
+    assert f"a warning named the remedies not in use then: {'; '.join(in_force)};" in flagged

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers.rewind import ScriptedAlarm
+from trl_diffusion_sdpo.callbacks.health import PathologyRule
 from trl_diffusion_sdpo.callbacks.state_files import STATES_FILE, read_state, split_tensors, write_state
 from trl_diffusion_sdpo.objectives.auto_beta import auto_beta
 
@@ -98,3 +99,32 @@ def test_the_rewind_snapshot_in_a_checkpoint_holds_no_pickle_but_the_optimizers(
     for got, live in zip(states["ema"]["shadow_params"], trainer.ema.state_dict()["shadow_params"], strict=True):
         assert torch.equal(got, live.cpu())
     assert torch.equal(states["auto_beta"]["ema"], trainer.auto_beta.state_dict()["ema"].cpu())
+
+
+def _rule(fires: bool) -> PathologyRule:
+    """The training logs' alarm at every log with ``delta/winner`` (``fires``), or at none."""
+    return PathologyRule(windows=1, window_steps=None, min_delta_winner=-1e9 if fires else 1e9, max_implicit_acc=None)
+
+
+def test_a_fixed_mu_raised_by_escalate_comes_back_at_resume(make_trainer, tmp_path):
+    """``on_pathology="escalate"`` raises a fixed ``mu`` (not only ``"auto"`` moves it): every checkpoint keeps the
+    raised value and a resumed run trains with it, not with the configured one."""
+    out = str(tmp_path / "out")
+    settings = dict(
+        output_dir=out, safeguard_space="output", safeguard_mu=0.5, on_pathology="escalate", save_strategy="steps",
+        save_steps=2, logging_steps=1,
+    )  # fmt: skip
+    trainer = make_trainer(max_steps=2, **settings)
+    # the alarm made to fire at the first training log: mu raised halfway to 1, once (the next escalation waits)
+    trainer.alarm.signal.rule = _rule(fires=True)
+    trainer.train()
+    raised = (1.0 + 0.5) / 2.0
+    assert trainer.safeguard.margin.current() == raised
+    assert float(read_state(os.path.join(out, "checkpoint-2"), STATES_FILE)["safeguard_mu"]["value"]) == raised
+    resumed = make_trainer(max_steps=3, **settings)
+    resumed.alarm.signal.rule = _rule(fires=False)
+    assert resumed.safeguard.margin.current() == 0.5  # the configured mu, until the checkpoint is read
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.safeguard.margin.current() == raised
+    [log] = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e]
+    assert log["safeguard/mu"] == raised  # step 3 trained with the raised mu

@@ -40,12 +40,18 @@ from transformers.trainer_callback import ExportableState
 
 from . import health
 from .guards import PathologyAction
-from .health import EVIDENCE, RULE, PathologyRule, describe, remedies
+from .health import ENDED_AT_START, EVIDENCE, RULE, PathologyRule, describe, remedies, start_weights_sentence
 
 if TYPE_CHECKING:
     from .rewind import ProbeAlarmRule
 
-__all__ = ["AlarmCallback", "ProbeSignal", "ProbeVerdict", "TrainingLogAlarm", "TrainingLogSignal"]
+__all__ = [
+    "AlarmCallback",
+    "ProbeSignal",
+    "ProbeVerdict",
+    "TrainingLogAlarm",
+    "TrainingLogSignal",
+]
 
 # the pathology's warning keeps the logger name of the rule's module, which users filter on
 logger = logging.getLogger(health.__name__)
@@ -60,9 +66,16 @@ class TrainingLogSignal:
     log, a reference-free objective) is not read. Warns once, at the first firing, naming the remedies the run does
     not use (:func:`~.health.remedies` of its config).
 
+    The remedies are read from the run as it trains when the warning is written: the config's, with the safeguard
+    in force then (:func:`~.health.config_in_force`: one a rewind or ``on_pathology="safeguard"`` switched on, a
+    ``mu`` escalated), so a safeguard switched on is never named as not in use. What the warning named, and at which
+    step, is kept (:attr:`named`, :attr:`warned_at`) for the run's records, in every checkpoint.
+
     Args:
         rule: when it fires (:class:`~.health.PathologyRule`; the calibrated :data:`~.health.RULE` by default).
         args: the config whose remedies the warning names; ``None``: the trainer's, when it binds the alarm.
+        safeguard_in_force: returns the safeguard the run trains with now; ``None``: the trainer's
+            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard` when it binds, else the config's alone.
     """
 
     #: the event the signal is read in
@@ -70,9 +83,16 @@ class TrainingLogSignal:
     #: the key of its state among a checkpoint's alarms
     name = "training_logs"
 
-    def __init__(self, rule: PathologyRule = RULE, args: Any | None = None) -> None:
-        self.rule, self.args = rule, args
+    def __init__(
+        self,
+        rule: PathologyRule = RULE,
+        args: Any | None = None,
+        safeguard_in_force: Callable[[], Any] | None = None,
+    ) -> None:
+        self.rule, self.args, self.safeguard_in_force = rule, args, safeguard_in_force
         self.warned = False
+        self.warned_at: int | None = None  # the step of the run's first warning
+        self.named: list[str] = []  # the remedies it named
 
     def describe(self) -> str:
         return describe(self.rule)
@@ -80,6 +100,21 @@ class TrainingLogSignal:
     def bind(self, trainer: Any) -> None:
         if self.args is None:
             self.args = trainer.args
+        if self.safeguard_in_force is None:
+            self.safeguard_in_force = lambda: trainer.safeguard
+
+    def remedies_now(self) -> list[str]:
+        """The remedies the run does not use now (:func:`~.health.remedies` of the config with the safeguard in
+        force)."""
+        if self.args is None or self.safeguard_in_force is None:
+            return remedies(self.args)
+        return remedies(health.config_in_force(self.args, self.safeguard_in_force()))
+
+    def state(self) -> dict[str, Any]:
+        return {"warned_at": self.warned_at, "named": self.named}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        self.warned_at, self.named = saved.get("warned_at"), list(saved.get("named", []))
 
     def read(self, history: list[Mapping[str, float]], logs: Mapping[str, float], step: int) -> dict[str, float]:
         """The signal at the training log ``logs`` of step ``step``, ``history`` ending with it: ``{}`` where the log
@@ -89,13 +124,16 @@ class TrainingLogSignal:
         flagged = health.winner_pathology(history, self.rule)  # the module's rule function, as configured
         if flagged and not self.warned:
             self.warned = True
+            named = self.remedies_now()
+            if self.warned_at is None:  # the run's first warning (a resumed run's may come again)
+                self.warned_at, self.named = step, named
             logger.warning(
                 "Step %d: %s: Diffusion-DPO's pathology, the pattern of the runs whose held-out reward fell "
                 "(calibration: %s). Remedies not in use in this run: %s.",
                 step,
                 self.describe(),
                 EVIDENCE,
-                "; ".join(remedies(self.args)),
+                "; ".join(named),
             )
         return {PATHOLOGY_FLAG: float(flagged)}
 
@@ -243,7 +281,7 @@ class AlarmCallback(TrainerCallback, ExportableState):
         verdict = self.signal.read(state.global_step)
         if verdict is None:
             return
-        flags, done = self.action.on_probe(verdict, control, kwargs.get("optimizer"))
+        flags, done = self.action.on_probe(verdict, control, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
         flags = {"health/probe_alarm": float(verdict.fired), **flags}
         if verdict.fired:
             self.firings.append([verdict.step, verdict.healthy_step, verdict.healthy_z, done])
@@ -259,6 +297,8 @@ class AlarmCallback(TrainerCallback, ExportableState):
         if logs is None or not state.log_history:
             return
         entry = state.log_history[-1]  # this log, as transformers recorded it, with its step
+        if "train_loss" in logs:  # the run's last log: the dict train() returns as its metrics
+            self._flag_start_weights(logs, entry, state.global_step)
         if self.signal.event == "log":
             flags = self.signal.read(state.log_history, entry, state.global_step)
             if not flags:
@@ -273,6 +313,16 @@ class AlarmCallback(TrainerCallback, ExportableState):
             flags, self.pending = self.pending, {}
         logs.update(flags)  # the callbacks after this one (the console's) see the flags
         entry.update(flags)  # and state.log_history, which the model card and the run's summary read
+
+    def _flag_start_weights(self, logs: dict[str, float], entry: dict[str, float], step: int) -> None:
+        """Where the run ends on the weights it started from (a rewind's,
+        :meth:`~.rewind.RewindAction.ended_at_start`), its last log, and so ``train()``'s metrics, carry
+        :data:`ENDED_AT_START` 1.0, and a warning says so."""
+        ended = getattr(self.action, "ended_at_start", None)
+        if ended is None or not ended(step):
+            return
+        logs[ENDED_AT_START] = entry[ENDED_AT_START] = 1.0
+        logger.warning("%s (%s 1.0).", start_weights_sentence(self.action.record().rewinds[-1][0]), ENDED_AT_START)
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = self.saved_state(state)

@@ -27,14 +27,17 @@ if TYPE_CHECKING:
     from ..safeguards import Safeguard
 
 __all__ = [
+    "ENDED_AT_START",
     "EVIDENCE",
     "RULE",
     "SWITCH_TO",
     "WINDOWS",
     "PathologyRule",
+    "config_in_force",
     "describe",
     "dormant_safeguard",
     "remedies",
+    "start_weights_sentence",
     "switch_target",
     "switched_config",
     "winner_pathology",
@@ -71,6 +74,32 @@ EVIDENCE = 'docs/safeguard.md, "Seeing the pathology while training"'
 """Where users read the rule's calibration (warnings name this section; it cites the study's record,
 ``benchmarks/research/alarm.md``)."""
 WINDOWS = RULE.windows  # the logs an escalation waits before it raises mu again (callbacks.guards.PathologyAction)
+
+
+#: the flag of a run's last training log (and so of ``train()``'s metrics) where its result is the weights it started
+#: from: its last rewind went back to the start at its last step (:meth:`~.rewind.RewindAction.ended_at_start`)
+ENDED_AT_START = "health/ended_at_start"
+
+
+def start_weights_sentence(step: int) -> str:
+    """What a run whose result is the weights it started from is told, in its records, its warning and the command
+    line's last line (``step``: the step its last rewind fired at)."""
+    return (
+        f"the run ends on the weights it started from (its last rewind, at step {step}, went back to the start), so "
+        "its result is the base model's: it trained nothing"
+    )
+
+
+def config_in_force(args: Any, safeguard: Any | None) -> Any:
+    """A copy of ``args`` whose safeguard fields are the ``safeguard`` in force (``None``: none): what the run trains
+    with now, after a switch (the rewind's, ``on_pathology="safeguard"``'s) or an escalation of ``mu``, which the
+    config as given no longer says. The remedies a warning names are those this copy does not use."""
+    live = copy.copy(args)
+    live.safeguard_space = "none" if safeguard is None else safeguard.name
+    if safeguard is not None:
+        margin = safeguard.margin
+        live.safeguard_mu = "auto" if margin.auto else margin.current()
+    return live
 
 
 def switch_target(args: Any) -> dict[str, Any] | None:

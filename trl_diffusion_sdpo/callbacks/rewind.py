@@ -53,9 +53,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config.fields import DiffusionSDPOConfig
 from ..config.file_modes import follow_umask
 from ..engines.base import trainable_parameters
-from .health import switch_target
+from .health import start_weights_sentence, switch_target
+from .learning_rate import scale_learning_rate
 from .state_files import read_state, write_state
 
 __all__ = [
@@ -415,18 +417,30 @@ def _read(
     return weights, state, companion_states
 
 
+def _ladder_default(name: str) -> Any:
+    """The config's default of the ladder's field ``name``, for a rewind built by hand and never bound to a trainer."""
+    return DiffusionSDPOConfig.__dataclass_fields__[name].default
+
+
 @dataclass(frozen=True)
 class RewindRecord:
-    """What a run's rewind did: each rewind as ``(step fired, step restored)``, in order; with the switch to the
-    safeguard, the step it was switched on after (the first rewind's) and its fields; ``restored_z``: each restored
-    step's ``probe/winner_rise_z`` (``None``: the start, or not on record) and ``rule`` the alarm's, which judges them.
-    Read by the model card and the end-of-run summary (:meth:`lines`)."""
+    """What a run's rewind did: each rewind as ``(step fired, step restored)``, in order; ``lr_scales``: the
+    learning rate's factor after each rewind that trained on (the first ``len(lr_scales)`` of them: a later one
+    stopped the run); with the switch to the safeguard, the step it was switched on after (the first rewind's) and its
+    fields; ``restored_z``: each restored step's ``probe/winner_rise_z`` (``None``: the start, or not on record) and
+    ``rule`` the alarm's, which judges them. Read by the model card and the end-of-run summary (:meth:`lines`)."""
 
     rewinds: tuple[tuple[int, int], ...]
     switched_at: int | None = None
     switch_to: Mapping[str, Any] = field(default_factory=dict)
     restored_z: tuple[float | None, ...] = ()
     rule: ProbeAlarmRule | None = None
+    lr_scales: tuple[float, ...] = ()
+
+    def ended_at_start(self, last_step: int) -> bool:
+        """Whether the run, now at ``last_step``, holds the weights it started from: its last rewind went back to the
+        start at that step (it stopped there, or that was the run's last step)."""
+        return bool(self.rewinds) and self.rewinds[-1] == (last_step, 0)
 
     def lines(self, last_step: int) -> list[str]:
         """One sentence per rewind (``last_step``: the run's step now), or one saying that none happened."""
@@ -435,19 +449,27 @@ class RewindRecord:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items())
         readings = self.restored_z if len(self.restored_z) == len(self.rewinds) else (None,) * len(self.rewinds)
         lines = []
-        for (fired, restored), z in zip(self.rewinds, readings, strict=True):
+        for index, ((fired, restored), z) in enumerate(zip(self.rewinds, readings, strict=True)):
             text = (
                 f"Step {fired}: the held-out probe's alarm fired (on_pathology='rewind') and the trainable weights "
                 f"and optimizer state went back to step {restored}'s"
             )
             if self.rule is not None:
                 text += f" ({restore_point_note(restored, z, self.rule)})"
-            if fired == self.switched_at:
-                steps = f"steps {fired + 1}-{last_step}" if last_step > fired else f"every step after step {fired}"
-                text += f"; {steps} trained with the safeguard on ({settings})."
+            if index < len(self.lr_scales):
+                end = self.rewinds[index + 1][0] if index + 1 < len(self.rewinds) else last_step
+                steps = f"steps {fired + 1}-{end}" if end > fired else f"every step after step {fired}"
+                safeguard = self.switched_at is not None and fired >= self.switched_at
+                text += f"; {steps} trained" + (f" with the safeguard on ({settings})" if safeguard else "")
+                text += f" at {self.lr_scales[index]:.4g} x the learning rate (rewind_lr_factor)"
             else:
-                text += f"; training stopped there, with step {restored}'s weights as the result."
-            lines.append(text)
+                text += (
+                    f"; training stopped there, with step {restored}'s weights as the result (the ladder spent: "
+                    f"{len(self.lr_scales)} rewind(s) trained on, rewind_max_times)"
+                )
+            if index == len(self.rewinds) - 1 and self.ended_at_start(last_step):
+                text += f"; {start_weights_sentence(fired)}"
+            lines.append(text + ".")
         return lines
 
 
@@ -455,15 +477,20 @@ class RewindAction:
     """``on_pathology="rewind"``: the action of an :class:`~.alarm.AlarmCallback` reading the held-out probe
     (:class:`~.alarm.ProbeSignal`). At every restore point of the probe (and when training begins) it keeps the
     snapshot; when the alarm fires it puts the weights, the optimizer state and their companions back to it, then
-    switches the dormant safeguard on (the first time) or stops (module docstring).
+    trains on at a learning rate lowered by ``lr_factor`` (:func:`~.learning_rate.scale_learning_rate`), the dormant
+    safeguard switched on the first time, for ``max_times`` rewinds; the alarm after those stops the run (module
+    docstring).
 
     Args:
         snapshot: where the last restore point's weights and optimizer state are kept; ``None``: the trainer's, when
             the alarm binds (:meth:`bind`).
         switch: turns the dormant safeguard on; ``None``: the trainer's
-            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` when it binds, else the run stops after
-            its rewind.
+            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` when it binds, else the run trains on
+            with the safeguard it has (or none).
         switch_to: the fields of that safeguard, for the log line.
+        max_times: the rewinds that train on before one stops the run (the ladder's rungs); ``None``: the config's
+            ``rewind_max_times`` (the trainer's when it binds).
+        lr_factor: what each of them multiplies the learning rate by; ``None``: the config's ``rewind_lr_factor``.
     """
 
     #: the on_pathology value it acts as
@@ -474,19 +501,23 @@ class RewindAction:
         snapshot: MemorySnapshot | None = None,
         switch: Callable[[], Any] | None = None,
         switch_to: Mapping[str, Any] | None = None,
+        max_times: int | None = None,
+        lr_factor: float | None = None,
     ) -> None:
         self.snapshot, self.switch = snapshot, switch
         self.switch_to = dict(switch_to or {})
+        self.max_times, self.lr_factor = max_times, lr_factor
         self.rule: ProbeAlarmRule | None = None  # the alarm's, which judged the restore points (from its verdicts)
         self.rewinds: list[tuple[int, int]] = []  # (step fired, step restored)
         self.restored_z: list[float | None] = []  # each restored step's reading
+        self.lr_scales: list[float] = []  # the learning rate's factor after each rewind that trained on
         self.safeguard_on = False
         self.resume_folder: str | None = None  # the snapshot of the checkpoint resumed from (load)
 
     def bind(self, trainer: Any) -> None:
         """What was left unset, for ``trainer``: LoRA's snapshot in memory, full tuning's on disk, under an engine that
         shards the weights or the optimizer state each process's part on disk (:class:`EngineSnapshot`), each with
-        the :func:`companions`; the switch to its dormant safeguard."""
+        the :func:`companions`; the switch to its dormant safeguard; the ladder of its config."""
         if self.snapshot is None:
             args = trainer.args
             parameters = list(trainable_parameters(trainer.policy))  # in the optimizer's order
@@ -504,15 +535,33 @@ class RewindAction:
         if self.switch is None and dormant is not None:
             self.switch = functools.partial(trainer.set_safeguard, dormant)
             self.switch_to = dict(switch_target(trainer.args) or {"safeguard_space": dormant.name})
+        if self.max_times is None:
+            self.max_times = trainer.args.rewind_max_times
+        if self.lr_factor is None:
+            self.lr_factor = trainer.args.rewind_lr_factor
+
+    def ladder(self) -> tuple[int, float]:
+        """``(max_times, lr_factor)``: the constructor's, the bound trainer's config's, else the config's defaults."""
+        max_times = _ladder_default("rewind_max_times") if self.max_times is None else self.max_times
+        return max_times, _ladder_default("rewind_lr_factor") if self.lr_factor is None else self.lr_factor
 
     def summary(self, rule: ProbeAlarmRule) -> str:
         """What the alarm (``rule``) reads, what is kept and what follows a rewind, for the start summary."""
         elements = self.snapshot.elements
-        then = (
-            "then trains on with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
-            if self.switch is not None
-            else "then stops with the healthy weights"
-        )
+        max_times, factor = self.ladder()
+        if max_times:
+            safeguard = (
+                " with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
+                if self.switch is not None
+                else ""
+            )
+            then = (
+                f"then trains on{safeguard} at the learning rate times {factor:g} (rewind_lr_factor), lowered again "
+                f"at each rewind up to {max_times} (rewind_max_times); the alarm after those stops the run with the "
+                "healthy weights"
+            )
+        else:
+            then = "then stops with the healthy weights (rewind_max_times=0)"
         beside = "".join(f", {c.name}" for c in self.snapshot.companions)
         return (
             f"the alarm ({rule.describe()}) restores the weights, optimizer state{beside} of the last probe with "
@@ -525,12 +574,14 @@ class RewindAction:
 
     def begin(self, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any] | None = None) -> None:
         """When training begins: the weights it starts from are the first restore point; a resumed run takes the
-        checkpoint's record (``saved``: :meth:`state` as its alarm saved it) and snapshot instead."""
+        checkpoint's record (``saved``: :meth:`state` as its alarm saved it) and snapshot instead (the lowered
+        learning rate comes back with transformers' optimizer and scheduler states)."""
         if not saved:
             self.snapshot.take(optimizer)
             return
         self.rewinds = [tuple(pair) for pair in saved["rewinds"]]
         self.restored_z = list(saved.get("restored_z", [None] * len(self.rewinds)))
+        self.lr_scales = [float(scale) for scale in saved.get("lr_scales", [])]
         if saved["safeguard_on"] and self.switch is not None:
             self.switch()
             self.safeguard_on = True
@@ -538,10 +589,14 @@ class RewindAction:
             raise RuntimeError("a resumed rewind needs its checkpoint's snapshot (load) before training begins")
         self.snapshot.read(self.resume_folder)
 
-    def on_probe(self, verdict: Any, control, optimizer: torch.optim.Optimizer) -> tuple[dict[str, float], str]:
+    def on_probe(
+        self, verdict: Any, control, optimizer: torch.optim.Optimizer, lr_scheduler: Any | None = None
+    ) -> tuple[dict[str, float], str]:
         """Act on the probe's verdict (:class:`~.alarm.ProbeVerdict`): a restore point's weights become the
-        snapshot; where the alarm fired, every process restores it. Returns what the training log adds at a rewind
-        (``health/rewind_to``, ``health/rewinds``) and what was done, in words."""
+        snapshot; where the alarm fired, every process restores it, then either trains on at the learning rate of
+        ``optimizer`` and ``lr_scheduler`` lowered (the safeguard switched on the first time) or, the ladder spent,
+        stops. Returns what the training log adds at a rewind (``health/rewind_to``, ``health/rewinds``,
+        ``health/lr_factor``) and what was done, in words."""
         self.rule = verdict.rule
         if verdict.restore_point:
             self.snapshot.take(optimizer)
@@ -551,16 +606,27 @@ class RewindAction:
         self.snapshot.restore(optimizer)
         self.rewinds.append((step, healthy_step))
         self.restored_z.append(healthy_z)
-        if self.safeguard_on or self.switch is None:
+        flags = {"health/rewind_to": float(healthy_step), "health/rewinds": float(len(self.rewinds))}
+        max_times, factor = self.ladder()
+        if len(self.lr_scales) >= max_times:
             control.should_training_stop = True
-            then = "training stops with these weights"
+            then = f"training stops with these weights (the ladder spent: rewind_max_times={max_times})"
+            if healthy_step == 0:
+                then += f"; {start_weights_sentence(step)}"
         else:
-            self.switch()
-            self.safeguard_on = True
+            with_safeguard = ""
+            if not self.safeguard_on and self.switch is not None:
+                self.switch()
+                self.safeguard_on = True
+                with_safeguard = (
+                    " with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
+                )
+            rates = scale_learning_rate(optimizer, lr_scheduler, factor)
+            self.lr_scales.append((self.lr_scales[-1] if self.lr_scales else 1.0) * factor)
+            flags["health/lr_factor"] = self.lr_scales[-1]
             then = (
-                "training goes on with the safeguard on ("
-                + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items())
-                + ")"
+                f"training goes on{with_safeguard} at {self.lr_scales[-1]:.4g} x the learning rate (rewind "
+                f"{len(self.lr_scales)} of {max_times}; the next step's rate {rates[0]:.3g})"
             )
         logger.warning(
             "Step %d: on_pathology='rewind': %s; the trainable weights, the optimizer state%s are back at step %d "
@@ -572,13 +638,25 @@ class RewindAction:
             restore_point_note(healthy_step, healthy_z, verdict.rule),
             then,
         )
-        return {"health/rewind_to": float(healthy_step), "health/rewinds": float(len(self.rewinds))}, then
+        return flags, then
 
     def record(self) -> RewindRecord:
         """What this run's rewind has done so far, the steps before a resume included (:meth:`begin` reads them
         back). The safeguard is only ever switched on at the first rewind (:meth:`on_probe`)."""
         switched_at = self.rewinds[0][0] if self.safeguard_on and self.rewinds else None
-        return RewindRecord(tuple(self.rewinds), switched_at, dict(self.switch_to), tuple(self.restored_z), self.rule)
+        return RewindRecord(
+            tuple(self.rewinds),
+            switched_at,
+            dict(self.switch_to),
+            tuple(self.restored_z),
+            self.rule,
+            tuple(self.lr_scales),
+        )
+
+    def ended_at_start(self, last_step: int) -> bool:
+        """Whether the run, now at ``last_step``, holds the weights it started from
+        (:meth:`RewindRecord.ended_at_start`)."""
+        return self.record().ended_at_start(last_step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -586,6 +664,7 @@ class RewindAction:
         return {
             "rewinds": [list(pair) for pair in self.rewinds],
             "restored_z": self.restored_z,
+            "lr_scales": self.lr_scales,
             "safeguard_on": self.safeguard_on,
             "snapshot": REWIND_FOLDER,  # inside the checkpoint
         }

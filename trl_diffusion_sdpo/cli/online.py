@@ -23,7 +23,7 @@ from ..online.trainer import OnlineDiffusionSDPOTrainer
 from .console import log_to_console
 from .model_loading import build_pipeline, peft_config_for
 from .online_options import ARGUMENT_TYPES, DESCRIPTION, EPILOG, OnlinePromptArguments, online_topics, parse_args
-from .train import for_this_machine, refuse_earlier_run, stopped_or, train_save_and_push
+from .train import exit_status, for_this_machine, refuse_earlier_run, stopped_or, train_save_and_push
 from .train_options import DiffusionScriptArguments, check_supported_model
 
 # The options' names are this module's too (the command's Python entry points import them here).
@@ -67,12 +67,7 @@ def main(argv: Sequence[str] | None = None):
 def run(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig]) -> int:
     """``trl-diffusion-sdpo online`` once :func:`~.online_options.parse_args` has read its words (the command
     registry's runner, :data:`~.main.COMMANDS`): the exit status."""
-
-    def trained() -> int:
-        train_online(arguments)
-        return 0
-
-    return stopped_or(trained)
+    return stopped_or(lambda: exit_status(train_online(arguments)))
 
 
 def train_online(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig]):

@@ -12,12 +12,14 @@ module runs what they parse: the data (:mod:`.data_options`), the pipeline (:mod
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from transformers import TrainerCallback
 
 from ..callbacks.guards import configure_early_stopping, early_stopping
+from ..callbacks.health import ENDED_AT_START, start_weights_sentence
 from ..callbacks.interruptions import TRAINING_STOPS, PreemptionCallback
 from ..config.defaults import machine_choices
 from ..data.sharded_cache import load_sharded_latent_cache
@@ -46,6 +48,7 @@ from .train_options import (
 # The options' names are this module's too: the command's Python entry points (examples/train_*.py) import them here.
 __all__ = [
     "ARGUMENT_TYPES",
+    "ENDED_AT_START_STATUS",
     "FAMILY_TITLES",
     "INPUT_PATH_KEYS",
     "REFUSED_OPTIONS",
@@ -60,6 +63,7 @@ __all__ = [
     "check_supported_model",
     "early_stopping_split",
     "for_this_machine",
+    "exit_status",
     "load_split",
     "load_train_split",
     "main",
@@ -91,15 +95,15 @@ def main(argv: Sequence[str] | None = None):
     return train(parse_args(argv))  # exits here on --help
 
 
+#: the exit status of a run whose result is the weights it started from (the rewind's ladder spent at the start),
+#: unless ``--rewind_allow_start_weights``: a script chaining runs must not take it for a trained model
+ENDED_AT_START_STATUS = 3
+
+
 def run(arguments: TrainArguments) -> int:
     """``trl-diffusion-sdpo train`` once :func:`~.train_options.parse_args` has read its words (the command registry,
     :data:`~.main.COMMANDS`, parses with the options' module and runs this one): the exit status."""
-
-    def trained() -> int:
-        train(arguments)
-        return 0
-
-    return stopped_or(trained)
+    return stopped_or(lambda: exit_status(train(arguments)))
 
 
 def stopped_or(run: Callable[[], int]) -> int:
@@ -110,6 +114,21 @@ def stopped_or(run: Callable[[], int]) -> int:
         return run()
     except TRAINING_STOPS as stopped:
         return stopped.exit_code
+
+
+def exit_status(trainer) -> int:
+    """0, or :data:`ENDED_AT_START_STATUS` where ``trainer``'s run ended on the weights it started from (its last log
+    carries :data:`~..callbacks.health.ENDED_AT_START`) and its config does not allow that
+    (``rewind_allow_start_weights``); such a run's last line on stderr says so either way."""
+    history = trainer.state.log_history
+    if not history or history[-1].get(ENDED_AT_START) != 1.0:
+        return 0
+    fired = next((int(e["step"]) for e in reversed(history) if "health/rewind_to" in e), trainer.state.global_step)
+    allowed = trainer.args.rewind_allow_start_weights
+    status = 0 if allowed else ENDED_AT_START_STATUS
+    why = "rewind_allow_start_weights" if allowed else "--rewind_allow_start_weights true exits 0"
+    print(f"trl-diffusion-sdpo: {start_weights_sentence(fired)}; exit status {status} ({why}).", file=sys.stderr)
+    return status
 
 
 def train(arguments: TrainArguments):

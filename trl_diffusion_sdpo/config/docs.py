@@ -58,6 +58,9 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "probe_noise_draws",
             "probe_alarm_z",
             "probe_alarm_limit",
+            "rewind_max_times",
+            "rewind_lr_factor",
+            "rewind_allow_start_weights",
         ),
     ),
     "Parameters that control the data": (

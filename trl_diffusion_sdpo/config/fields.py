@@ -217,10 +217,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         "trainable weights, the optimizer state, the EMA weights, the auto-beta, an automatic `safeguard_mu` and the "
         "fp16 gradient scaler back to the last probe that could not tell the winner error's rise from zero (else the "
         "start), logged as `health/rewind_to` (the "
-        "learning-rate schedule goes on counting steps); then an offline Diffusion-DPO run "
-        "(`safeguard_space='none'`) trains on with the safeguard `safeguard` switches to, and a run with a safeguard "
-        "already on, an online run (which has no safeguard to switch to) or a second alarm stops with the healthy "
-        "weights (docs/safeguard.md). With `probe_steps`, every value acts on the probe's alarm too (`warn`: a "
+        "learning-rate schedule goes on counting steps); then the run trains on at a learning rate lowered by "
+        "`rewind_lr_factor`, an offline Diffusion-DPO run (`safeguard_space='none'`) with the safeguard `safeguard` "
+        "switches to, until `rewind_max_times` rewinds have trained on: the alarm firing after that stops the run "
+        "with the healthy weights (docs/safeguard.md). With `probe_steps`, every value acts on the probe's alarm too "
+        "(`warn`: a "
         "warning naming the step a rewind would restore, once per unhealthy episode).",
         choices=list(PATHOLOGY_ACTIONS),
     )
@@ -266,6 +267,29 @@ class DiffusionSDPOConfig(TrainingArguments):
         1.0,
         "The held-out probe's alarm fires at the probe whose CUSUM (`probe_alarm_z`) exceeds this: one probe above "
         "`probe_alarm_z` by more than this fires at once, smaller rises after a few probes.",
+    )
+    rewind_max_times: int = option(
+        2,
+        "`on_pathology='rewind'`: how many of its rewinds train on, each with the learning rate lowered by "
+        "`rewind_lr_factor` (an offline Diffusion-DPO run also switches the safeguard on at the first); the alarm "
+        "firing once more restores the last restore point and stops the run there. 0: stop at the first alarm. "
+        "With the default factor the full ladder lowers the rate at least tenfold: the step from the learning rate "
+        "at which Diffusion-DPO's held-out reward fell on the stability benchmark (2e-4) to the one at which it held "
+        "(2e-5; docs/safeguard.md). The ladder's outcome at the defaults: not measured.",
+    )
+    rewind_lr_factor: float = option(
+        0.3,
+        "`on_pathology='rewind'`: each rewind that trains on multiplies the learning rate by this from the next step "
+        "(every parameter group's rate and the scheduler's base rates: the schedule goes on at the lower peak), "
+        "logged as `health/lr_factor` (the product so far). Chosen with `rewind_max_times` (its help says why); 1 "
+        "keeps the rate.",
+    )
+    rewind_allow_start_weights: bool = option(
+        False,
+        "`on_pathology='rewind'`: let a run whose ladder ends on the weights it started from (its last rewind went "
+        "back to the start, so it trained nothing) exit with status 0 on the command line. Otherwise its last line "
+        "says so and the command exits with a status of its own; from Python `train()` returns either way and its "
+        "metrics carry `health/ended_at_start` 1.0.",
     )
     # Data
     resolution: int = option(

@@ -78,6 +78,8 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "probe_pairs_seed": Range(0, integer=True, optional=True, hint="None: the run's seed."),
     "probe_noise_draws": Range(1, integer=True),
     "probe_alarm_limit": Range(0),
+    "rewind_max_times": Range(0, integer=True, hint="0 stops at the first alarm."),
+    "rewind_lr_factor": Range(0, 1, low_open=True, hint="1 keeps the learning rate."),
     # the data
     "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
     "num_frames": Range(1, integer=True, optional=True, hint="Wan needs 4k + 1 frames (81, 33, 17, ...)."),

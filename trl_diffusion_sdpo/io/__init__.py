@@ -14,7 +14,7 @@ from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .hub import CardMethod, RunHub, build_model_card, create_hub_repo, upload_folder_to_hub
-    from .resume_check import check_resume_config, read_run_identity, write_run_identity
+    from .resume_check import check_resume_config, learning_rate_factor, read_run_identity, write_run_identity
     from .saving import (
         has_lora_adapters,
         load_full_denoiser,
@@ -41,12 +41,14 @@ _EXPORTS = {
     "write_training_config": ".saving",
     "TrackerCallback": ".trackers",
     "check_resume_config": ".resume_check",
+    "learning_rate_factor": ".resume_check",
     "read_run_identity": ".resume_check",
     "write_run_identity": ".resume_check",
 }
 
 __all__ = [
     "check_resume_config",
+    "learning_rate_factor",
     "read_run_identity",
     "write_run_identity",
     "CardMethod",

@@ -8,9 +8,12 @@ compared with the new run's:
   (:data:`IDENTITY_FIELDS`), and the config fields of :func:`refused_fields` (the objective, every registered
   objective's hyperparameters, the safeguard, the resolution), whose change would make the resumed run a different
   experiment on top of weights trained for another one;
-* refused with its own reason: the learning rate (:data:`SCHEDULE_FIELDS`). transformers restores the optimizer's and
-  the scheduler's state with the checkpoint, and with it the learning rate the run began with: the new value would
-  be printed and stored but not used, so the run asks for the old one or a new run;
+* applied and logged (WARNING): the learning rate (:data:`SCHEDULE_FIELDS`). transformers restores the optimizer's and
+  the scheduler's state with the checkpoint, and with it the rate the run began with; when training begins the
+  restored rates are multiplied by the new peak over the old (:func:`learning_rate_factor`, each the effective rate,
+  after ``scale_lr``) through the optimizer's parameter groups and the scheduler's ``base_lrs``
+  (:func:`~trl_diffusion_sdpo.callbacks.learning_rate.scale_learning_rate`), so the run goes on at the new
+  schedule's rate for its step, a rewind's lowering kept;
 * allowed and logged at INFO (:data:`SAFE_FIELDS`): step and epoch counts, logging, saving, evaluation, validation,
   Hub and loader settings, which only say how the run goes on;
 * any other change is allowed with a WARNING naming it: the run continues, but is not the one the checkpoint began.
@@ -40,6 +43,7 @@ __all__ = [
     "SCHEDULE_FIELDS",
     "ResumeConfigError",
     "check_resume_config",
+    "learning_rate_factor",
     "read_run_identity",
     "refused_fields",
     "run_identity",
@@ -62,7 +66,7 @@ REFUSED_FIELDS = frozenset(
         "resolution",
     }
 )
-# Restored with the checkpoint's optimizer and scheduler states, whatever the new config says.
+# Restored with the checkpoint's optimizer and scheduler states, then scaled to the new value when training begins.
 SCHEDULE_FIELDS = frozenset({"learning_rate"})
 SAFE_FIELDS = frozenset(
     {
@@ -215,11 +219,12 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
             "value(s), or start a new run (another output_dir, no resume_from_checkpoint) from these weights."
         )
     if schedule:
-        raise ResumeConfigError(
-            f"Cannot resume from {checkpoint}: {_describe(schedule)} changed. A resumed run continues the "
-            "checkpoint's learning-rate schedule: transformers restores the optimizer's and the scheduler's state "
-            "with it, so the new value would not be used. Resume with the old value, or start a new run (another "
-            "output_dir, no resume_from_checkpoint) from these weights."
+        logger.warning(
+            "Resuming from %s with %s: the checkpoint's learning-rate schedule goes on with its rates multiplied by "
+            "%.6g (the new peak over the old, after scale_lr) from the resumed step.",
+            checkpoint,
+            _describe(schedule),
+            learning_rate_factor(checkpoint, trainer),
         )
     if safe:
         logger.info("Resuming from %s with changed settings, applied from now on: %s", checkpoint, _describe(safe))
@@ -235,4 +240,30 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
         change = plan_process_count_change(saved_identity, identity, trainer_state.get("global_step", 0))
         if change is not None:
             logger.warning(change.describe())
-    return [name for name, _, _ in safe + other]
+    return [name for name, _, _ in safe + schedule + other]
+
+
+def learning_rate_factor(checkpoint: str, trainer: Trainer) -> float:
+    """The new peak learning rate over the one ``checkpoint`` was trained at, each the effective rate (unset: the
+    family's default for the objective and the tuning; with ``scale_lr`` times the pairs per optimizer step): what a
+    resumed run multiplies its restored rates by. 1.0 where the rate is unchanged or the checkpoint holds no
+    config."""
+    saved = _read_json(os.path.join(checkpoint, TRAINING_CONFIG_NAME))
+    if saved is None or "learning_rate" not in saved:
+        return 1.0
+    given = getattr(trainer, "args_as_given", trainer.args)
+    current = json.loads(given.to_json_string())
+    identity = run_identity(trainer)
+    saved_batch = (read_run_identity(checkpoint) or {}).get("global_batch_size", identity["global_batch_size"])
+
+    def effective(config: dict[str, Any], pairs_per_step: int) -> float:
+        rate = config["learning_rate"]
+        if rate is None:  # the family's, as the trainer resolves it
+            base, family = getattr(trainer, "base_model_name", None), getattr(trainer, "family", None)
+            rate = given.default_for(
+                "learning_rate", family, base, lora=identity["training"] == "lora", objective=config.get("loss_type")
+            ).value
+        return float(rate) * (pairs_per_step if config.get("scale_lr") else 1)
+
+    old, new = effective(saved, saved_batch), effective(current, identity["global_batch_size"])
+    return 1.0 if old == new else new / old

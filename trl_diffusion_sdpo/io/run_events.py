@@ -11,21 +11,28 @@ which a checkpoint saves and a resumed run reads back.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 __all__ = ["run_events"]
+
+#: how an event's sentence names its step
+_STEP = re.compile(r"Step (\d+):")
 
 #: the training log's verdict of the training logs' pathology alarm (:class:`~..callbacks.alarm.TrainingLogSignal`)
 _FLAG = "health/winner_pathology"
 
 
 def run_events(trainer: Any) -> list[str]:
-    """What the run's alarms and warnings have done up to its current step, one sentence each (module docstring);
-    a sentence saying that an alarm never fired where the run has one that acts (the probe's, the rewind, the
-    switch); nothing where nothing was warned and no such alarm runs."""
+    """What the run's alarms and warnings have done up to its current step, one sentence each (module docstring), in
+    the order they happened: the start summary's warnings, then each event by the step it names (``Step N: ...``;
+    events of one step in the order below), then the sentences that name no step (an alarm that never fired, the
+    escalations in all); a sentence saying that an alarm never fired where the run has one that acts (the probe's,
+    the rewind, the switch); nothing where nothing was warned and no such alarm runs."""
     step = trainer.state.global_step
-    lines = [f"At the start: {warning}" for warning in _start_warnings(trainer)]
-    lines += _training_log_alarm(trainer)
+    start = [f"At the start: {warning}" for warning in _start_warnings(trainer)]
+    lines = _training_log_alarm(trainer)
     for callback in trainer.callback_handler.callbacks:  # the alarms on the probe, the config's or given
         if getattr(getattr(callback, "signal", None), "event", None) == "step_end":
             lines += callback.lines(step)
@@ -46,7 +53,13 @@ def run_events(trainer: Any) -> list[str]:
         mu = action.margin.current() if action.margin is not None else None
         to = f", to {float(mu):g}" if mu is not None else ""
         lines.append(f"on_pathology='escalate' raised safeguard_mu {action.escalations} time(s) in all{to}.")
-    return lines
+    return start + sorted(lines, key=_step_named)  # a stable sort: one step's events keep their order
+
+
+def _step_named(line: str) -> float:
+    """The step an event's sentence opens with (``Step N: ...``); one naming none sorts after every step."""
+    found = _STEP.match(line)
+    return float(found.group(1)) if found else math.inf
 
 
 def _start_warnings(trainer: Any) -> list[str]:
@@ -65,9 +78,11 @@ def _training_log_alarm(trainer: Any) -> list[str]:
         return []
     alarm = getattr(trainer, "alarm", None)  # the config's alarm on the training logs
     rule = f": {alarm.signal.describe()}" if alarm is not None else ""
+    named = getattr(getattr(alarm, "signal", None), "named", None)  # read from the run as it was when it warned
+    remedies = f" then: {'; '.join(named)}" if named else ""
     text = (
         f"Step {flagged[0]}: the training logs' pathology alarm fired ({_FLAG}{rule}) and a warning named the "
-        "remedies not in use"
+        f"remedies not in use{remedies}"
     )
     action = getattr(alarm, "action", None)
     if action is not None and action.action == "stop":

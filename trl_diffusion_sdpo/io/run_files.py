@@ -27,8 +27,9 @@ helpers of :class:`RunFiles`, which keeps the state they share:
   checkpoint's weights and a model card there first; the final ``push_to_hub`` is the package's (transformers' copies
   its own weights' names and uploads a pickled ``training_args.bin``).
 
-:class:`RunFiles` is also a callback: it completes each checkpoint's record in ``on_save``, after every other
-callback's, and readies the output folder in ``on_push_begin``.
+:class:`RunFiles` is also a callback: it applies a learning rate changed at resume in ``on_train_begin``, completes
+each checkpoint's record in ``on_save``, after every other callback's, and readies the output folder in
+``on_push_begin``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
+from ..callbacks.learning_rate import scale_learning_rate
 from . import saving
 from .checkpoints import (
     CheckpointSaveError,
@@ -124,6 +126,8 @@ class RunFiles(TrainerCallback):
         self.trainer = trainer
         self.parts: list[CheckpointPart] = []  # saved into every checkpoint, loaded at resume
         self._kept: str | None = None  # the complete checkpoint hard-linked aside during a save (keep_newest_complete)
+        #: what a resumed run multiplies the restored learning rates by when training begins (a changed learning_rate)
+        self.learning_rate_factor = 1.0
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
@@ -150,8 +154,10 @@ class RunFiles(TrainerCallback):
                 recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+            self.learning_rate_factor = 1.0
             if resume_from_checkpoint is not None:
                 run_io.check_resume_config(resume_from_checkpoint, trainer)
+                self.learning_rate_factor = run_io.learning_rate_factor(resume_from_checkpoint, trainer)
                 for part in self.checkpoint_parts():
                     part.load(resume_from_checkpoint)
                 saved = run_io.read_run_identity(resume_from_checkpoint) or {}
@@ -175,6 +181,20 @@ class RunFiles(TrainerCallback):
                     shutil.rmtree(view, ignore_errors=True)  # links and the converted state, never the checkpoint
             if lock is not None:
                 lock.release()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A learning rate changed at resume is applied here, once transformers has restored the checkpoint's
+        optimizer and scheduler (:func:`.resume_check.learning_rate_factor`)."""
+        if self.learning_rate_factor != 1.0:
+            rates = scale_learning_rate(kwargs["optimizer"], kwargs.get("lr_scheduler"), self.learning_rate_factor)
+            logger.warning(
+                "Step %d: the learning rate changed at resume applied: the restored rates times %.6g, the next "
+                "step's %s (the optimizer's parameter groups and the scheduler's base_lrs).",
+                state.global_step,
+                self.learning_rate_factor,
+                ", ".join(f"{rate:.6g}" for rate in rates),
+            )
+            self.learning_rate_factor = 1.0
 
     def _claim_output_dir(self, resumed: bool, overwrite: bool = False) -> RunLock | None:
         """Process 0 locks ``output_dir`` and refuses it where a new run would replace another run's files (before
