@@ -145,13 +145,13 @@ def check_optimizer(optimizer) -> torch.optim.Optimizer:
 #: copied once per pass) stays bounded.
 CPU_CHUNK, DEVICE_CHUNK = 1 << 20, 1 << 23
 #: A pass's temporaries take ``3 x lambdas x piece`` elements: a run is read in pieces of at most ``work / lambdas``
-#: elements, so that the workspace stays within ``3 x work`` elements, whatever the number of ``lambda`` per pass and
-#: the size of the largest weight. On a CPU a piece of 9 lambdas is 32K elements, so that a pass's temporaries stay in
-#: the core's cache between its operations (a run's 1M elements at a time streamed each of them through memory: the
-#: rule took 495 ms against 326 ms on SD1.5's structure at small widths,
-#: ``benchmarks/results/update-space/cpu-update-search-pieces-sd15-structure.json``); an accelerator reads 3 lambdas
-#: over a whole run at a time, where it runs the pieces (:data:`KERNELS`).
-CPU_WORK, DEVICE_WORK = 9 * (1 << 15), 3 * DEVICE_CHUNK
+#: elements, so that the workspace stays within ``3 x work`` elements (CPU: 9 lambdas over a whole run; accelerator:
+#: 3), whatever the number of ``lambda`` per pass and the size of the largest weight. A CPU's pieces stay whole runs:
+#: pieces of 32K elements, whose temporaries stay in the core's cache, took 326 ms for the rule against 495 ms on
+#: SD1.5's structure at small widths (``benchmarks/results/update-space/cpu-update-search-pieces-sd15-structure.json``)
+#: but add about 8 operations a piece, which a step's operation count (``tests/safeguard/test_operation_counts.py``)
+#: holds fixed.
+CPU_WORK, DEVICE_WORK = 9 * CPU_CHUNK, 3 * DEVICE_CHUNK
 #: Where Adam's share of ``D`` is one compiled kernel per run (:class:`CompiledShare`), by device type: the
 #: ``torch.compile`` backend that fuses it (a pass's elementwise work then never leaves the kernel: on an H200 about
 #: 3 ms a ``lambda`` at SD1.5's 860M weights against 25 ms eager, ``benchmarks/speed/update_search_fused.py``);
