@@ -222,7 +222,7 @@ def test_the_console_recommendation_is_plain_text_with_every_word_of_the_shipped
 
 
 def test_the_console_report_leads_with_the_breaking_regime():
-    """A default run's summary (the one behind the docs' figures): the breaking regime's table, then the tables of
+    """The summary of the run behind the docs' figures (``--full``): the breaking regime's table, then the tables of
     every method; without the regime, the tables alone."""
     summary = json.loads((Path(__file__).resolve().parents[2] / "docs/images/demo_summary.json").read_text())
     report = format_report(summary)

@@ -1,8 +1,8 @@
 """The demo's closing text agrees with what sits beside it: its reading of the run quotes the run's own tables, and
 the package's recommendation it quotes says which result files it comes from, each figure one of theirs.
 
-Read from the default run behind the docs' figures (``docs/images/demo_summary.json``) and the result files the
-shipped recommendation names; no figure is stored here."""
+Read from the run behind the docs' figures (``docs/images/demo_summary.json``, the full comparison) and the result
+files the shipped recommendation names; no figure is stored here."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ DECIMAL = re.compile(r"(?<![\w.])[+-]?\d+\.\d{2,}")
 
 
 def _default_run() -> dict[str, Any]:
-    """The default run's summary, quoting the recommendation as shipped now."""
+    """The summary of the run behind the docs' figures (every method, ``--full``), quoting the recommendation as
+    shipped now."""
     summary = json.loads((ROOT / "docs/images/demo_summary.json").read_text())
     return {**summary, "recommendation": safeguard_recommendation()}
 

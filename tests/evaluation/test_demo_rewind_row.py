@@ -26,7 +26,7 @@ def test_the_rewinding_row_sits_beside_diffusion_dpo_and_mu_0_5_with_the_probe_i
     fields = rewind.config_kwargs()
     assert fields["on_pathology"] == "rewind" and fields["probe_steps"] >= 1 and fields["safeguard_space"] == "none"
     assert rewind.probes and not any(GUARDS[key].probes for key in GUARDS if key != "guard-rewind")
-    assert "guard-rewind" in BreakingRegime().methods
+    assert "guard-rewind" in BreakingRegime.full().methods
 
 
 def _log(step: int, **extra: float) -> dict:

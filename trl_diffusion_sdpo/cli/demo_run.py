@@ -30,7 +30,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         overrides["methods"] = tuple(args.methods)
     if getattr(args, "no_breaking_regime", False):
         overrides["breaking"] = None
-    recipe = DemoRecipe.quick(seed=args.seed, **overrides) if args.quick else DemoRecipe(seed=args.seed, **overrides)
+    size = DemoRecipe.quick if args.quick else DemoRecipe.full if getattr(args, "full", False) else DemoRecipe
+    recipe = size(seed=args.seed, **overrides)
     run_demo(
         args.output_dir,
         recipe,

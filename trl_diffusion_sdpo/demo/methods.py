@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GUARDS", "METHODS", "Method", "method_unavailable"]
+__all__ = ["DEFAULT_GUARDS", "DEFAULT_METHODS", "GUARDS", "METHODS", "Method", "method_unavailable"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ METHODS: dict[str, Method] = {
 with ``mu = 0.6`` (their SDXL setting) and ``0.2`` (their SD1.5 DSPO setting) as a sweep. ``sdpo-parameter``: the
 exact rule from per-branch parameter gradients at ``mu = 0.9``."""
 
+DEFAULT_METHODS: tuple[str, ...] = ("dpo", "sdpo-output")
+"""The rows the demo compares unless ``--full`` asks for every row of :data:`METHODS`: Diffusion-DPO and the authors'
+output-space rule at their SD1.5 setting, the paper's comparison. They are rows of the full table, trained alike, so
+the default's figures are the full comparison's for these rows."""
+
 GUARDS: dict[str, Method] = {
     m.key: m
     for m in (
@@ -92,6 +97,10 @@ GUARDS: dict[str, Method] = {
 ``safeguard_mu="auto"``, and Diffusion-DPO with each loss guard (``max_margin``, ``sft_weight``, ``auto_beta``) at the
 benchmark's values; then Diffusion-DPO with ``ema_decay`` (not in the benchmark: it changes no training step, and the
 demo samples from the EMA weights as validation does)."""
+
+DEFAULT_GUARDS: tuple[str, ...] = ("dpo", "sdpo-output-mu0.5")
+"""The breaking regime's rows unless ``--full`` asks for every row of :data:`GUARDS`: Diffusion-DPO and the
+output-space safeguard at the package's default where the authors measured no ``mu``, trained as in the full regime."""
 
 
 def method_unavailable(method: Method, config_class: type | None = None) -> str | None:

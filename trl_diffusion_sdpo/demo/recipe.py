@@ -1,5 +1,6 @@
 """The CPU demo's settings: :class:`DemoRecipe`, every knob of a run (base recipe, seeds, methods, pairs, evaluation,
-preference tuning, machine), with the default demo and a quick smoke-run variant."""
+preference tuning, machine), with the default demo, the full comparison (``--full``) and a quick smoke-run variant, and
+the work each plans (:meth:`DemoRecipe.planned_work`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.checks import Choice, Range
-from .methods import GUARDS, METHODS, resolve_methods
+from .methods import DEFAULT_GUARDS, DEFAULT_METHODS, GUARDS, METHODS, resolve_methods
 from .pretrain import PretrainRecipe
+from .shapes import all_captions
 
 __all__ = ["BreakingRegime", "DemoRecipe"]
 
@@ -29,7 +31,8 @@ class BreakingRegime:
     learning_rate, batch_size, max_steps: the optimizer's learning rate, pairs per step and steps.
     eval_steps: the optimizer steps after which the held-out prompts are sampled (the last is the end of training).
     eval_seeds_per_prompt: samples per held-out prompt for the reward; the figure shows the first.
-    seed: the training seed. methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.GUARDS`, in row order.
+    seed: the training seed. methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.GUARDS`, in row order (by
+    default :data:`~trl_diffusion_sdpo.demo.methods.DEFAULT_GUARDS`; :meth:`full`: every guard).
     """
 
     learning_rate: float = 2e-4
@@ -38,7 +41,7 @@ class BreakingRegime:
     eval_steps: tuple[int, ...] = (25, 50)
     eval_seeds_per_prompt: int = 4
     seed: int = 0
-    methods: tuple[str, ...] = tuple(GUARDS)
+    methods: tuple[str, ...] = DEFAULT_GUARDS
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "eval_seeds_per_prompt"):
@@ -52,10 +55,15 @@ class BreakingRegime:
         resolve_methods(self.methods, GUARDS)
 
     @classmethod
+    def full(cls) -> BreakingRegime:
+        """Every guard of :data:`~.methods.GUARDS` beside Diffusion-DPO (``--full``), in the same setting."""
+        return cls(methods=tuple(GUARDS))
+
+    @classmethod
     def quick(cls) -> BreakingRegime:
-        """Four steps, sampled after two and four with one sample per prompt: the same stage for tests, its images
-        mean nothing."""
-        return cls(max_steps=4, eval_steps=(2, 4), eval_seeds_per_prompt=1)
+        """Four steps, sampled after two and four with one sample per prompt, every guard: the same stage for
+        tests, its images mean nothing."""
+        return cls(max_steps=4, eval_steps=(2, 4), eval_seeds_per_prompt=1, methods=tuple(GUARDS))
 
     def recipe(self, demo: DemoRecipe) -> DemoRecipe:
         """``demo`` with this regime's training and evaluation fields."""
@@ -71,7 +79,9 @@ class BreakingRegime:
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Every knob of the demo. ``DemoRecipe()`` is the default demo; ``DemoRecipe.quick()`` a smoke run.
+    """Every knob of the demo. ``DemoRecipe()`` is the default demo (:data:`~.methods.DEFAULT_METHODS`),
+    ``DemoRecipe.full()`` the full comparison (every row of :data:`~.methods.METHODS`, ``--full``),
+    ``DemoRecipe.quick()`` a smoke run.
 
     > Base model
 
@@ -82,7 +92,8 @@ class DemoRecipe:
 
     seed: data seed: which captions are held out, the preference pairs' sampling noise and the evaluation noise.
     seeds: training seeds; every method trains once per seed (batches, timesteps, noise, prompt dropout, flips).
-    methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.METHODS`, in table order.
+    methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.METHODS`, in table order (by default
+        :data:`~trl_diffusion_sdpo.demo.methods.DEFAULT_METHODS`).
 
     > Prompts, pairs and evaluation
 
@@ -114,7 +125,7 @@ class DemoRecipe:
     pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
     seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     # prompts, pairs, evaluation
     num_held_out_prompts: int = 6
     pairs_per_prompt: int = 6
@@ -149,11 +160,18 @@ class DemoRecipe:
         resolve_methods(self.methods)  # fails early on unknown keys
 
     @classmethod
+    def full(cls, seed: int = 0, **overrides: Any) -> DemoRecipe:
+        """The default demo with every row of :data:`~.methods.METHODS` and every guard in the breaking regime
+        (``--full``): the same seeds, pairs, steps and settings, so the default's rows are trained exactly as here."""
+        return cls(**{"seed": seed, "methods": tuple(METHODS), "breaking": BreakingRegime.full(), **overrides})
+
+    @classmethod
     def quick(cls, seed: int = 0, **overrides: Any) -> DemoRecipe:
         """The same pipeline end to end in well under a minute: two seeds, every method, a few steps. For tests and
         a first look, not for conclusions."""
         values: dict[str, Any] = {
             "seed": seed,
+            "methods": tuple(METHODS),
             "seeds": (0, 1),
             "pairs_per_prompt": 1,
             "min_reward_margin": 0.0,
@@ -168,6 +186,38 @@ class DemoRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def planned_work(self) -> dict[str, int]:
+        """What a run of this recipe trains and samples, counted from its fields: the work its time follows.
+
+        ``training_runs``: the comparison's runs (methods x seeds) and the breaking regime's rows.
+        ``optimizer_steps`` and ``pair_steps`` (pairs through the denoiser: steps x pairs a step) over those runs.
+        ``sampled_images``: the base's samples for the preference pairs (two a pair) and, where a row probes, its
+        probe's pairs, then every evaluation (the base and each run on the held-out prompts; the breaking regime at
+        each of its evaluation steps), each a sampling of ``num_inference_steps`` DDIM steps. A row that stops early
+        is sampled once more where it stops, which this leaves out; methods the installed trainer cannot run are
+        counted.
+        """
+        captions = len(all_captions())
+        pair_captions, held_out = captions - self.num_held_out_prompts, self.num_held_out_prompts
+        runs = len(self.methods) * len(self.seeds)
+        evaluations = (1 + runs) * held_out * self.eval_seeds_per_prompt  # the base's, then each run's
+        work = {
+            "training_runs": runs,
+            "optimizer_steps": runs * self.max_steps,
+            "pair_steps": runs * self.max_steps * self.batch_size,
+            "sampled_images": 2 * self.pairs_per_prompt * pair_captions + evaluations,
+        }
+        regime = self.breaking
+        if regime is not None:
+            rows = len(regime.methods)
+            probes = any(GUARDS[key].probes for key in regime.methods)
+            work["training_runs"] += rows
+            work["optimizer_steps"] += rows * regime.max_steps
+            work["pair_steps"] += rows * regime.max_steps * regime.batch_size
+            samplings = 1 + rows * len(regime.eval_steps)  # the base's, then each row's at each evaluation step
+            work["sampled_images"] += 2 * pair_captions * probes + samplings * held_out * regime.eval_seeds_per_prompt
+        return work
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

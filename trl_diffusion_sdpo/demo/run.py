@@ -513,6 +513,7 @@ def _run_demo(
             "samples (paired with the base's samples)",
         },
         "config": {**recipe.to_dict(), "trainer": _trainer_settings(recipe)},
+        "plan": recipe.planned_work(),
         "pairs": dataclasses.asdict(pair_stats),
         "held_out_prompts": [c.text for c in held_out],
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -533,6 +534,11 @@ def _run_demo(
     names += ["summary.json", "history.json", "losses.png", *(["lambda.png"] if safeguarded else [])]
     # The machine's load goes to summary.json (environment), beside the timings it qualifies, not to the console.
     echo(f"Wrote {', '.join(names[:-1])} and {names[-1]} to {out} ({timings['total_seconds'] / 60:.1f} min)")
+    left_out = [key for key in METHODS if key not in recipe.methods]
+    if recipe.breaking is not None:
+        left_out += [key for key in GUARDS if key not in recipe.breaking.methods]
+    if left_out:
+        echo(f"Not run here, in the full comparison (--full): {', '.join(left_out)}")
     return summary
 
 
