@@ -12,6 +12,8 @@ workspace, checked directly with a run read again after it.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -91,3 +93,23 @@ def test_a_new_step_reads_a_run_afresh_though_the_workspace_held_it() -> None:
     assert not torch.equal(held, moments)
     second = OptimizerUpdate(optimizer, params, *gradients(), MAX_NORM, workspace=workspace)  # the next step
     torch.testing.assert_close(workspace.read("first", run, run.first, second.dtype), moments, rtol=0, atol=0)
+
+
+def test_a_new_work_buffer_frees_the_old_one_whatever_run_sizes_viewed_it() -> None:
+    """The pass's temporaries are views of one work buffer, kept per run size; when the buffer is replaced (a larger
+    run or pass asks for more), the views of every size made on the old one are dropped, so the old buffer is freed
+    instead of staying alive beside the new one until the next step."""
+    workspace = UpdateWorkspace()
+    old = torch.zeros(3, 64)
+    workspace.work_views(10, 3, old)
+    workspace.work_views(20, 3, old)  # a second run size on the same buffer
+    freed = weakref.ref(old)
+    new = torch.zeros(3, 96)
+    gradient, numerator, denominator = workspace.work_views(30, 3, new)
+    del old
+    gc.collect()
+    assert freed() is None, "views of the replaced work buffer keep it alive"
+    assert gradient.untyped_storage().data_ptr() == new.untyped_storage().data_ptr()
+    assert gradient.shape == numerator.shape == denominator.shape == (3, 30)
+    again = workspace.work_views(30, 3, new)  # the same buffer: the views kept
+    assert again[0] is gradient

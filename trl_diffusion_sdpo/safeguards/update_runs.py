@@ -91,8 +91,11 @@ class UpdateWorkspace:
     def work_views(self, n: int, count: int, work: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The ``[count, n]`` views of the three rows of ``work`` (a pass's temporaries: gradient, numerator,
         denominator) for a run of ``n`` elements, made once and kept while ``work`` is the same buffer."""
+        held = next(iter(self._work.values()), None)
+        if held is not None and held[0].untyped_storage().data_ptr() != work.untyped_storage().data_ptr():
+            self._work.clear()  # a new buffer: views of the old one would keep it alive beside it
         views = self._work.get((n, count))
-        if views is None or views[0].untyped_storage().data_ptr() != work.untyped_storage().data_ptr():
+        if views is None:
             views = self._work[(n, count)] = tuple(work[k, : count * n].view(count, n) for k in range(3))
         return views
 
