@@ -386,7 +386,10 @@ def test_the_trainer_trains_as_the_reference_loop(clean_run, kind, space, lora):
     k, pipe, initial, draws, trainer = clean_run(kind, space, lora)
     lambdas = logged(trainer, "safeguard/lambda_min")
     loop = reference_loop(k, space, pipe, initial, draws, lambdas)
-    assert logged(trainer, "loss") == pytest.approx(loop.losses, rel=1e-4, abs=1e-6)
+    # rel 2e-4: AdamW turns float32 rounding in a gradient element near zero into a step of the learning rate's size,
+    # so the kernels a CPU picks move step 2's loss (LoRA at lr 1e-3 under AVX2 on an AMD EPYC: 8.2e-5 from the loop;
+    # 0 with ATEN_CPU_CAPABILITY=default); a swapped branch or a missing lambda moves it by orders more
+    assert logged(trainer, "loss") == pytest.approx(loop.losses, rel=2e-4, abs=1e-6)
     if space != "none":
         assert lambdas == pytest.approx(loop.lambdas, abs=1e-4)
         assert min(loop.lambdas) < 1.0 or space == "output", "the safeguard never restricted a step"
