@@ -1,7 +1,7 @@
-"""Run an example training script in this process (one of several under ``accelerate launch``) and report.
+"""Run the train command (``trl-diffusion-sdpo train``, every family) in this process (one of several under ``accelerate launch``) and report.
 
     accelerate launch --config_file <yaml> --num_processes 2 tests/distributed_worker.py --result r.json \
-        --example sd15 -- <example script arguments>
+        --example sd15 -- <train command arguments>
     accelerate launch ... tests/distributed_worker.py --jobs jobs.json
 
 After training, every process takes part in gathering sharded weights; the main process writes ``--result``:
@@ -36,6 +36,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.distributed.tensor import DTensor
 
+from trl_diffusion_sdpo.cli.train import main as train_command
 from trl_diffusion_sdpo.engines.collectives import is_partitioned, load_pipeline, zero_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,15 +44,6 @@ sys.path.insert(0, ROOT)  # tests.helpers: the RecordingDataset, FSDP on CPU pro
 torch.set_num_threads(1)
 
 from tests.helpers.fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
-
-
-def _example(name: str):
-    path = os.path.join(ROOT, "examples", f"train_{name}.py")  # sd15, sdxl, or flow (SD3 / FLUX)
-    spec = importlib.util.spec_from_file_location(f"train_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _gathered(params: list[torch.nn.Parameter]):
@@ -291,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             _recording_samples(batches),
             _counting_collectives(collectives),
         ):
-            trainer = _example(job.get("example", "sd15")).main(job["argv"])
+            trainer = train_command(job["argv"])  # the train command, every family: what a launch runs
         report(trainer, job["result"], batches, collectives)
         del trainer
         gc.collect()

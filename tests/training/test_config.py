@@ -552,18 +552,16 @@ def test_off_a_terminal_the_trainers_copy_prints_a_line_per_log_unless_the_calle
     assert ("disable_tqdm" in choices) is not shown
 
 
-def test_the_trainer_writes_no_field_of_the_callers_config(make_config, make_pipeline, pickapic_dataset, monkeypatch):
-    """Unset learning rate, data workers and progress display: the trainer's copy takes the family's rate and, off a
-    terminal, a line per log; the caller's config keeps every field as it was made."""
+def test_the_trainer_writes_no_field_of_the_callers_config(make_config, make_pipeline, pickapic_dataset):
+    """An unset learning rate: the trainer's copy takes the family's rate; the caller's config keeps every field as it
+    was made (the trainer chooses nothing per machine: test_machine_choices.py)."""
     from tests.helpers.common import lora_config
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
 
-    monkeypatch.setattr("trl_diffusion_sdpo.trainer.on_terminal", lambda: False)
-
-    config = make_config(learning_rate=None, dataloader_num_workers=None, disable_tqdm=None)
+    config = make_config(learning_rate=None)
     before = config.to_dict()
     trainer = DiffusionSDPOTrainer(
         make_pipeline(), args=config, train_dataset=pickapic_dataset, peft_config=lora_config()
     )
     assert config.to_dict() == before
-    assert trainer.args.learning_rate == 1e-5 and trainer.args.disable_tqdm
+    assert trainer.args.learning_rate == 1e-5

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from transformers import TrainerState
 
 from tests.checkpoint_kill_worker import build_trainer
 from trl_diffusion_sdpo.cli import demo as demo_cli
@@ -225,6 +226,7 @@ def test_online_hands_the_switch_to_the_trainer(tmp_path, earlier_run, monkeypat
     class Trainer:
         def __init__(self, pipeline, model, args, *rest, **kwargs):
             self.args = args
+            self.state = TrainerState()  # read for the exit status: an empty history, a run that trained
 
         def create_model_card(self, **kwargs):
             pass

@@ -133,6 +133,7 @@ def test_a_safeguarded_run_stops_after_its_rewind_with_the_healthy_weights(make_
         probe_steps=1,
         probe_pairs=HELD,
         on_pathology="rewind",
+        rewind_max_times=0,  # no rung to train on: the rewind stops (the ladder: test_rewind_ladder.py)
         safeguard_space="output",
         safeguard_mu=0.5,
     )
