@@ -1,4 +1,4 @@
-"""Run the train command (``trl-diffusion-sdpo train``, every family) in this process (one of several under ``accelerate launch``) and report.
+"""Run the train command (every family) in this process (one of several under ``accelerate launch``) and report.
 
     accelerate launch --config_file <yaml> --num_processes 2 tests/distributed_worker.py --result r.json \
         --example sd15 -- <train command arguments>

@@ -68,8 +68,9 @@ class HostReadCounter(TorchFunctionMode):
 @contextlib.contextmanager
 def counted_inside_carried_passes(counter: Callable[[], HostReadCounter | None]) -> Iterator[None]:
     """Within the block, the exact rule's passes that Trainer's backward carries
-    (:class:`~trl_diffusion_sdpo.safeguards.passes.PassesInStep`) run inside ``counter()`` where it returns one: autograd
-    runs a backward with no torch-function mode on, so without it a read between the branches' passes goes unseen."""
+    (:class:`~trl_diffusion_sdpo.safeguards.passes.PassesInStep`) run inside ``counter()`` where it returns one:
+    autograd runs a backward with no torch-function mode on, so without it a read between the branches' passes goes
+    unseen."""
     from trl_diffusion_sdpo.safeguards.passes import PassesInStep
 
     carried = PassesInStep._backward
