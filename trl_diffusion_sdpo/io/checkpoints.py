@@ -33,9 +33,15 @@ import zipfile
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from .resume_check import RUN_IDENTITY_NAME
 from .run_folder import CHECKPOINT_RE as _CHECKPOINT_RE
-from .run_folder import REPLACED_PREFIX, STAGING_PREFIX, TRASH_PREFIX, EarlierRunError, earlier_run_files
+from .run_folder import (
+    REPLACED_PREFIX,
+    RUN_IDENTITY_NAME,
+    STAGING_PREFIX,
+    TRASH_PREFIX,
+    EarlierRunError,
+    earlier_run_files,
+)
 from .saving import has_saved_weights
 
 __all__ = [

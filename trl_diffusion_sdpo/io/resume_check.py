@@ -30,7 +30,7 @@ import torch
 
 from ..objectives import objective_class, registered_objectives
 from .resume_world import ResumeConfigError, plan_process_count_change, samples_seen
-from .saving import TRAINING_CONFIG_NAME
+from .run_folder import RUN_IDENTITY_NAME, TRAINING_CONFIG_NAME
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -51,8 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-RUN_IDENTITY_NAME = "run_identity.json"
 
 IDENTITY_FIELDS = ("base_model", "denoiser_class", "training", "lora_rank", "lora_alpha", "lora_target_modules")
 # With the hyperparameters of every registered objective (refused_fields): they are the objectives' to declare.

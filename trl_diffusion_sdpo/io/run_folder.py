@@ -16,6 +16,7 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "LORA_WEIGHTS_NAME",
     "REPLACED_PREFIX",
+    "RUN_IDENTITY_NAME",
     "STAGING_PREFIX",
     "TRAINING_CONFIG_NAME",
     "TRANSFORMER_SUBFOLDER",
@@ -31,6 +32,9 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT
 UNET_SUBFOLDER = "unet"
 TRANSFORMER_SUBFOLDER = "transformer"
 TRAINING_CONFIG_NAME = "training_config.json"
+# what the weights in a checkpoint are (base model, denoiser, LoRA settings): written first by every save, compared on
+# resume (.resume_check)
+RUN_IDENTITY_NAME = "run_identity.json"
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR: checkpoint-<step>
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
