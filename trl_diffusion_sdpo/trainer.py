@@ -44,8 +44,8 @@ from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .callbacks.state_files import StatesPart
 from .config import DiffusionSDPOConfig, check_config
+from .config._lazy import import_target
 from .config.defaults import resolved_config
-from .config.trl_habits import refuse_trainer_arguments
 from .data.columns import prompt_column
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
@@ -187,7 +187,7 @@ class DiffusionSDPOTrainer(Trainer):
             any other ``loss_type``.
         **trl_arguments: none taken: a ``DPOTrainer`` argument with no counterpart here (``processing_class``,
             ``data_collator``, ...) is refused with a ``TypeError`` saying what takes its place
-            (:data:`~trl_diffusion_sdpo.config.trl_habits.TRL_TRAINER_ARGUMENTS`), any other as Python refuses it.
+            (:data:`~trl_diffusion_sdpo.config.trl_refusals.TRL_TRAINER_ARGUMENTS`), any other as Python refuses it.
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
@@ -229,7 +229,10 @@ class DiffusionSDPOTrainer(Trainer):
         **trl_arguments: Any,
     ) -> None:
         # DPOTrainer's arguments with no counterpart here, refused saying what takes their place
-        refuse_trainer_arguments(list(trl_arguments), type(self).__name__)
+        if trl_arguments:  # the refusals' tables are loaded only for a keyword the trainer does not take
+            import_target(f"{__package__}.config.trl_refusals:refuse_trainer_arguments")(
+                list(trl_arguments), type(self).__name__
+            )
         if args is None:
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
         if not isinstance(args, DiffusionSDPOConfig):

@@ -18,7 +18,7 @@ from trl import DPOConfig, DPOTrainer
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.cli.command_parser import unknown_names_message
 from trl_diffusion_sdpo.config.defaults import recommended_learning_rate, resolved_config
-from trl_diffusion_sdpo.config.trl_habits import TRL_CONFIG_NAMES, TRL_TRAINER_ARGUMENTS
+from trl_diffusion_sdpo.config.trl_refusals import TRL_CONFIG_NAMES, TRL_TRAINER_ARGUMENTS
 from trl_diffusion_sdpo.families.registry import registered_families
 from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
 from trl_diffusion_sdpo.io.run_summary import start_warnings

@@ -17,7 +17,8 @@ from trl_diffusion_sdpo.cli import refusals
 from trl_diffusion_sdpo.cli.command_parser import unknown_names_message
 from trl_diffusion_sdpo.config.defaults import resolved_config
 from trl_diffusion_sdpo.config.extras import TRACKER_EXTRAS
-from trl_diffusion_sdpo.config.trl_habits import MARGIN_BOUND, TRL_CONFIG_NAMES, TRL_TRAINER_ARGUMENTS
+from trl_diffusion_sdpo.config.trl_habits import MARGIN_BOUND
+from trl_diffusion_sdpo.config.trl_refusals import TRL_CONFIG_NAMES, TRL_TRAINER_ARGUMENTS
 from trl_diffusion_sdpo.families import FluxFamily
 from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
 from trl_diffusion_sdpo.io.run_summary import start_summary, start_warnings

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from ..config.messages import did_you_mean
-from ..config.trl_habits import trl_name_refusal
+from ..config.trl_refusals import trl_name_refusal
 
 __all__ = [
     "HIDDEN_OPTIONS",

@@ -13,6 +13,7 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from ._lazy import import_target
 from .defaults import (
     MACHINE_FIELDS,
     DefaultEntry,
@@ -37,7 +38,7 @@ from .rules import (
     SAFEGUARD_SPACES,
     check_config,
 )
-from .trl_habits import loss_type_name, refuse_trl_names
+from .trl_habits import loss_type_name
 
 __all__ = ["DiffusionSDPOConfig", "option"]
 
@@ -512,7 +513,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     def __new__(cls, *args: Any, **kwargs: Any) -> DiffusionSDPOConfig:
         # A DPOConfig field with no counterpart here is refused saying what takes its place (the dataclass's own
         # TypeError would name the keyword only)
-        refuse_trl_names([name for name in kwargs if name not in cls.__dataclass_fields__], cls.__name__)
+        unknown = [name for name in kwargs if name not in cls.__dataclass_fields__]
+        if unknown:  # the refusals' tables are loaded only for a keyword the config does not take
+            import_target(f"{__package__}.trl_refusals:refuse_trl_names")(unknown, cls.__name__)
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
