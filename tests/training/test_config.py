@@ -264,7 +264,7 @@ def test_the_docstring_is_each_declared_fields_help_under_one_heading():
     assert owner["learning_rate"] == "Defaults changed from `TrainingArguments`"
 
 
-def test_a_field_no_heading_lists_fails_the_import_of_its_class():
+def test_a_field_no_heading_lists_fails_the_writing_of_its_classs_docstring():
     @dataclasses.dataclass
     class Extended(DiffusionSDPOConfig):
         new_weight: float = dataclasses.field(default=1.0, metadata={"help": "A weight."})

@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["import_target", "lazy_attributes"]
+__all__ = ["LazyDocstring", "import_target", "lazy_attributes"]
 
 
 def lazy_attributes(
@@ -52,3 +52,20 @@ def import_target(target: str) -> Any:
     if not colon or not module or not attribute:
         raise ValueError(f"a lazy target reads 'package.module:attribute', got {target!r}")
     return getattr(importlib.import_module(module), attribute)
+
+
+class LazyDocstring:
+    """A class's docstring written when first read (``help()``, an IDE, the API page) by the function ``writer`` names
+    as ``"package.module:attribute"``, called with the class and ``arguments`` (the writer's module is imported then:
+    a training run, which never reads the docstring, never loads it). Assigned as the class's ``__doc__``: Python's
+    ``type.__doc__`` calls a descriptor stored there, and an instance reaches it as a class attribute; a subclass has
+    a ``__doc__`` of its own."""
+
+    def __init__(self, cls: type, writer: str, *arguments: Any) -> None:
+        self.cls, self.writer, self.arguments = cls, writer, arguments
+        self.text: str | None = None
+
+    def __get__(self, instance: Any, owner: type | None = None) -> str:
+        if self.text is None:
+            self.text = import_target(self.writer)(self.cls, *self.arguments)
+        return self.text

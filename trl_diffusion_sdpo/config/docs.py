@@ -1,6 +1,6 @@
-""":class:`~.fields.DiffusionSDPOConfig`'s docstring, written at import from its fields: each field's
-``metadata["help"]`` is its documentation (``--help`` shows the same text), grouped under TRL-style
-``> Parameters that control ...`` headings by ``GROUPS``."""
+""":class:`~.fields.DiffusionSDPOConfig`'s docstring, written from its fields when first read (``help()``, an IDE, the
+API page; :class:`~._lazy.LazyDocstring`): each field's ``metadata["help"]`` is its documentation (``--help`` shows
+the same text), grouped under TRL-style ``> Parameters that control ...`` headings by ``GROUPS``."""
 
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
 def config_docstring(cls: type, summary: str, groups: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> str:
     """``summary``, then for each heading of ``groups`` (default ``GROUPS``) its text and an entry per field,
     ``name (`type`, *optional*, defaults to `value`):`` over the field's help. A field ``cls`` declares that no
-    heading lists, or a listed name that is no field, raises ``TypeError`` (so the class cannot be imported)."""
+    heading lists, or a listed name that is no field, raises ``TypeError`` (the docstring cannot be read: the tests
+    read it)."""
     groups = GROUPS if groups is None else groups
     fields = {f.name: f for f in dataclasses.fields(cls)}
     declared = list(vars(cls).get("__annotations__", {}))

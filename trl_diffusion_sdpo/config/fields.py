@@ -13,7 +13,7 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from ._lazy import import_target
+from ._lazy import LazyDocstring, import_target
 from .defaults import (
     MACHINE_FIELDS,
     DefaultEntry,
@@ -24,7 +24,6 @@ from .defaults import (
     resolve_default,
     resolve_defaults,
 )
-from .docs import config_docstring
 from .extras import tracker_problem
 from .pathology import SWITCH_REASON, SWITCH_TO, pair_remedies
 from .rules import (
@@ -60,7 +59,7 @@ family (see its entry). Each entry below is the field's `--help` text.
 
 @dataclass
 class DiffusionSDPOConfig(TrainingArguments):
-    # The docstring is written at import from the fields' helps (config_docstring, below the class).
+    # The docstring is written from the fields' helps when first read (docs.config_docstring, below the class).
 
     # Objective
     beta: float | None = option(
@@ -566,7 +565,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         return self.noising == "inversion" or (self.noising is None and self.loss_type == "smpo")
 
 
-DiffusionSDPOConfig.__doc__ = config_docstring(DiffusionSDPOConfig, _SUMMARY)
+DiffusionSDPOConfig.__doc__ = LazyDocstring(DiffusionSDPOConfig, f"{__package__}.docs:config_docstring", _SUMMARY)
 
 
 def _number_or_text(value: str) -> float | str:

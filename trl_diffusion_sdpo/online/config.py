@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import DiffusionSDPOConfig
+from ..config._lazy import LazyDocstring
 from ..config.checks import Choice, Range
 from ..config.defaults import DefaultEntry
-from ..config.docs import config_docstring
 from ..config.fields import option
 from . import defaults as online_defaults
 
@@ -31,7 +31,7 @@ family and data settings apply unchanged to the generated pairs) and the generat
 
 @dataclass
 class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
-    # The docstring is written at import from the fields' helps (config_docstring, below the class).
+    # The docstring is written from the fields' helps when first read (config.docs.config_docstring, below the class).
 
     # Rewards
     reward_funcs: list[str] | None = option(
@@ -167,7 +167,9 @@ _GROUPS = {
     ),
     "Parameters that control the reference": ("", ("ref_update_steps",)),
 }
-OnlineDiffusionSDPOConfig.__doc__ = config_docstring(OnlineDiffusionSDPOConfig, _SUMMARY, _GROUPS)
+OnlineDiffusionSDPOConfig.__doc__ = LazyDocstring(
+    OnlineDiffusionSDPOConfig, "trl_diffusion_sdpo.config.docs:config_docstring", _SUMMARY, _GROUPS
+)
 
 _RULES: dict[str, Range | Choice] = {
     "num_generations": Range(2, integer=True, hint="A pair needs two samples of the prompt."),
