@@ -64,7 +64,7 @@ from .families.preparation import (
 )
 from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
-from .io.trackers import CONSOLE_CALLBACKS, is_tracker, tracker_callback, tracker_in
+from .io.trackers import CONSOLE_CALLBACKS, REPORTING_CALLBACKS, TrackerCallback, is_tracker, tracker_callback
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
 from .step.predictions import (
@@ -96,31 +96,51 @@ __all__ = ["DiffusionSDPOTrainer"]
 logger = logging.getLogger(__name__)
 
 
-def _given_run_control(callbacks: list[Any], args: DiffusionSDPOConfig) -> tuple[Any, Any]:
-    """``(ema, probe)``: the :class:`~.callbacks.ema.EMAWeights` and the :class:`~.callbacks.probe.ProbeCallback`
-    among ``callbacks`` (``None`` where there is none). One beside the config field that builds another
-    (``ema_decay``, ``probe_steps``) is refused, as is an alarm on the probe that rewinds beside
-    ``on_pathology="rewind"``. A class is looked up only where its module is loaded: an instance of it needs it."""
+#: the run control a config field builds: ``(kind, which callbacks of kind it builds, whether the config sets the
+#: field, the refusal of one given beside it)``; a run holds one EMA and one probe
+_BUILT_BY_CONFIG: tuple[tuple[str | type, Callable[[Any], bool], Callable[[Any], bool], str], ...] = (
+    ("trl_diffusion_sdpo.callbacks.ema:EMAWeights", lambda c: True, lambda a: a.ema_decay is not None,
+     "an EMAWeights was given and the config sets ema_decay, which builds another: unset ema_decay or give no "
+     "EMAWeights"),
+    ("trl_diffusion_sdpo.callbacks.probe:ProbeCallback", lambda c: True, lambda a: bool(a.probe_steps),
+     "a ProbeCallback was given and the config sets probe_steps, which builds another: unset probe_steps or give "
+     "no ProbeCallback"),
+    (AlarmCallback, lambda c: getattr(c.action, "action", None) == "rewind", lambda a: a.on_pathology == "rewind",
+     "an AlarmCallback with a RewindAction was given and the config sets on_pathology='rewind', which builds "
+     "another: set on_pathology to another value or give no RewindAction"),
+)  # fmt: skip
 
-    def of(module: str, name: str) -> list[Any]:
-        loaded = sys.modules.get(f"{__package__}.callbacks.{module}")
-        return [] if loaded is None else [c for c in callbacks if isinstance(c, getattr(loaded, name))]
 
-    emas, probes = of("ema", "EMAWeights"), of("probe", "ProbeCallback")
-    rewinds = [c for c in callbacks if isinstance(c, AlarmCallback) and getattr(c.action, "action", None) == "rewind"]
-    for kind, found, field, why in (
-        ("EMAWeights", emas, args.ema_decay is not None, "the config sets ema_decay, which builds another: unset "
-         "ema_decay or pass no EMAWeights"),
-        ("ProbeCallback", probes, bool(args.probe_steps), "the config sets probe_steps, which builds another: unset "
-         "probe_steps or pass no ProbeCallback"),
-        ("rewinding AlarmCallback", rewinds, args.on_pathology == "rewind", "the config sets "
-         "on_pathology='rewind', which builds another: set on_pathology to another value or pass no RewindAction"),
-    ):  # fmt: skip
-        if found and field:
-            raise ValueError(f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind} was passed in callbacks= and {why}")
-    if len(emas) > 1 or len(probes) > 1:
-        raise ValueError("callbacks= holds two EMAWeights or two ProbeCallback: a run has one of each")
-    return (emas[0] if emas else None), (probes[0] if probes else None)
+def _instances_of(callbacks: Sequence[Any], kind: type | tuple[type, ...] | str) -> list[Any]:
+    """The callbacks among ``callbacks`` that are instances of ``kind`` (see
+    :meth:`DiffusionSDPOTrainer.callbacks_of`), a tracker registered in a :class:`~.io.trackers.TrackerCallback` as
+    itself."""
+    if isinstance(kind, str):  # a class whose module a run loads only when it uses it
+        module, _, name = kind.partition(":")
+        loaded = sys.modules.get(module)
+        if loaded is None:  # an instance of the class would have loaded its module: there is none
+            return []
+        kind = getattr(loaded, name)
+    found = []
+    for callback in callbacks:
+        if isinstance(callback, kind):
+            found.append(callback)
+        elif isinstance(callback, TrackerCallback) and isinstance(callback.tracker, kind):
+            found.append(callback.tracker)
+    return found
+
+
+def _refuse_beside_config(registered: Sequence[Any], added: Sequence[Any], args: DiffusionSDPOConfig) -> None:
+    """Refuse, in one line naming the fix, a callback among ``added`` of a kind the config builds where the config
+    sets the field that builds it (an :class:`~.callbacks.ema.EMAWeights` beside ``ema_decay``, a
+    :class:`~.callbacks.probe.ProbeCallback` beside ``probe_steps``, an alarm whose action rewinds beside
+    ``on_pathology="rewind"``), and a second EMA or probe beside one given or ``registered``."""
+    for kind, builds, config_sets, refusal in _BUILT_BY_CONFIG:
+        found = [c for c in _instances_of(added, kind) if builds(c)]
+        if found and config_sets(args):
+            raise ValueError(refusal)
+        if isinstance(kind, str) and len(found) + len(_instances_of(registered, kind)) > 1:
+            raise ValueError(f"two {kind.rpartition(':')[2]} given: a run has one")
 
 
 def _undone_on_failure(init: Callable[..., None]) -> Callable[..., None]:
@@ -244,9 +264,9 @@ class DiffusionSDPOTrainer(Trainer):
         # The reward functions' module is loaded only when there are rewards to score with.
         reward_fn = None if reward_funcs is None else rewards.dataset_scoring_function(reward_funcs)
         check_one_device_per_process(args)
-        # Run control passed in callbacks= beside the config field that builds the same, refused before the pipeline
+        # Run control given in callbacks= beside the config field that builds the same, refused before the pipeline
         # is touched.
-        given_ema, given_probe = _given_run_control(callbacks or [], args)
+        _refuse_beside_config([], list(callbacks or []), args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
         self._unwrap_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _unwrapped
@@ -301,52 +321,27 @@ class DiffusionSDPOTrainer(Trainer):
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
         self._eval_collator_in_use = data.eval_collator  # the one of the running evaluation (a placeholder's shape)
         prepare_denoiser(denoiser, peft_config, self._dtype, checkpointing)
-        # The run control the config asks for, registered with the callbacks given, in this order (docs/compose.md):
-        # the EMA before them (a validation given at step k samples the average that includes step k); after them the
-        # training logs' alarm, the probe and the probe's alarm (it reads the reading the probe published at the same
-        # step's end), all before transformers' console callback, which prints what they write into the logs.
-        given = list(callbacks or [])
+        # The EMA the config asks for runs before the callbacks given (a validation given at step k samples the
+        # average that includes step k); its alarms and probe are built once the trainer is (they read it).
         ema = []
         if args.ema_decay is not None:
             ema = [run_callbacks.EMAWeights(trainable_parameters(denoiser), args.ema_decay, self.files.save_weights)]
-        #: the EMA weights sampling swaps in and a rewind restores: the config's (``ema_decay``), or the
-        #: :class:`~.callbacks.ema.EMAWeights` passed in ``callbacks=``
-        self.ema: EMAWeights | None = ema[0] if ema else given_ema
-        #: the config's alarm on the training logs (``on_pathology``), unless ``callbacks=`` holds an
-        #: :class:`~.callbacks.alarm.AlarmCallback` that reads them (``None`` then)
-        self.alarm: AlarmCallback | None = None
-        if not any(isinstance(c, AlarmCallback) and isinstance(c.signal, TrainingLogSignal) for c in given):
-            self.alarm = TrainingLogAlarm(TrainingLogSignal(), PathologyAction(args.on_pathology))
-        #: the held-out probe: the config's (``probe_steps``), or the
-        #: :class:`~.callbacks.probe.ProbeCallback` passed in ``callbacks=``; bound once the trainer is built
-        self.probe: ProbeCallback | None = given_probe
-        #: the config's alarm on the probe (with ``probe_steps``): its action is ``on_pathology``'s (the training
-        #: logs' alarm's, whose record it shares), or the rewind (:class:`~.callbacks.rewind.RewindAction`)
-        self.probe_alarm: AlarmCallback | None = None
-        if args.probe_steps:  # the probe's modules load only then
-            self.probe = run_callbacks.ProbeCallback.from_config(args.probe_steps, probe_pairs)
-            if args.on_pathology == "rewind":
-                probe_action = run_callbacks.RewindAction()
-            else:
-                probe_action = self.alarm.action if self.alarm is not None else PathologyAction(args.on_pathology)
-            self.probe_alarm = AlarmCallback(ProbeSignal(self.probe), probe_action)
-        configured = [c for c in (self.alarm, self.probe if args.probe_steps else None, self.probe_alarm) if c]
         super().__init__(
             model=denoiser,
             args=args,
             data_collator=data.collator,
             train_dataset=data.train_dataset,
             eval_dataset=data.eval_dataset,
-            callbacks=[*ema, *given, *configured],
+            callbacks=[*ema, *(callbacks or [])],
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
         self.add_callback(self.files)  # the logging window opens when training begins
         # report_to's trackers (and those in callbacks=) registered again through add_callback, which hands them the
         # model as they read it; at the end, they receive what every other callback adds to a log.
-        for tracker in [c for c in self.callback_handler.callbacks if is_tracker(c)]:
+        for tracker in self.callbacks_of(REPORTING_CALLBACKS):
             super().remove_callback(tracker)
-            self.add_callback(tracker)
+            self._register(tracker)
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
@@ -399,16 +394,10 @@ class DiffusionSDPOTrainer(Trainer):
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy, self._dtype)
         self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
-        # Every callback with bind_to_trainer (validation grids, the EMA, the probe, the alarms) binds to the trainer's
-        # public surface, in the order the callbacks run; the trainer calls none of their events itself.
-        self.sampling_callbacks: list[TrainerCallback] = []
-        for callback in self.callback_handler.callbacks:
-            if callable(getattr(callback, "bind_to_trainer", None)):
-                callback.bind_to_trainer(self)
-                self.sampling_callbacks.append(callback)
         self._eval_metric_prefix: str | None = None
         self._passes: Any = None  # the exact rule's passes while Trainer's step runs (_training_step_in_passes)
         self._next_log: dict[str, float] = {}  # what callbacks handed log_next since the last training log
+        self._add_configured_run_control(args, probe_pairs)
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
     # ------------------------------------------------------------------ what callbacks read and set
@@ -418,6 +407,30 @@ class DiffusionSDPOTrainer(Trainer):
         """The trained denoiser, unwrapped from DDP or an engine (the module whose trainable parameters are the
         optimizer's)."""
         return self._policy()
+
+    @property
+    def ema(self) -> EMAWeights | None:
+        """The EMA weights sampling swaps in and a rewind restores: the config's (``ema_decay``), or the
+        :class:`~.callbacks.ema.EMAWeights` given in ``callbacks=`` or added with :meth:`add_callback`."""
+        return next(iter(self.callbacks_of("trl_diffusion_sdpo.callbacks.ema:EMAWeights")), None)
+
+    @property
+    def probe(self) -> ProbeCallback | None:
+        """The held-out probe: the config's (``probe_steps``), or the :class:`~.callbacks.probe.ProbeCallback` added
+        with :meth:`add_callback`."""
+        return next(iter(self.callbacks_of("trl_diffusion_sdpo.callbacks.probe:ProbeCallback")), None)
+
+    @property
+    def alarm(self) -> AlarmCallback | None:
+        """The alarm on the training logs: the config's (``on_pathology``), or the
+        :class:`~.callbacks.alarm.AlarmCallback` reading them given in its place."""
+        return next((c for c in self.callbacks_of(AlarmCallback) if c.signal.event == "log"), None)
+
+    @property
+    def probe_alarm(self) -> AlarmCallback | None:
+        """The alarm on the held-out probe: the config's (with ``probe_steps``: its action is ``on_pathology``'s, or
+        the rewind), or the :class:`~.callbacks.alarm.AlarmCallback` reading the probe that was added."""
+        return next((c for c in self.callbacks_of(AlarmCallback) if c.signal.event == "step_end"), None)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -841,21 +854,45 @@ class DiffusionSDPOTrainer(Trainer):
         logs.update(reduced)
         super().log(logs, start_time)
 
+    def callbacks_of(self, kind: type | tuple[type, ...] | str) -> list[TrainerCallback]:
+        """The registered callbacks that are instances of ``kind``, in the order transformers runs them: the one way
+        the package finds a callback. ``kind`` is a class or a tuple of classes (a tracker, registered in a
+        :class:`~.io.trackers.TrackerCallback`, is found by its own class and returned itself), or the
+        ``"module:Class"`` name of a class whose module a run loads only when it uses it (the EMA, the probe, the
+        validation grids) or whose import would close a cycle: where that module is not loaded, nothing of the class
+        is registered."""
+        return _instances_of(self.callback_handler.callbacks, kind)
+
     def add_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
-        """As ``Trainer.add_callback``; one of transformers' trackers (``TensorBoardCallback``, ...) is registered in a
-        :class:`~.io.trackers.TrackerCallback`, which hands it the model with a config it can write."""
+        """As ``Trainer.add_callback``, placed before the reporting callbacks, so that they receive and print what it
+        writes into a log: one of transformers' trackers (``TensorBoardCallback``, ...) is registered in a
+        :class:`~.io.trackers.TrackerCallback`, which hands it the model with a config it can write, after the other
+        trackers; any other callback before every tracker and the console's callback. Run control of a kind the
+        config builds is refused beside the field that builds it (an ``EMAWeights`` beside ``ema_decay``, ...), and
+        an alarm on the training logs replaces the one ``on_pathology`` builds."""
+        callback = callback() if isinstance(callback, type) else callback
         if not is_tracker(callback):
-            super().add_callback(callback)
-            return
-        super().add_callback(tracker_callback(callback() if isinstance(callback, type) else callback))
-        # transformers' console callback stays after the trackers: it takes total_flos out of the logs it prints
-        for console in [c for c in self.callback_handler.callbacks if isinstance(c, CONSOLE_CALLBACKS)]:
-            super().remove_callback(console)
-            super().add_callback(console)
+            _refuse_beside_config(self.callbacks_of(TrainerCallback), [callback], self.args)
+            if isinstance(callback, AlarmCallback) and callback.signal.event == "log":
+                for configured in self.callbacks_of(TrainingLogAlarm):
+                    super().remove_callback(configured)
+        self._register(callback)
+
+    def _register(self, callback: TrainerCallback) -> None:
+        """``callback`` registered before the reporting callbacks (:meth:`add_callback`), without its refusals."""
+        if is_tracker(callback):
+            callback, moved = tracker_callback(callback), self.callbacks_of(CONSOLE_CALLBACKS)
+        else:
+            moved = self.callbacks_of((TrackerCallback, *CONSOLE_CALLBACKS))
+        for reporting in moved:
+            super().remove_callback(reporting)
+        super().add_callback(callback)
+        for reporting in moved:
+            super().add_callback(reporting)
 
     def pop_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> TrainerCallback | None:
         """As ``Trainer.pop_callback``; a tracker is found by its class or instance and returned itself."""
-        registered = tracker_in(self.callback_handler.callbacks, callback)
+        registered = self._tracker_named(callback)
         if registered is None:
             return super().pop_callback(callback)
         super().remove_callback(registered)
@@ -863,7 +900,31 @@ class DiffusionSDPOTrainer(Trainer):
 
     def remove_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
         """As ``Trainer.remove_callback``; a tracker is found by its class or instance."""
-        super().remove_callback(tracker_in(self.callback_handler.callbacks, callback) or callback)
+        super().remove_callback(self._tracker_named(callback) or callback)
+
+    def _tracker_named(self, callback: type[TrainerCallback] | TrainerCallback) -> TrackerCallback | None:
+        """The :class:`~.io.trackers.TrackerCallback` that ``callback`` (a tracker's class or instance) names."""
+        return next((c for c in self.callbacks_of(TrackerCallback) if c.matches(callback)), None)
+
+    def _add_configured_run_control(self, args: DiffusionSDPOConfig, probe_pairs: Dataset | None) -> None:
+        """The run control the config asks for, built with the trainer's pieces now that it has them and registered
+        after the callbacks given, before the reporting ones, in this order (docs/compose.md): the alarm on the
+        training logs (``on_pathology``; unless one given reads them), the probe (``probe_steps``) and the probe's
+        alarm, which reads the reading the probe published at the same step's end. The probe alarm's action is
+        ``on_pathology``'s (the training logs' alarm's, whose record it shares), or the rewind."""
+        alarm = None
+        if not [c for c in self.callbacks_of(AlarmCallback) if c.signal.event == "log"]:
+            alarm = TrainingLogAlarm(TrainingLogSignal(), PathologyAction(args.on_pathology), trainer=self)
+            self._register(alarm)
+        if not args.probe_steps:  # the probe's modules load only then
+            return
+        probe = run_callbacks.probe_for_trainer(self, probe_pairs)
+        if args.on_pathology == "rewind":
+            action = run_callbacks.RewindAction()
+        else:
+            action = alarm.action if alarm is not None else PathologyAction(args.on_pathology)
+        self._register(probe)
+        self._register(AlarmCallback(ProbeSignal(probe), action, trainer=self))
 
     def log_next(self, metrics: Mapping[str, float]) -> None:
         """Put ``metrics`` into the next training log: a callback that measures between logs (the held-out probe and

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from transformers import TrainerState
+from transformers.integrations import TensorBoardCallback
 
 from trl_diffusion_sdpo.callbacks.validation import (
     PROMPT_LABEL_CHARS,
@@ -20,6 +21,7 @@ from trl_diffusion_sdpo.callbacks.validation import (
 )
 from trl_diffusion_sdpo.evaluation import Scorer
 from trl_diffusion_sdpo.evaluation.compare import image_grid
+from trl_diffusion_sdpo.families import family_for_pipeline
 
 torch.set_num_threads(1)
 PROMPTS = ["a red square", "a blue circle"]
@@ -101,8 +103,10 @@ def test_a_resumed_run_does_not_validate_step_zero_again(make_pipeline, tmp_path
     state.global_step = 10
     callback.on_step_end(args, state, None)
     assert [h["step"] for h in callback.history] == [10]
-    with pytest.raises(ValueError, match="pipeline="):
-        ValidationCallback(PROMPTS).generate()
+    with pytest.raises(
+        ValueError, match=r"ValidationCallback\(prompts, trainer=trainer\), and add it .* or give pipeline="
+    ):
+        ValidationCallback(PROMPTS)  # refused where it is built: it has nothing to sample
 
 
 class RecordingWriter:
@@ -123,9 +127,19 @@ def test_images_and_rewards_go_to_the_trainers_tensorboard_writer_and_unknown_tr
     make_pipeline, tmp_path
 ):
     writer = RecordingWriter()
-    trainer = SimpleNamespace(
-        pipeline=make_pipeline(), callback_handler=SimpleNamespace(callbacks=[SimpleNamespace(tb_writer=writer)])
-    )
+    pipeline = make_pipeline()
+
+    class Trainer:  # the trainer's surface the callback reads: its lookup answers report_to's TensorBoard tracker
+        engine = SimpleNamespace(check_validation_sampling=lambda: None)
+        family, args = family_for_pipeline(pipeline), SimpleNamespace(resolution=32)
+
+        def __init__(self) -> None:
+            self.pipeline = pipeline
+
+        def callbacks_of(self, kind):
+            return [SimpleNamespace(tb_writer=writer)] if kind is TensorBoardCallback else []
+
+    trainer = Trainer()
     callback = ValidationCallback(
         PROMPTS,
         num_inference_steps=1,
@@ -163,13 +177,13 @@ def test_auto_autocast_samples_a_pipeline_that_mixes_bf16_and_float32(make_pipel
     assert ValidationCallback(PROMPTS, pipeline=make_pipeline())._autocast_dtype(make_pipeline()) is None
 
 
-def test_a_passed_callback_is_bound_and_saves_a_grid_at_step_zero_and_every_n(make_trainer, tmp_path):
-    """Passed in ``callbacks=``, the callback samples the trainer's pipeline at the training resolution with the
-    family's guidance (8.5 for SD)."""
-    validation = ValidationCallback(PROMPTS, seeds=[0], every_n_steps=2, num_inference_steps=2)
-    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), callbacks=[validation])
-    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
-    assert callbacks == [validation] and validation.trainer is trainer
+def test_one_built_with_the_trainer_saves_a_grid_at_step_zero_and_every_n(make_trainer, tmp_path):
+    """Built with ``trainer=`` and added with ``add_callback``, the callback samples the trainer's pipeline at the
+    training resolution with the family's guidance (8.5 for SD)."""
+    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"))
+    validation = ValidationCallback(PROMPTS, seeds=[0], every_n_steps=2, num_inference_steps=2, trainer=trainer)
+    trainer.add_callback(validation)
+    assert trainer.callbacks_of(ValidationCallback) == [validation] and validation.trainer is trainer
     assert (validation.settings.guidance_scale, validation.settings.height) == (8.5, trainer.args.resolution)
     trainer.train()
     assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000002.png"]
@@ -177,30 +191,31 @@ def test_a_passed_callback_is_bound_and_saves_a_grid_at_step_zero_and_every_n(ma
 
 def test_validation_is_off_by_default_and_empty_prompt_lists_are_refused(make_trainer):
     trainer = make_trainer(max_steps=1)
-    assert not any(isinstance(c, ValidationCallback) for c in trainer.callback_handler.callbacks)
+    assert trainer.callbacks_of(ValidationCallback) == []
     with pytest.raises(ValueError, match="at least one prompt"):
         ValidationCallback([])
 
 
-def test_the_train_command_builds_the_callback_from_its_options():
+def test_the_train_command_builds_the_callback_from_its_options(make_trainer):
     from trl_diffusion_sdpo.cli.train import parse_args
 
     *_, diffusion_args = parse_args(
         ["--output_dir", "unused", "--use_cpu", "--validation_prompts", "a cat", "a dog", "--validation_steps", "7"]
     )
-    (callback,) = diffusion_args.validation_callbacks()
-    assert isinstance(callback, ValidationCallback)
+    trainer = make_trainer(max_steps=1)
+    (callback,) = diffusion_args.validation_callbacks(trainer)
+    assert isinstance(callback, ValidationCallback) and callback.trainer is trainer
     assert (callback.prompts, callback.every_n_steps, callback.settings.guidance_scale) == (
         ["a cat", "a dog"],
         7,
-        None,
+        8.5,  # the family's, from the trainer it samples
     )
-    assert parse_args(["--output_dir", "unused", "--use_cpu"])[3].validation_callbacks() == []
+    assert parse_args(["--output_dir", "unused", "--use_cpu"])[3].validation_callbacks(trainer) == []
 
 
 def test_the_model_card_shows_the_last_validation_grid(make_trainer, tmp_path):
-    validation = ValidationCallback(PROMPTS, every_n_steps=2, num_inference_steps=2)
-    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), callbacks=[validation])
+    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"))
+    trainer.add_callback(ValidationCallback(PROMPTS, every_n_steps=2, num_inference_steps=2, trainer=trainer))
     trainer.train()
     trainer.create_model_card()
     card = (tmp_path / "run" / "README.md").read_text()
@@ -211,11 +226,11 @@ def test_the_model_card_shows_the_last_validation_grid(make_trainer, tmp_path):
 def test_with_ema_decay_validation_samples_the_ema_weights_not_the_trained_ones(make_trainer, tmp_path):
     """The grid of a run with ``ema_decay`` is sampled from the EMA of the trained weights (swapped in for it, the
     trained ones back afterwards)."""
-    validation = ValidationCallback(PROMPTS[:1], seeds=[0], every_n_steps=2, num_inference_steps=1)
-    trainer = make_trainer(
-        max_steps=2, learning_rate=1e-2, ema_decay=0.5, output_dir=str(tmp_path / "run"), callbacks=[validation]
+    trainer = make_trainer(max_steps=2, learning_rate=1e-2, ema_decay=0.5, output_dir=str(tmp_path / "run"))
+    trainer.add_callback(
+        ValidationCallback(PROMPTS[:1], seeds=[0], every_n_steps=2, num_inference_steps=1, trainer=trainer)
     )
-    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
+    (callback,) = trainer.callbacks_of(ValidationCallback)
     sampled = {}
 
     def record_weights():

@@ -138,13 +138,11 @@ def test_validation_grids_sample_with_each_familys_own_guidance_unless_set(make_
         build, family_fields = FAMILIES[family]
         args = make_config(**family_fields)
         trainer = DiffusionSDPOTrainer(
-            build(str(tmp_path / f"tok-{family}-{len(fields)}")),
-            args=args,
-            train_dataset=pairs_for(family),
-            callbacks=[ValidationCallback(["a fox"], every_n_steps=1, **fields)],
+            build(str(tmp_path / f"tok-{family}-{len(fields)}")), args=args, train_dataset=pairs_for(family)
         )
-        (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
-        return callback.settings.guidance_scale if hasattr(callback, "settings") else callback.guidance_scale
+        trainer.add_callback(ValidationCallback(["a fox"], every_n_steps=1, trainer=trainer, **fields))
+        (callback,) = trainer.callbacks_of(ValidationCallback)
+        return callback.settings.guidance_scale
 
     assert grid_guidance("flux") == 3.5
     assert grid_guidance("sd") == 8.5  # the SDPO authors' guidance for the UNet families

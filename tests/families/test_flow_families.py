@@ -465,11 +465,11 @@ def test_validation_grids_sample_a_flux_model_with_its_flow_scheduler(make_flow,
     from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 
     args = flow_config(make_config, max_steps=1, output_dir=str(tmp_path / "run"))
-    validation = ValidationCallback(
-        ["a red square"], seeds=[0], every_n_steps=1, num_inference_steps=2, guidance_scale=1.0
-    )
-    trainer = DiffusionSDPOTrainer(
-        pipe, args=args, train_dataset=flow_pairs, peft_config=lora(), callbacks=[validation]
+    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=flow_pairs, peft_config=lora())
+    trainer.add_callback(
+        ValidationCallback(
+            ["a red square"], seeds=[0], every_n_steps=1, num_inference_steps=2, guidance_scale=1.0, trainer=trainer
+        )
     )
     trainer.train()
     assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000001.png"]

@@ -291,13 +291,12 @@ def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(ma
         source = tmp_path / f"source-{index}.png"
         Image.new("RGB", (32, 32), colour).save(source)
         args = CASE.config(make_config, max_steps=1, output_dir=str(tmp_path / f"run-{index}"))
+        trainer = DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora())
         validation = ValidationCallback(
             ["make it green"], seeds=[0, 1], every_n_steps=1, num_inference_steps=2,
-            scorers=["test-kontext-recorder"], sources=[str(source)],
+            scorers=["test-kontext-recorder"], sources=[str(source)], trainer=trainer,
         )  # fmt: skip
-        trainer = DiffusionSDPOTrainer(
-            make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora(), callbacks=[validation]
-        )
+        trainer.add_callback(validation)
         trainer.train()
         grids.append(np.asarray(Image.open(tmp_path / f"run-{index}" / "validation" / "step-000000.png")))
     assert not np.array_equal(grids[0], grids[1])  # the source reached the pipeline
@@ -307,19 +306,21 @@ def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(ma
     assert all(tuple(s[0, 0]) == (20, 20, 220) for _, s in received[4:])
 
 
-def test_validation_sources_are_checked_when_the_trainer_is_built(make_pipe, make_config, pairs, tmp_path):
+def test_validation_sources_are_checked_when_the_callback_is_built_with_the_trainer(
+    make_pipe, make_config, pairs, tmp_path
+):
     from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 
     with pytest.raises(ValueError, match="Got 2 prompts and 1 source images"):
         ValidationCallback(["a", "b"], sources=["x.png"])
     args = CASE.config(make_config)
-    missing = ValidationCallback(["a"], sources=[str(tmp_path / "missing.png")])
+    kontext = DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora())
     with pytest.raises(ValueError, match=r"validation source image 0 .*missing.png.* cannot be read"):
-        DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora(), callbacks=[missing])
+        ValidationCallback(["a"], sources=[str(tmp_path / "missing.png")], trainer=kontext)
     flux = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "flux"), max_length=SEQ)
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    sources = ValidationCallback(["a"], sources=[str(tmp_path / "ok.png")])
+    flux_trainer = DiffusionSDPOTrainer(flux, args=args, train_dataset=Dataset.from_list(pickapic_rows(2)))
     with pytest.raises(ValueError, match="validation source images are for editing families; flux generates"):
-        DiffusionSDPOTrainer(flux, args=args, train_dataset=Dataset.from_list(pickapic_rows(2)), callbacks=[sources])
+        ValidationCallback(["a"], sources=[str(tmp_path / "ok.png")], trainer=flux_trainer)

@@ -209,15 +209,11 @@ class TestHunyuanVideo15Training(FlowFamilyTrainingChecks):
 
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         """Image grids are refused for a video family, pointing to sample_videos (tested below)."""
-        with pytest.raises(ValueError, match="sample_videos"):
-            from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+        from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 
-            DiffusionSDPOTrainer(
-                make_pipe(),
-                args=hv_config(make_config),
-                train_dataset=pairs,
-                callbacks=[ValidationCallback(["a cat"])],
-            )
+        trainer = DiffusionSDPOTrainer(make_pipe(), args=hv_config(make_config), train_dataset=pairs)
+        with pytest.raises(ValueError, match="sample_videos"):
+            ValidationCallback(["a cat"], trainer=trainer)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation

@@ -111,15 +111,11 @@ def test_wrong_clip_lengths_and_two_expert_pipelines_are_refused(make_wan, make_
         DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config, num_frames=None), train_dataset=video_pairs)
     with pytest.raises(ValueError, match="4k \\+ 1"):
         DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config, num_frames=4), train_dataset=video_pairs)
-    with pytest.raises(ValueError, match="sample_videos"):
-        from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+    from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 
-        DiffusionSDPOTrainer(
-            make_wan(),
-            args=wan_config(make_config),
-            train_dataset=video_pairs,
-            callbacks=[ValidationCallback(["a cat"])],
-        )
+    wan = DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config), train_dataset=video_pairs)
+    with pytest.raises(ValueError, match="sample_videos"):
+        ValidationCallback(["a cat"], trainer=wan)
     pipe = make_wan()
     pipe.register_modules(transformer_2=make_wan(seed=1).transformer)
     with pytest.raises(ValueError, match="two experts"):

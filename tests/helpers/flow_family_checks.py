@@ -312,13 +312,13 @@ def check_validation_grids_sample_with_the_pipeline(
         Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "source.png")
         sources = [str(tmp_path / "source.png")]
     args = case.config(make_config, max_steps=1, output_dir=str(tmp_path / "run"))
-    validation = ValidationCallback(
-        ["a red square"], seeds=[0], every_n_steps=1, num_inference_steps=2, guidance_scale=1.0, sources=sources
-    )
     scheduler = pipe.scheduler
-    trainer = DiffusionSDPOTrainer(
-        pipe, args=args, train_dataset=pairs, peft_config=case.lora(), callbacks=[validation]
-    )
+    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=pairs, peft_config=case.lora())
+    validation = ValidationCallback(
+        ["a red square"], seeds=[0], every_n_steps=1, num_inference_steps=2, guidance_scale=1.0, sources=sources,
+        trainer=trainer,
+    )  # fmt: skip
+    trainer.add_callback(validation)
     trainer.train()
     assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000001.png"]
     assert pipe.scheduler is scheduler  # training's scheduler untouched

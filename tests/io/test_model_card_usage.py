@@ -75,10 +75,8 @@ def test_the_cards_example_samples_the_validation_grids_prompt_before_a_training
     args = DiffusionSDPOConfig(**{**fast_config_values(out), "max_steps": 1})
     prompt = "a validation prompt of this run"
     assert prompt != pickapic_dataset[0]["caption"]
-    validation = ValidationCallback(prompts=[prompt], num_inference_steps=1, every_n_steps=0)
-    trainer = DiffusionSDPOTrainer(
-        build_tiny_sd_pipeline(), args=args, train_dataset=pickapic_dataset, callbacks=[validation]
-    )
+    trainer = DiffusionSDPOTrainer(build_tiny_sd_pipeline(), args=args, train_dataset=pickapic_dataset)
+    trainer.add_callback(ValidationCallback(prompts=[prompt], num_inference_steps=1, every_n_steps=0, trainer=trainer))
     trainer.create_model_card()
     with open(f"{out}/README.md") as f:
         assert sampled_prompt(usage_code(f.read())) == prompt

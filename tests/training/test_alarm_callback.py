@@ -47,17 +47,13 @@ class After(TrainerCallback):
         self.seen.append((state.global_step, logs, dict(logs)))
 
 
-def test_an_alarm_in_callbacks_acts_once_per_log_through_the_handler(make_trainer, make_pickapic):
-    alarm = SpyAlarm(TrainingLogSignal(rule=ALWAYS), PathologyAction("safeguard"))
+def test_an_added_alarm_acts_once_per_log_through_the_handler(make_trainer, make_pickapic):
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=3, logging_steps=1, safeguard_space="none")
+    alarm = SpyAlarm(TrainingLogSignal(rule=ALWAYS), PathologyAction("safeguard"), trainer=trainer)
     after = After()
-    trainer = make_trainer(
-        train_dataset=make_pickapic(ROWS),
-        callbacks=[alarm, after],
-        max_steps=3,
-        logging_steps=1,
-        safeguard_space="none",
-    )
-    assert trainer.alarm is None  # the one given reads the training logs: the config builds none beside it
+    trainer.add_callback(alarm)
+    trainer.add_callback(after)
+    assert trainer.alarm is alarm  # it reads the training logs: the config's alarm gave way to it
     assert trainer.safeguard is None
     trainer.train()
     # One call per log, from transformers' handler: the same logs object the next callback receives, in its order
@@ -81,7 +77,7 @@ def test_the_configs_alarm_stops_at_the_log_that_fired(make_trainer, make_pickap
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=4, logging_steps=1, on_pathology="stop", safeguard_space="none"
     )
-    assert trainer.alarm in trainer.callback_handler.callbacks
+    assert trainer.callbacks_of(AlarmCallback) == [trainer.alarm]
     trainer.alarm.signal.rule = ALWAYS
     trainer.train()
     assert trainer.state.global_step == 1
@@ -110,17 +106,15 @@ def test_the_probes_alarm_acts_once_per_step_through_the_handler_after_the_probe
     logs through their own ``on_log``. A trainer that also drove the alarm from its step or its log would call it more
     often, or without the handler's arguments."""
     train, held = hold_back_rows(make_pickapic(ROWS), 2)
-    probe = ProbeCallback.held_out(every=2, pairs=held)
-    alarm = StepSpyAlarm(ProbeSignal(probe, ScriptedAlarm(patience=1, unhealthy_steps={4})), RewindAction())
-    after = After()
     trainer = make_trainer(
-        train_dataset=train,
-        callbacks=[probe, alarm, after],
-        max_steps=6,
-        logging_steps=3,
-        on_pathology="safeguard",
-        safeguard_space="none",
+        train_dataset=train, max_steps=6, logging_steps=3, on_pathology="safeguard", safeguard_space="none"
     )
+    probe = ProbeCallback.held_out(every=2, pairs=held, trainer=trainer)
+    rule = ScriptedAlarm(patience=1, unhealthy_steps={4})
+    alarm = StepSpyAlarm(ProbeSignal(probe, rule), RewindAction(), trainer=trainer)
+    after = After()
+    for callback in (probe, alarm, after):
+        trainer.add_callback(callback)
     # Where a report_to integration stands: before every callback given (transformers registers them first)
     integration = After()
     trainer.callback_handler.callbacks.insert(0, integration)

@@ -1,13 +1,15 @@
-"""The alarms and the EMA built by hand and passed in ``callbacks=`` are the ones the trainer uses (docs/compose.md),
-completed from its public surface; a forced alarm acts through them as through the config's; the safeguard changes
-by name, built as the config's and checked by its rules."""
+"""The alarms and the EMA built by hand with the trainer and added with ``trainer.add_callback`` are the ones the
+trainer uses (docs/compose.md), completed from its public surface; a forced alarm acts through them as through the
+config's; the safeguard changes by name, built as the config's and checked by its rules."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from transformers import TrainerCallback, TrainerControl
 
 from tests.helpers.online import make_trainer as make_online_trainer
 from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
@@ -16,12 +18,11 @@ from trl_diffusion_sdpo.callbacks import (
     EMAWeights,
     PathologyAction,
     PathologyRule,
-    ProbeCallback,
-    ProbeSignal,
-    RewindAction,
     TrainingLogSignal,
 )
+from trl_diffusion_sdpo.callbacks.alarm import TrainingLogAlarm
 from trl_diffusion_sdpo.callbacks.health import remedies
+from trl_diffusion_sdpo.io.trackers import CONSOLE_CALLBACKS
 from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 
 ROWS = 8
@@ -42,11 +43,13 @@ def test_the_docs_example_composes_the_alarms_ema_probe_and_rewind(make_pipeline
     }
     exec(compile(setup, "docs/compose.md", "exec"), names)  # noqa: S102 (the page's own example, as written)
     trainer, health, rewind = names["trainer"], names["health"], names["rewind"]
-    assert trainer.alarm is None and trainer.probe_alarm is None  # the ones given act: the config builds none
+    assert trainer.alarm is health and trainer.probe_alarm is rewind  # the ones added act: the config's alarm went
+    assert trainer.callbacks_of(TrainingLogAlarm) == []
     assert trainer.ema is names["ema"] and trainer.probe is names["probe"]
-    # In the order given, the probe before its alarm, all before transformers' console callback
-    order = trainer.callback_handler.callbacks
-    assert order.index(names["ema"]) < order.index(health) < order.index(names["probe"]) < order.index(rewind)
+    # In the order added, the probe before its alarm, all before transformers' console callback
+    order = trainer.callbacks_of(TrainerCallback)
+    added = [order.index(c) for c in (names["ema"], health, names["probe"], rewind)]
+    assert added == sorted(added) and added[-1] < order.index(trainer.callbacks_of(CONSOLE_CALLBACKS)[0])
     # Completed from the trainer: the policy's trainable weights; the action's margin, the rewind's snapshot
     assert [id(p) for p in trainer.ema.parameters] == [id(p) for p in trainer.policy.parameters() if p.requires_grad]
     assert health.action.margin is trainer.safeguard.margin and rewind.action.snapshot is not None
@@ -63,10 +66,11 @@ def test_the_docs_example_composes_the_alarms_ema_probe_and_rewind(make_pipeline
     assert trainer.ema.ema is not None  # the EMA given was started with the training
 
 
-def test_a_forced_alarm_of_a_given_health_switches_the_safeguard(make_trainer, make_pickapic):
-    health = AlarmCallback(TrainingLogSignal(rule=ALWAYS), PathologyAction("safeguard"))
-    trainer = make_trainer(train_dataset=make_pickapic(ROWS), callbacks=[health], max_steps=2, safeguard_space="none")
-    assert trainer.safeguard is None and trainer.alarm is None
+def test_a_forced_alarm_of_an_added_health_switches_the_safeguard(make_trainer, make_pickapic):
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=2, safeguard_space="none")
+    health = AlarmCallback(TrainingLogSignal(rule=ALWAYS), PathologyAction("safeguard"), trainer=trainer)
+    trainer.add_callback(health)
+    assert trainer.safeguard is None and trainer.alarm is health
     trainer.train()
     # The alarm fired at the first log; its action switched on the regime's safeguard (the output space, mu 0.5)
     logs = [e for e in trainer.state.log_history if "health/winner_pathology" in e]
@@ -77,9 +81,10 @@ def test_a_forced_alarm_of_a_given_health_switches_the_safeguard(make_trainer, m
 
 
 def test_a_health_given_without_arguments_names_the_remedies_of_the_runs_regime(make_trainer, tmp_path, caplog):
-    """``TrainingLogSignal()`` passed in ``callbacks=`` takes the remedies of the trainer's config: an offline run with
-    the output space at mu 0.5 is told of the update space and a larger mu; an online run, whose evidence rules every
-    safeguard out, is told to remove its safeguard (never the offline defaults' "turn the safeguard on")."""
+    """``TrainingLogSignal()`` passed in ``callbacks=`` without a trainer takes the remedies of the config transformers
+    hands its ``on_log``, the trainer's: an offline run with the output space at mu 0.5 is told of the update space and
+    a larger mu; an online run, whose evidence rules every safeguard out, is told to remove its safeguard (never the
+    offline defaults' "turn the safeguard on")."""
     offline = make_trainer(callbacks=[AlarmCallback(TrainingLogSignal(rule=ALWAYS))], **SAFEGUARDED)
     online = make_online_trainer(
         tmp_path, callbacks=[AlarmCallback(TrainingLogSignal(rule=ALWAYS))], safeguard_space="output"
@@ -87,23 +92,26 @@ def test_a_health_given_without_arguments_names_the_remedies_of_the_runs_regime(
     assert isinstance(online.args, OnlineDiffusionSDPOConfig)
     warnings = []
     for trainer in (offline, online):
-        [alarm] = [c for c in trainer.callback_handler.callbacks if isinstance(c, AlarmCallback)]
+        [alarm] = trainer.callbacks_of(AlarmCallback)
         caplog.clear()
         log = {"delta/winner": 0.1, "implicit_acc": 0.5}
+        state = SimpleNamespace(log_history=[{**log, "step": 1}], global_step=1)
         with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.health"):
-            assert alarm.signal.read([log], log, 1) == {"health/winner_pathology": 1.0}  # the alarm fires
+            alarm.on_log(trainer.args, state, TrainerControl(), logs=log)  # the event, with the trainer's args
+        assert log["health/winner_pathology"] == 1.0  # the alarm fired
         warnings.append(caplog.records[-1].getMessage())
         named = warnings[-1].split("Remedies not in use in this run: ", 1)[1].removesuffix(".")
         assert named.split("; ") == remedies(trainer.args) != remedies(None)
     assert "safeguard_space='update'" in warnings[0] and "safeguard_space='none'" in warnings[1]
 
 
-def test_a_given_ema_averages_as_the_configs_does(make_trainer, make_pickapic):
+def test_an_added_ema_averages_as_the_configs_does(make_trainer, make_pickapic):
     data = make_pickapic(ROWS)
     configured = make_trainer(train_dataset=data, max_steps=2, ema_decay=0.9, safeguard_space="none")
     configured.train()
-    ema = EMAWeights(decay=0.9)
-    composed = make_trainer(train_dataset=data, callbacks=[ema], max_steps=2, safeguard_space="none")
+    composed = make_trainer(train_dataset=data, max_steps=2, safeguard_space="none")
+    ema = EMAWeights(decay=0.9, trainer=composed)
+    composed.add_callback(ema)
     composed.train()
     assert composed.ema is ema
     assert equal(ema.ema.shadow_params, configured.ema.ema.shadow_params)
@@ -112,13 +120,16 @@ def test_a_given_ema_averages_as_the_configs_does(make_trainer, make_pickapic):
 
 
 def test_one_beside_its_config_field_is_refused(make_trainer, make_pickapic):
-    with pytest.raises(ValueError, match="EMAWeights was passed in callbacks= and the config sets ema_decay"):
-        make_trainer(callbacks=[EMAWeights(decay=0.9)], ema_decay=0.9)
-    with pytest.raises(ValueError, match="two EMAWeights or two ProbeCallback"):
-        make_trainer(callbacks=[EMAWeights(decay=0.9), EMAWeights(decay=0.9)])
-    rewind = AlarmCallback(ProbeSignal(ProbeCallback.held_out(1)), RewindAction())
-    with pytest.raises(ValueError, match="rewinding AlarmCallback was passed in callbacks= and the config sets"):
-        make_trainer(callbacks=[rewind], probe_steps=1, probe_pairs=2, on_pathology="rewind")
+    configured = make_trainer(ema_decay=0.9)
+    with pytest.raises(ValueError, match="EMAWeights was given and the config sets ema_decay"):
+        configured.add_callback(EMAWeights(decay=0.9, trainer=configured))
+    built = EMAWeights(configured.ema.parameters, 0.9, configured.save_weights)  # complete: callbacks= takes it
+    with pytest.raises(ValueError, match="EMAWeights was given and the config sets ema_decay"):
+        make_trainer(callbacks=[built], ema_decay=0.9)
+    with pytest.raises(ValueError, match="two EMAWeights given: a run has one"):
+        make_trainer(callbacks=[built, EMAWeights(configured.ema.parameters, 0.9, configured.save_weights)])
+    with pytest.raises(ValueError, match=r"^EMAWeights averages the trainer's weights .*trainer=trainer\)"):
+        EMAWeights(decay=0.9)  # without the trainer, nothing to average
 
 
 def test_set_safeguard_by_name_builds_it_as_the_config_does_and_checks_its_rules(make_trainer):

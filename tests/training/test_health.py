@@ -271,5 +271,5 @@ def test_a_resumed_run_switches_again_from_the_checkpoints_state():
     # a checkpoint saved before the switch leaves the resumed run on Diffusion-DPO
     fresh = AlarmCallback(action=PathologyAction("safeguard", switch=lambda: switches.append("never")))
     fresh.on_train_begin(SimpleNamespace(device="cpu"), SimpleNamespace(global_step=10, stateful_callbacks={
-        "AlarmCallback": AlarmCallback(action=PathologyAction("safeguard")).state()}), None)  # fmt: skip
+        "AlarmCallback": AlarmCallback(action=PathologyAction("safeguard", switch=list)).state()}), None)  # fmt: skip
     assert switches == ["resumed"] and fresh.action.switched_at is None

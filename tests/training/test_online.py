@@ -503,8 +503,8 @@ def test_a_resume_inside_a_num_iterations_window_trains_on_the_generation_it_had
 def test_the_model_card_names_the_online_trainer_and_its_rewards(tmp_path):
     from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 
-    validation = ValidationCallback(prompts=[PROMPTS[0]], every_n_steps=1)
-    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[validation])
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.add_callback(ValidationCallback(prompts=[PROMPTS[0]], every_n_steps=1, trainer=trainer))
     trainer.train()
     assert os.listdir(os.path.join(trainer.args.output_dir, "validation"))  # the offline trainer's grids
     trainer.save_model()

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from tests.helpers.common import lora_config
 from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.callbacks import AlarmCallback, ProbeSignal, RewindAction
+from trl_diffusion_sdpo.callbacks import EMAWeights
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
 
@@ -72,7 +72,7 @@ def bad_columns(dataset: Dataset) -> Dataset:
     "refusal,match",
     [
         ("dataset", "jpg_1"),  # the data's validation: after the frozen modules were frozen
-        ("rewind", "a ProbeSignal reads the held-out probe"),  # the callbacks' binding, near the end of __init__
+        ("ema", "EMAWeights was given and the config sets ema_decay"),  # run control beside its field: first
         ("subclass", "refused after construction"),  # a subclass's check after everything __init__ did
     ],
 )
@@ -83,7 +83,9 @@ def test_a_refused_construction_leaves_the_pipeline_as_given_and_a_retry_trains(
     pipeline.vae.register_to_config(force_upcast=True)  # kept in float32, as SDXL's: hooks cast its inputs
     before = module_state(pipeline)
     # bf16: the LoRA base and the text encoder are cast to it
-    config = make_config(bf16=True, max_steps=1, gradient_checkpointing=True)
+    config = make_config(
+        bf16=True, max_steps=1, gradient_checkpointing=True, ema_decay=0.9 if refusal == "ema" else None
+    )
     trainer_class = RefusingTrainer if refusal == "subclass" else DiffusionSDPOTrainer
     with pytest.raises(ValueError, match=match):
         trainer_class(
@@ -91,7 +93,7 @@ def test_a_refused_construction_leaves_the_pipeline_as_given_and_a_retry_trains(
             args=config,
             train_dataset=bad_columns(pickapic_dataset) if refusal == "dataset" else pickapic_dataset,
             peft_config=lora_config(),
-            callbacks=[AlarmCallback(ProbeSignal(), RewindAction())] if refusal == "rewind" else None,
+            callbacks=[EMAWeights([torch.nn.Parameter(torch.zeros(1))], 0.9, print)] if refusal == "ema" else None,
         )
     assert_unchanged(pipeline, before)
 

@@ -21,6 +21,8 @@ DPO = {"safeguard_space": "none"}
 #: the readings of a run that heals only sometimes: z = 4.3 at step 3 is below the alarm's threshold (7) and is no
 #: point to go back to; the alarm fires at step 7 (4 unhealthy probes in a row)
 READINGS = [0.5, 1.0, 4.3, 8.0, 8.0, 8.0, 8.0]
+#: a run's readings under the config's rule at probe_alarm_z=7: the first above it is the seventh
+RUN_READINGS = [0.5, 1.0, 4.3, 6.0, 6.0, 6.0, 8.0]
 RULE = ProbeAlarmRule(patience=4, threshold=7.0)
 
 
@@ -81,13 +83,13 @@ def test_a_runs_rewind_and_warning_name_the_step_the_probe_called_healthy(make_t
         probe_steps=1,
         probe_pairs=HELD,
         probe_alarm_z=7.0,
-        probe_alarm_limit=3.5,
+        probe_alarm_rise=-100.0,  # every rise counts: the scripted z alone decides
         **DPO,
     )
     recorder = Recorder()
     rewound = make_trainer(train_dataset=make_pickapic(ROWS), callbacks=[recorder], on_pathology="rewind", **settings)
     recorder.parameters = list(trainable_parameters(rewound.family.denoiser))
-    rewound.probe.probe.measure = _ScriptedReadings(rewound.probe.probe, READINGS)
+    rewound.probe.probe.measure = _ScriptedReadings(rewound.probe.probe, RUN_READINGS)
     rewound.train()
     assert rewound.probe_alarm.action.rewinds == [(7, 2)]
     assert equal(trained_weights(rewound), recorder.at_end[2][0]) and not equal(
@@ -95,7 +97,7 @@ def test_a_runs_rewind_and_warning_name_the_step_the_probe_called_healthy(make_t
     )
     # on_pathology="warn" names the same step as the one a rewind would restore
     warned = make_trainer(train_dataset=make_pickapic(ROWS), **settings)
-    warned.probe.probe.measure = _ScriptedReadings(warned.probe.probe, READINGS)
+    warned.probe.probe.measure = _ScriptedReadings(warned.probe.probe, RUN_READINGS)
     caplog.clear()  # the warned run's records only: the rewound run's end summary names the alarm too
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo"):
         warned.train()
@@ -110,13 +112,15 @@ def test_an_alarm_subclass_keeps_the_rewinds_state_across_a_resume(make_trainer,
     train, held = hold_back_rows(make_pickapic(ROWS), HELD)
 
     def run(output_dir, callbacks=(), resume=None):
-        probe = ProbeCallback.held_out(every=1, pairs=held)
-        rule = ScriptedAlarm(patience=1, unhealthy_steps={2})  # rewinds at step 2, to 1
-        rewind = MyAlarm(ProbeSignal(probe, rule), RewindAction())
         trainer = make_trainer(
-            train_dataset=train, callbacks=[probe, rewind, *callbacks], max_steps=5, on_pathology="safeguard",
-            save_strategy="steps", save_steps=3, output_dir=str(output_dir), **DPO,
+            train_dataset=train, max_steps=5, on_pathology="safeguard", save_strategy="steps", save_steps=3,
+            output_dir=str(output_dir), **DPO,
         )  # fmt: skip
+        probe = ProbeCallback.held_out(every=1, pairs=held, trainer=trainer)
+        rule = ScriptedAlarm(patience=1, unhealthy_steps={2})  # rewinds at step 2, to 1
+        rewind = MyAlarm(ProbeSignal(probe, rule), RewindAction(), trainer=trainer)
+        for callback in (probe, rewind, *callbacks):
+            trainer.add_callback(callback)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, rewind
 

@@ -14,10 +14,12 @@
 * :mod:`.validation`: validation images and rewards during training.
 
 Each decision a callback takes from a process's own data is reduced over processes before it acts. The trainer builds
-the alarms, the EMA, the probe and the rewind from its config, in a fixed order (docs/compose.md); a Python user may
-build any of them and pass them in ``callbacks=`` in the order they should act, and the trainer binds each callback
-that has ``bind_to_trainer`` to its public surface (``trainer.policy``, ``trainer.safeguard``,
-``trainer.set_safeguard(...)``), calling none of their events itself.
+the alarms, the EMA, the probe and the rewind from its config, in a fixed order (docs/compose.md), each given what it
+needs at construction. A Python user builds any of them as TRL's ``LogCompletionsCallback(trainer, ...)`` is built:
+once the trainer is, with ``trainer=trainer`` (whose public surface it reads: ``trainer.policy``,
+``trainer.safeguard``, ``trainer.set_safeguard(...)``), and adds it with ``trainer.add_callback(...)`` in the order
+they should act; one that needs the trainer is refused without it, in one line naming the fix. The trainer calls none
+of their events itself, and finds them only through ``trainer.callbacks_of(kind)``.
 
 The names below resolve on first use, so a run without ``probe_steps`` loads neither the probe nor the rewind, and
 one without ``ema_decay`` no EMA.

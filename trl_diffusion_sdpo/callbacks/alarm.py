@@ -21,10 +21,13 @@ runs before every callback passed in ``callbacks=`` (transformers registers them
 of the log in which they are written.
 
 The probe alarm's flags (``health/probe_alarm``, ``health/rewind_to``, ``health/rewinds``) are written the same way
-into the next training log. The trainer builds the alarms its config asks for and passes them to
-``transformers.Trainer`` after the callbacks it is given (docs/compose.md, "Events and order"). A Python user may
-build one and pass it in ``callbacks=``; the trainer binds every callback that has ``bind_to_trainer`` (the
-safeguard's switch, the remedies of its config, the probe, the rewind's snapshot), and calls none of them itself.
+into the next training log. The trainer builds the alarms its config asks for once it is built, and registers them
+after the callbacks it is given (docs/compose.md, "Events and order"); it calls none of their events itself. A Python
+user builds one as TRL's ``LogCompletionsCallback(trainer, ...)`` is built: ``AlarmCallback(signal, action,
+trainer=trainer)``, added with ``trainer.add_callback(alarm)``, takes what its signal and action leave unset from the
+trainer's public surface (the safeguard's switch, the remedies of its config, the probe, the rewind's snapshot). One
+that needs nothing of a trainer (a ``TrainingLogSignal`` with ``PathologyAction("warn")`` or ``"stop"``) may be given
+in ``callbacks=`` without it; one that needs the trainer is refused without it, in one line naming the fix.
 """
 
 from __future__ import annotations
@@ -73,9 +76,11 @@ class TrainingLogSignal:
 
     Args:
         rule: when it fires (:class:`~.health.PathologyRule`; the calibrated :data:`~.health.RULE` by default).
-        args: the config whose remedies the warning names; ``None``: the trainer's, when it binds the alarm.
+        args: the config whose remedies the warning names; ``None``: the trainer's, when the alarm is given one,
+            else the ``args`` transformers hands the alarm's ``on_log``.
         safeguard_in_force: returns the safeguard the run trains with now; ``None``: the trainer's
-            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard` when it binds, else the config's alone.
+            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard` when the alarm is given one, else the
+            config's alone.
     """
 
     #: the event the signal is read in
@@ -98,10 +103,16 @@ class TrainingLogSignal:
         return describe(self.rule)
 
     def bind(self, trainer: Any) -> None:
+        """What was left unset, from the alarm's ``trainer``: its config and the safeguard it trains with."""
         if self.args is None:
             self.args = trainer.args
         if self.safeguard_in_force is None:
             self.safeguard_in_force = lambda: trainer.safeguard
+
+    def lacks(self) -> str | None:
+        """What it needs of a trainer and was not given (``None``: it works without one; the config's remedies are
+        read from the ``args`` of the alarm's events)."""
+        return None
 
     def remedies_now(self) -> list[str]:
         """The remedies the run does not use now (:func:`~.health.remedies` of the config with the safeguard in
@@ -164,8 +175,9 @@ class ProbeSignal:
     Args:
         probe: the :class:`~.probe.ProbeCallback` it reads, which must run before the alarm in ``on_step_end``
             (stand before it in the callbacks); ``None``: the trainer's
-            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`.
-        rule: the alarm's rule; ``None``: the trainer's config's (:func:`~.rewind.probe_alarm`).
+            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`, when the alarm is given one.
+        rule: the alarm's rule; ``None``: the config's (:func:`~.rewind.probe_alarm`): the trainer's, or the ``args``
+            transformers hands ``on_train_begin``.
     """
 
     #: the event the signal is read in
@@ -184,16 +196,26 @@ class ProbeSignal:
 
     def bind(self, trainer: Any) -> None:
         if self.probe is None:
+        """What was left unset, from the alarm's ``trainer``: its probe and its config's rule."""
             self.probe = trainer.probe
         if self.probe is None:
             raise ValueError(
-                "a ProbeSignal reads the held-out probe: set probe_steps or pass a ProbeCallback in callbacks=, "
-                "before the alarm"
+                "a ProbeSignal reads the held-out probe: set probe_steps, or add a ProbeCallback with "
+                "trainer.add_callback before the alarm"
             )
         if self.rule is None:
+        self.configure(trainer.args)
+
+    def configure(self, args: Any) -> None:
+        """The rule of ``args`` (the config's ``probe_alarm_rise`` and ``probe_alarm_z``) where none was given."""
             from .rewind import probe_alarm  # the rewind's module loads only in a run that probes
 
-            self.rule = probe_alarm(trainer.args)
+            self.rule = probe_alarm(args)
+
+    def lacks(self) -> str | None:
+        """What it needs of a trainer and was not given: the probe it reads (its rule comes from the ``args`` of the
+        alarm's ``on_train_begin``)."""
+        return None if self.probe is not None else "a ProbeSignal() reads the trainer's held-out probe"
 
     def read(self, step: int) -> ProbeVerdict | None:
         """The verdict on the probe of step ``step``, ``None`` where the probe did not run at this step."""
@@ -245,33 +267,46 @@ class AlarmCallback(TrainerCallback, ExportableState):
         action: what a firing does (:class:`~.guards.PathologyAction`, :class:`~.rewind.RewindAction`; ``None``:
             ``PathologyAction("warn")``, the signal's own warning only).
     """
+        trainer: the :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer` it is added to (``trainer.add_callback``),
+            from whose public surface the signal and the action take what they leave unset: its config (the
+            remedies, the probe's rule), its :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`, its safeguard's
+            margin and :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (put in force by
+            :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.set_safeguard`), a rewind's weights, optimizer and what
+            moves with them; and its :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.log_next`, which puts the
+            alarm's flags into the next training log. ``None``: a signal and an action that need nothing of a
+            trainer; one that does is refused.
 
     def __init__(
-        self, signal: TrainingLogSignal | ProbeSignal | None = None, action: PathologyAction | Any | None = None
+        self,
+        signal: TrainingLogSignal | ProbeSignal | None = None,
+        action: PathologyAction | Any | None = None,
+        *,
+        trainer: Any | None = None,
     ) -> None:
         self.signal = TrainingLogSignal() if signal is None else signal
         self.action = PathologyAction("warn") if action is None else action
         self.pending: dict[str, float] = {}  # the probe alarm's flags for the next training log
-        #: puts them into that log before transformers records it (the trainer's ``log_next``, bound with the alarm);
-        #: ``None``: this callback writes them in its ``on_log``
+        #: puts them into that log before transformers records it (the trainer's ``log_next``); ``None``: this
+        #: callback writes them in its ``on_log``
         self.publish: Callable[[Mapping[str, float]], None] | None = None
         self.firings: list[list[Any]] = []  # the probe alarm's: [step, restore point, its reading, what was done]
 
+        if trainer is not None:
+            self.signal.bind(trainer)
+            self.action.bind(trainer)
+            self.publish = trainer.log_next
+            return
+        lacking = [need for need in (self.signal.lacks(), self.action.lacks()) if need]
+        if lacking:
+            raise ValueError(
+                f"{'; '.join(lacking)}: build the alarm once the trainer is, {type(self).__name__}(signal, action, "
+                "trainer=trainer), and add it with trainer.add_callback(alarm)"
+            )
     @property
     def state_key(self) -> str:
         """The key of :meth:`state` in ``trainer_state.json``'s ``stateful_callbacks``: transformers saves each
         callback's state under its class's name (a subclass's own), and a resumed run reads it back under this key."""
         return type(self).__name__
-
-    def bind_to_trainer(self, trainer: Any) -> None:
-        """What the signal and the action leave unset, from ``trainer``'s public surface: its config (the remedies,
-        the probe's rule), its :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`, its safeguard's margin and its
-        :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (put in force by
-        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.set_safeguard`); a rewind's weights, optimizer and what moves
-        with them."""
-        self.signal.bind(trainer)
-        self.action.bind(trainer)
-        self.publish = trainer.log_next
 
     # ------------------------------------------------------------------ events
 
@@ -301,6 +336,8 @@ class AlarmCallback(TrainerCallback, ExportableState):
             self._flag_start_weights(logs, entry, state.global_step)
         if self.signal.event == "log":
             flags = self.signal.read(state.log_history, entry, state.global_step)
+            if self.signal.args is None:  # an alarm built without a trainer: the config of the run it is in
+                self.signal.args = args
             if not flags:
                 return
             self.action(flags, control, state.global_step)
@@ -326,6 +363,9 @@ class AlarmCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = self.saved_state(state)
+        configure = getattr(self.signal, "configure", None)  # the probe's rule, from the run's config if unset
+        if configure is not None:
+            configure(args)
         if saved:
             restore = getattr(self.signal, "restore", None)
             if restore is not None:
@@ -407,5 +447,11 @@ class TrainingLogAlarm(AlarmCallback):
     :class:`AlarmCallback` of a :class:`ProbeSignal`) transformers holds callbacks of two classes: it warns when a
     second callback of one class is registered, and keeps their saved states under one key."""
 
-    def __init__(self, signal: TrainingLogSignal | None = None, action: PathologyAction | Any | None = None) -> None:
-        super().__init__(TrainingLogSignal() if signal is None else signal, action)
+    def __init__(
+        self,
+        signal: TrainingLogSignal | None = None,
+        action: PathologyAction | Any | None = None,
+        *,
+        trainer: Any | None = None,
+    ) -> None:
+        super().__init__(TrainingLogSignal() if signal is None else signal, action, trainer=trainer)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..engines.base import trainable_parameters
 from .state_files import read_state, write_state
 
 __all__ = ["EMA_FOLDER", "EMA_STATE", "EMAWeights"]
@@ -35,20 +36,22 @@ EMA_STATE = "ema_state"
 class EMAWeights(TrainerCallback):
     """An exponential moving average of ``parameters`` (diffusers' ``EMAModel``), stepped after every optimizer step.
 
-    The trainer builds one from ``ema_decay``; a Python user may build one and pass it in ``callbacks=`` instead
-    (``ema_decay`` left unset), and the trainer binds it (:meth:`bind_to_trainer`) and takes it as its
-    :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.ema`: validation grids then sample its weights::
+    The trainer builds one from ``ema_decay``; a Python user may build one instead (``ema_decay`` left unset) as TRL's
+    ``LogCompletionsCallback(trainer, ...)`` is built, and add it to the trainer, which then takes it as its
+    :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.ema`: validation grids sample its weights, a rewind restores it::
 
-        ema = EMAWeights(decay=0.999)
-        DiffusionSDPOTrainer(pipe, args=config, train_dataset=pairs, callbacks=[ema])
+        trainer = DiffusionSDPOTrainer(pipe, args=config, train_dataset=pairs, peft_config=lora)
+        trainer.add_callback(EMAWeights(decay=0.999, trainer=trainer))
 
     Args:
         parameters: the trained weights (LoRA adapters, or the whole denoiser); ``None``: the trainable weights of
-            the trainer's :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.policy`, when it takes the EMA.
+            ``trainer``'s :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.policy`.
         decay: the EMA's decay, in (0, 1).
         save: ``save(folder)`` writes the trained weights to ``folder`` in the run's format; it is called with the
-            EMA weights swapped in. ``None``: the trainer's
-            :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.save_weights`, when it takes the EMA.
+            EMA weights swapped in. ``None``: ``trainer``'s
+            :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.save_weights`.
+        trainer: the trainer it is added to, whose weights and save function are taken where ``parameters`` and
+            ``save`` are unset; without it both must be given.
     """
 
     def __init__(
@@ -56,22 +59,23 @@ class EMAWeights(TrainerCallback):
         parameters: Sequence[torch.nn.Parameter] | None = None,
         decay: float | None = None,
         save: Callable[[str], Any] | None = None,
+        *,
+        trainer: Any | None = None,
     ) -> None:
         if decay is None or not 0.0 < decay < 1.0:
             raise ValueError(f"EMAWeights needs a decay in (0, 1), got {decay!r}")
-        self.parameters = None if parameters is None else list(parameters)
+        if trainer is not None:
+            parameters = parameters if parameters is not None else trainable_parameters(trainer.policy)
+            save = save if save is not None else trainer.save_weights
+        if parameters is None or save is None:
+            raise ValueError(
+                "EMAWeights averages the trainer's weights and saves them with it: build it once the trainer is, "
+                "EMAWeights(decay=..., trainer=trainer), and add it with trainer.add_callback(ema)"
+            )
+        self.parameters = list(parameters)
         self.decay, self.save = decay, save
         self.ema = None  # started with training, from the weights it starts from, or a resumed checkpoint's state
         self._resumed_state: dict[str, Any] | None = None  # read from the checkpoint a run resumes from
-
-    def bind_to_trainer(self, trainer: Any) -> None:
-        """Bound to ``trainer`` (built by hand and passed in ``callbacks=``): the weights and the save function left
-        unset are the trainer's (its policy's trainable weights, its
-        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.save_weights`)."""
-        if self.parameters is None:
-            self.parameters = [p for p in trainer.policy.parameters() if p.requires_grad]
-        if self.save is None:
-            self.save = trainer.save_weights
 
     def on_train_begin(self, args, state, control, **kwargs):
         from diffusers.training_utils import EMAModel  # diffusers' training utilities: imported when used

@@ -64,7 +64,7 @@ class PathologyAction:
         self._logs_since = WINDOWS  # escalate at once; then again only once the raised mu has had WINDOWS logs
 
     def bind(self, trainer: Any) -> None:
-        """What was left unset, from ``trainer``'s public surface (an alarm binding to it): the margin of its
+        """What was left unset, from ``trainer``'s public surface (the trainer its alarm is given): the margin of its
         :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard`, and for ``"safeguard"`` a switch to its
         :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (or, where the config has none, the
         run's :func:`~.health.switch_target`, built by
@@ -81,6 +81,14 @@ class PathologyAction:
                 dormant = trainer.safeguard_by_name(target["safeguard_space"], **fields)
             self.switch = lambda: trainer.set_safeguard(dormant)
             self.switch_to = dict(target or {"safeguard_space": dormant.name})
+
+    def lacks(self) -> str | None:
+        """What it needs of a trainer and was not given: for ``safeguard`` the switch, for ``escalate`` the margin."""
+        if self.action == "safeguard" and self.switch is None:
+            return "PathologyAction('safeguard') switches on the trainer's safeguard"
+        if self.action == "escalate" and self.margin is None:
+            return "PathologyAction('escalate') raises the trainer's safeguard_mu"
+        return None
 
     def state(self) -> dict[str, Any]:
         """What the action has done, for a checkpoint (a resumed run continues as the uninterrupted one)."""

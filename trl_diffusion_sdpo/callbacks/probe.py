@@ -324,7 +324,8 @@ class ProbeCallback(TrainerCallback):
         device: where the reduced sums live.
         source: where the pairs come from, for the start summary.
         held: the rows :func:`hold_back_pairs` took for the probe (an online run's prompts, which its trainer pairs).
-        configured: built from the trainer's config (``probe_steps``), not by hand.
+
+    The trainer builds it from ``probe_steps``; a Python user builds one with :meth:`held_out` once the trainer is.
     """
 
     def __init__(
@@ -335,13 +336,12 @@ class ProbeCallback(TrainerCallback):
         device: torch.device | str,
         source: str = "",
         held: Dataset | None = None,
-        configured: bool = False,
     ) -> None:
         self.probe, self.every, self.policy, self.device = probe, every, policy, device
-        self.source, self.held, self.configured = source, held, configured
+        self.source, self.held = source, held
         self.pending: dict[str, float] = {}  # the figures for the next training log, where none publishes them
-        #: puts the figures into the next training log before transformers records it (the trainer's ``log_next``,
-        #: bound with the probe); ``None``: this callback writes them in its ``on_log``
+        #: puts the figures into the next training log before transformers records it (the trainer's ``log_next``);
+        #: ``None``: this callback writes them in its ``on_log``
         self.publish: Callable[[Mapping[str, float]], None] | None = None
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
         #: the module the probe runs, inside the block (the trainer's engine's :meth:`~.engines.Engine.probing`)
@@ -350,41 +350,32 @@ class ProbeCallback(TrainerCallback):
         )
 
     @classmethod
-    def held_out(cls, every: int, pairs: Dataset | None = None) -> ProbeCallback:
-        """A probe built by hand, passed to the trainer in ``callbacks=`` in place of the config's ``probe_steps``:
-        every ``every`` optimizer steps on ``pairs`` (preference pairs the training never sees, e.g. from
-        :func:`hold_back_rows`), or on the eval split's first ``probe_pairs`` pairs where ``pairs`` is ``None``. The
-        trainer binds it to its policy and reference when it is built (:meth:`bind_to_trainer`)."""
+    def held_out(cls, every: int, pairs: Dataset | None = None, *, trainer: Any | None = None) -> ProbeCallback:
+        """A probe built by hand in place of the config's ``probe_steps``, as TRL's ``LogCompletionsCallback(trainer,
+        ...)`` is built, and added with ``trainer.add_callback(probe)``: every ``every`` optimizer steps on ``pairs``
+        (preference pairs the training never sees, e.g. from :func:`hold_back_rows`), or on the eval split's first
+        ``probe_pairs`` pairs where ``pairs`` is ``None``, with ``trainer``'s policy, reference and data
+        (:func:`probe_for_trainer`, through its :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe_pieces`)."""
         if every < 1:
             raise ValueError(f"every={every}: a probe runs every 1 or more optimizer steps")
-        return cls(None, every, None, "cpu", held=pairs)
-
-    @classmethod
-    def from_config(cls, every: int, held: Dataset | None) -> ProbeCallback:
-        """The config's probe (``probe_steps``; ``held``: the pairs :func:`hold_back_pairs` took, ``None``: the eval
-        split's), bound when the trainer is built."""
-        return cls(None, every, None, "cpu", held=held, configured=True)
+        if trainer is None:
+            raise ValueError(
+                "ProbeCallback.held_out runs the trainer's policy and reference: build it once the trainer is, "
+                "ProbeCallback.held_out(every, pairs, trainer=trainer), and add it with trainer.add_callback(probe)"
+            )
+        count = trainer.args.probe_pairs if pairs is None else len(pairs)
+        probe = probe_for_trainer(trainer, pairs, every=every, count=count)
+        if pairs is not None:
+            how = getattr(getattr(pairs, "info", None), "description", "") or ""
+            how = f", {how}" if how.startswith("held back") else ""
+            probe.source = f"{count} pairs passed to its ProbeCallback{how}"
+        return probe
 
     @property
     def last_reading(self) -> tuple[int, dict[str, float]] | None:
         """The latest probe's ``(step, figures)``, the figures (:data:`PROBE_METRICS`) equal on every process;
         ``None`` before the first."""
         return self.readings[-1] if self.readings else None
-
-    def bind_to_trainer(self, trainer: Any) -> None:
-        """Bind to ``trainer``'s policy, reference and data (:func:`probe_for_trainer`, through its
-        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe_pieces`); the trainer calls it once it is built."""
-        count = trainer.args.probe_pairs if self.configured or self.held is None else len(self.held)
-        self.bind(probe_for_trainer(trainer, self.held, every=self.every, count=count))
-        if self.held is not None and not self.configured:
-            how = getattr(getattr(self.held, "info", None), "description", "") or ""
-            how = f", {how}" if how.startswith("held back") else ""
-            self.source = f"{count} pairs passed to its ProbeCallback{how}"
-
-    def bind(self, built: ProbeCallback) -> None:
-        """Take the probe, policy, device and source ``built`` for a trainer."""
-        self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
-        self.probing, self.publish = built.probing, built.publish
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step

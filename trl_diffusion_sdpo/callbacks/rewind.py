@@ -418,7 +418,7 @@ def _read(
 
 
 def _ladder_default(name: str) -> Any:
-    """The config's default of the ladder's field ``name``, for a rewind built by hand and never bound to a trainer."""
+    """The config's default of the ladder's field ``name``, for a rewind built by hand without a trainer."""
     return DiffusionSDPOConfig.__dataclass_fields__[name].default
 
 
@@ -483,13 +483,13 @@ class RewindAction:
 
     Args:
         snapshot: where the last restore point's weights and optimizer state are kept; ``None``: the trainer's, when
-            the alarm binds (:meth:`bind`).
+            the alarm is given one (:meth:`bind`).
         switch: turns the dormant safeguard on; ``None``: the trainer's
-            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` when it binds, else the run trains on
-            with the safeguard it has (or none).
+            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` when the alarm is given one, else the
+            run trains on with the safeguard it has (or none).
         switch_to: the fields of that safeguard, for the log line.
         max_times: the rewinds that train on before one stops the run (the ladder's rungs); ``None``: the config's
-            ``rewind_max_times`` (the trainer's when it binds).
+            ``rewind_max_times`` (the trainer's when the alarm is given one).
         lr_factor: what each of them multiplies the learning rate by; ``None``: the config's ``rewind_lr_factor``.
     """
 
@@ -541,7 +541,7 @@ class RewindAction:
             self.lr_factor = trainer.args.rewind_lr_factor
 
     def ladder(self) -> tuple[int, float]:
-        """``(max_times, lr_factor)``: the constructor's, the bound trainer's config's, else the config's defaults."""
+        """``(max_times, lr_factor)``: the constructor's, the trainer's config's, else the config's defaults."""
         max_times = _ladder_default("rewind_max_times") if self.max_times is None else self.max_times
         return max_times, _ladder_default("rewind_lr_factor") if self.lr_factor is None else self.lr_factor
 
@@ -576,6 +576,10 @@ class RewindAction:
         """When training begins: the weights it starts from are the first restore point; a resumed run takes the
         checkpoint's record (``saved``: :meth:`state` as its alarm saved it) and snapshot instead (the lowered
         learning rate comes back with transformers' optimizer and scheduler states)."""
+    def lacks(self) -> str | None:
+        """What it needs of a trainer and was not given: where to keep the restore point's weights and optimizer."""
+        return None if self.snapshot is not None else "RewindAction() keeps and restores the trainer's weights"
+
         if not saved:
             self.snapshot.take(optimizer)
             return

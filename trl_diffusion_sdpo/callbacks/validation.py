@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from ..data.transforms import load_image
 from ..evaluation.compare import image_grid
@@ -69,19 +70,21 @@ class ValidationCallback(TrainerCallback):
         prompts: the validation prompts.
         seeds: one row of the grid per seed; each image's generator is seeded with its row's seed.
         num_inference_steps: sampling steps (Euler sampler).
-        guidance_scale: classifier-free guidance scale (diffusers' convention); None: the model family's own once
-            the trainer binds the callback (8.5 for SD 1.x/2.x and SDXL, the SDPO authors'; else the pipeline's
-            default, 3.5 for FLUX.1-dev, as training conditions on).
+        guidance_scale: classifier-free guidance scale (diffusers' convention); None: the model family's own (8.5
+            for SD 1.x/2.x and SDXL, the SDPO authors'; else the pipeline's default, 3.5 for FLUX.1-dev, as training
+            conditions on).
         negative_prompt: the negative prompt.
-        height: image height; None: the training resolution once a trainer binds the callback, else the model's
-            native resolution.
+        height: image height; None: ``trainer``'s training resolution, else the model's native resolution.
         width: image width; as ``height``.
         every_n_steps: validate when ``global_step % every_n_steps == 0``; 0 validates only at step 0.
         scorers: registered scorer names or `Scorer` instances; names are built on first use with
             ``scorer_kwargs[name]``.
         pipeline: the pipeline whose denoiser (``unet`` or ``transformer``) is trained (the trainer's ``pipeline``);
             or pass ``trainer``.
-        trainer: a trainer exposing ``pipeline``; also lets the callback reuse its TensorBoard writer.
+        trainer: the :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer` it is added to: it samples the trainer's
+            pipeline with its sampling weights (the EMA's with ``ema_decay``) at its training resolution, with its
+            family's guidance, reuses its TensorBoard writer, and is refused here where the trainer's main process
+            cannot sample alone.
         at_start: validate the base model at step 0 (skipped when training resumes past step 0).
         autocast_dtype: run sampling under ``torch.autocast`` in this dtype; ``"auto"`` (default) picks bf16/fp16
             when the pipeline mixes that dtype with float32 weights (mixed-precision training: frozen modules in the
@@ -90,8 +93,10 @@ class ValidationCallback(TrainerCallback):
         sources: editing families: one source image (a PIL image or a file path) per prompt, so the grid shows edits
             of these images; an editing scorer among ``scorers`` is given them.
 
-    Pass it to the trainer in ``callbacks=``: the trainer binds it (:meth:`bind_to_trainer`) when it is built. The
-    ``train`` command builds it from its ``--validation_*`` options.
+    Build it once the trainer is, as TRL's ``LogCompletionsCallback(trainer, ...)`` is built, and add it with
+    ``trainer.add_callback(ValidationCallback(prompts, trainer=trainer))``; one built with ``pipeline=`` alone samples
+    that pipeline's current weights and may be given in ``callbacks=``. The ``train`` command builds it from its
+    ``--validation_*`` options.
     """
 
     def __init__(
@@ -119,6 +124,12 @@ class ValidationCallback(TrainerCallback):
             raise ValueError(f"Got {len(prompts)} prompts and {len(sources)} source images; they are paired.")
         if every_n_steps < 0:
             raise ValueError("every_n_steps must be >= 0.")
+        if pipeline is None and trainer is None:
+            raise ValueError(
+                "ValidationCallback samples the trainer's pipeline: build it once the trainer is, "
+                "ValidationCallback(prompts, trainer=trainer), and add it with trainer.add_callback(validation); or "
+                "give pipeline="
+            )
         self.prompts = list(prompts)
         self.seeds = [int(s) for s in seeds] or [0]
         self.settings = GenerationSettings(
@@ -141,18 +152,14 @@ class ValidationCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []  # one entry per validation: step, path, seconds, rewards
         self._own_tb_writer = None
         self._sampler: tuple[tuple[int, ...], Any] | None = None
+        if trainer is not None:  # refused where its main process cannot sample alone
+            trainer.engine.check_validation_sampling()
+            trainer.family.check_validation_sampling()
+            self._settle(trainer.family, trainer.args.resolution)
 
-    def bind_to_trainer(self, trainer: Any) -> None:
-        """Called by the trainer this callback was passed to, when it is built: sample its pipeline, as its family
-        says, at its training resolution; refused where its main process cannot sample alone."""
-        trainer.engine.check_validation_sampling()
-        trainer.family.check_validation_sampling()
-        self.bind(trainer, trainer.family, trainer.args.resolution)
-
-    def bind(self, trainer: Any, family: Any, resolution: int) -> None:
-        """Sample ``trainer``'s pipeline: the unset guidance is ``family``'s, the unset size ``resolution``, and
-        source files are read now (a bad file fails here, naming it, not at the first grid)."""
-        self.trainer = trainer
+    def _settle(self, family: Any, resolution: int) -> None:
+        """The unset guidance is ``family``'s, the unset size ``resolution``, and source files are read now (a bad
+        file fails here, naming it, not at the first grid)."""
         if self.settings.guidance_scale is None:
             self.settings = dataclasses.replace(self.settings, guidance_scale=family.sampling_guidance_scale())
         if self.settings.height is None and self.settings.width is None:
@@ -214,7 +221,7 @@ class ValidationCallback(TrainerCallback):
         restored.
         """
         pipeline = self._get_pipeline()
-        if self.settings.guidance_scale is None:  # not bound to a trainer: the pipeline's family says
+        if self.settings.guidance_scale is None:  # built without a trainer: the pipeline's family says
             guidance = family_for_pipeline(pipeline).sampling_guidance_scale()
             self.settings = dataclasses.replace(self.settings, guidance_scale=guidance)
         name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # SD3 / FLUX: a transformer
@@ -304,11 +311,10 @@ class ValidationCallback(TrainerCallback):
     # -- trackers --------------------------------------------------------------------------------------------------
 
     def _tb_writer(self, args):
-        handler = getattr(self.trainer, "callback_handler", None)
-        for callback in getattr(handler, "callbacks", []):
-            callback = getattr(callback, "tracker", callback)  # a tracker registered in a TrackerCallback
-            if getattr(callback, "tb_writer", None) is not None:
-                return callback.tb_writer
+        trackers = self.trainer.callbacks_of(TensorBoardCallback) if self.trainer is not None else []
+        writers = [tracker.tb_writer for tracker in trackers if tracker.tb_writer is not None]
+        if writers:  # the trainer's TensorBoard run, where report_to has one
+            return writers[0]
         if self._own_tb_writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter

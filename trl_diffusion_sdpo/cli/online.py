@@ -90,7 +90,9 @@ def train_online(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConf
         load_prompt_dataset(prompt_args, prompt_args.prompt_column),
         probe_prompts,
         peft_config=peft_config,
-        callbacks=[*prompt_args.validation_callbacks(), PreemptionCallback()],  # a checkpoint, then exit 75 / 130
+        callbacks=[PreemptionCallback()],  # a checkpoint, then exit 75 / 130
     )
+    for validation in prompt_args.validation_callbacks(trainer):  # they sample the trainer's pipeline
+        trainer.add_callback(validation)
     trainer.machine_choices = machine  # the start summary prints them
     return train_save_and_push(trainer, prompt_args.prompts, prompt_args.overwrite)

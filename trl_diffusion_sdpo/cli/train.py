@@ -163,10 +163,11 @@ def train(arguments: TrainArguments):
         peft_config=peft_config,
         callbacks=[
             *early_stopping(diffusion_args.early_stopping_patience),
-            *diffusion_args.validation_callbacks(),
             PreemptionCallback(),  # SIGTERM, SIGUSR1, Ctrl-C: a checkpoint, then exit 75 / 130
         ],
     )
+    for validation in diffusion_args.validation_callbacks(trainer):  # they sample the trainer's pipeline
+        trainer.add_callback(validation)
     trainer.machine_choices = machine  # the start summary prints them
     return train_save_and_push(trainer, script_args.dataset_name, diffusion_args.overwrite)
 

@@ -84,8 +84,8 @@ class ValidationArguments:
         metadata={"help": "Registered scorers (pickscore, clip, ...) whose means are logged as eval/reward/<name>."},
     )
 
-    def validation_callbacks(self) -> list:
-        """The validation callback these options ask for (none without prompts)."""
+    def validation_callbacks(self, trainer: Any) -> list:
+        """The validation callback these options ask for (none without prompts), sampling ``trainer``'s pipeline."""
         if self.validation_prompts is None:
             return []
         # an option chosen at run time: the callback's scorers load transformers' CLIP models, not for a run without it
@@ -100,6 +100,7 @@ class ValidationArguments:
                 every_n_steps=self.validation_steps,
                 scorers=self.validation_scorers or None,
                 sources=self.validation_source_images,
+                trainer=trainer,
             )
         ]
 

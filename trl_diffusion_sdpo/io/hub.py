@@ -546,9 +546,8 @@ class RunHub:
 
     def _validation_prompt(self) -> str | None:
         """The first prompt of the run's validation grids (the Hub widget's text), or ``None`` without them."""
-        bound = getattr(self.trainer, "sampling_callbacks", [])  # the callbacks bound to the trainer's pipeline
-        prompts = [c.prompts for c in bound if getattr(c, "prompts", None)]
-        return prompts[0][0] if prompts else None
+        grids = self.trainer.callbacks_of("trl_diffusion_sdpo.callbacks.validation:ValidationCallback")
+        return grids[0].prompts[0] if grids else None
 
     def _last_validation_grid(self) -> str | None:
         """The newest ``validation/step-*.png`` in ``output_dir``, relative to it (for the model card)."""

@@ -15,6 +15,8 @@ import math
 import re
 from typing import Any
 
+from ..callbacks.alarm import AlarmCallback
+
 __all__ = ["run_events"]
 
 #: how an event's sentence names its step
@@ -33,10 +35,10 @@ def run_events(trainer: Any) -> list[str]:
     step = trainer.state.global_step
     start = [f"At the start: {warning}" for warning in _start_warnings(trainer)]
     lines = _training_log_alarm(trainer)
-    for callback in trainer.callback_handler.callbacks:  # the alarms on the probe, the config's or given
-        if getattr(getattr(callback, "signal", None), "event", None) == "step_end":
-            lines += callback.lines(step)
-    action = getattr(getattr(trainer, "alarm", None), "action", None)  # on_pathology's
+    for alarm in trainer.callbacks_of(AlarmCallback):  # the alarms on the probe, the config's or added
+        if alarm.signal.event == "step_end":
+            lines += alarm.lines(step)
+    action = getattr(trainer.alarm, "action", None)  # the training logs' alarm's: on_pathology's, or the one added
     if action is not None and action.action == "safeguard" and action.switch is not None:
         settings = ", ".join(f"{k}={v!r}" for k, v in action.switch_to.items())
         switched = action.switched_at
@@ -63,11 +65,9 @@ def _step_named(line: str) -> float:
 
 
 def _start_warnings(trainer: Any) -> list[str]:
-    """The warnings the start summary logged (:class:`~.run_summary.StartSummary`, found by its ``run_record``)."""
-    for callback in trainer.callback_handler.callbacks:
-        if getattr(callback, "run_record", None) == "start":
-            return list(callback.warnings)
-    return []
+    """The warnings the start summary logged (:class:`~.run_summary.StartSummary`)."""
+    summaries = trainer.callbacks_of("trl_diffusion_sdpo.io.run_summary:StartSummary")  # its module imports this one
+    return [warning for summary in summaries for warning in summary.warnings]
 
 
 def _training_log_alarm(trainer: Any) -> list[str]:
@@ -76,7 +76,7 @@ def _training_log_alarm(trainer: Any) -> list[str]:
     flagged = [int(entry["step"]) for entry in trainer.state.log_history if entry.get(_FLAG) == 1.0]
     if not flagged:
         return []
-    alarm = getattr(trainer, "alarm", None)  # the config's alarm on the training logs
+    alarm = trainer.alarm  # the alarm on the training logs
     rule = f": {alarm.signal.describe()}" if alarm is not None else ""
     named = getattr(getattr(alarm, "signal", None), "named", None)  # read from the run as it was when it warned
     remedies = f" then: {'; '.join(named)}" if named else ""

@@ -169,7 +169,7 @@ class RunFiles(TrainerCallback):
                         resume_from_checkpoint, saved["num_processes"], view
                     )
             # signals handled only where the caller passed a PreemptionCallback (the command line does)
-            callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
+            callback = next(iter(trainer.callbacks_of(PreemptionCallback)), None)
             trainer.remove_callback(self)  # last: callbacks added since the trainer was built run before it
             trainer.add_callback(self)
             with preemption_signal_handlers(callback):
@@ -393,7 +393,7 @@ class RunFiles(TrainerCallback):
         """What every checkpoint holds beside transformers' files: the parts the trainer added (:attr:`parts`), then
         each of the trainer's callbacks that is a :class:`CheckpointPart` (it has ``save_checkpoint_part`` and
         ``load_checkpoint_part``), in the order the callbacks run."""
-        found = [c for c in self.trainer.callback_handler.callbacks if isinstance(c, CheckpointPartCallback)]
+        found = self.trainer.callbacks_of(CheckpointPartCallback)
         return list(self.parts) + [_CallbackPart(c, self.trainer) for c in found]
 
     # ------------------------------------------------------------------ the model card and the Hub

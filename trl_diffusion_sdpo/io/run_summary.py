@@ -183,10 +183,8 @@ def start_warnings(given: Any, effective: Any, family: Any, lora: bool, max_step
 class StartSummary(TrainerCallback):
     """Logs :func:`start_summary` (INFO) and each of :func:`start_warnings` (WARNING) when training starts, and
     :func:`.run_events.run_events` (INFO) when it ends, on the main process. The warnings it logged are kept
-    (:attr:`warnings`) for the run's record, which :func:`.run_events.run_events` finds by its ``run_record``."""
-
-    #: what :func:`.run_events.run_events` looks for among the trainer's callbacks
-    run_record = "start"
+    (:attr:`warnings`) for the run's record, which :func:`.run_events.run_events` finds among the trainer's
+    callbacks (``trainer.callbacks_of``)."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -200,8 +198,8 @@ class StartSummary(TrainerCallback):
         defaults = {**getattr(trainer, "resolved_defaults", {}), **getattr(trainer, "machine_choices", {})}
         report = getattr(trainer, "train_data_report", None)
         summary = start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults, report)
-        probe = getattr(trainer, "probe", None)  # probe_steps: the held-out pairs, and its alarm (the rewind)
-        alarm = getattr(trainer, "probe_alarm", None)
+        probe = trainer.probe  # the held-out pairs (probe_steps, or a probe added), and its alarm (the rewind)
+        alarm = trainer.probe_alarm
         line = None if probe is None else probe.summary() + ("" if alarm is None else f"; {alarm.summary()}")
         logger.info(summary if line is None else f"{summary}\n  {line}")
         self.warnings = start_warnings(given, args, trainer.family, lora, max_steps)

@@ -272,6 +272,14 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         if self.probe is not None:  # its held-out prompts paired now, by the initial policy (a resume pairs alike)
             self._pair_probe_prompts(self.probe, eval_dataset is not None)
 
+    def add_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
+        """As the offline trainer's; a held-out probe built by hand (``ProbeCallback.held_out(..., trainer=self)``)
+        has its prompts paired now, as the config's probe has when the trainer is built."""
+        super().add_callback(callback)
+        for probe in self.callbacks_of("trl_diffusion_sdpo.callbacks.probe:ProbeCallback"):
+            if probe is callback and probe.probe.batch is None:
+                self._pair_probe_prompts(probe, probe.held is None)
+
     def hold_back_probe_pairs(self, train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
         """The probe's prompts: the eval prompts' first, or prompts held back from the training ones
         (:func:`.probe_pairs.hold_back_prompts`)."""
