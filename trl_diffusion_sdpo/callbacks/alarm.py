@@ -195,19 +195,19 @@ class ProbeSignal:
         return "" if self.rule is None else self.rule.describe()
 
     def bind(self, trainer: Any) -> None:
-        if self.probe is None:
         """What was left unset, from the alarm's ``trainer``: its probe and its config's rule."""
+        if self.probe is None:
             self.probe = trainer.probe
         if self.probe is None:
             raise ValueError(
                 "a ProbeSignal reads the held-out probe: set probe_steps, or add a ProbeCallback with "
                 "trainer.add_callback before the alarm"
             )
-        if self.rule is None:
         self.configure(trainer.args)
 
     def configure(self, args: Any) -> None:
         """The rule of ``args`` (the config's ``probe_alarm_rise`` and ``probe_alarm_z``) where none was given."""
+        if self.rule is None:
             from .rewind import probe_alarm  # the rewind's module loads only in a run that probes
 
             self.rule = probe_alarm(args)
@@ -266,7 +266,6 @@ class AlarmCallback(TrainerCallback, ExportableState):
         signal: what the alarm reads (:class:`TrainingLogSignal`, :class:`ProbeSignal`).
         action: what a firing does (:class:`~.guards.PathologyAction`, :class:`~.rewind.RewindAction`; ``None``:
             ``PathologyAction("warn")``, the signal's own warning only).
-    """
         trainer: the :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer` it is added to (``trainer.add_callback``),
             from whose public surface the signal and the action take what they leave unset: its config (the
             remedies, the probe's rule), its :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`, its safeguard's
@@ -275,6 +274,7 @@ class AlarmCallback(TrainerCallback, ExportableState):
             moves with them; and its :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.log_next`, which puts the
             alarm's flags into the next training log. ``None``: a signal and an action that need nothing of a
             trainer; one that does is refused.
+    """
 
     def __init__(
         self,
@@ -290,7 +290,6 @@ class AlarmCallback(TrainerCallback, ExportableState):
         #: callback writes them in its ``on_log``
         self.publish: Callable[[Mapping[str, float]], None] | None = None
         self.firings: list[list[Any]] = []  # the probe alarm's: [step, restore point, its reading, what was done]
-
         if trainer is not None:
             self.signal.bind(trainer)
             self.action.bind(trainer)
@@ -302,6 +301,7 @@ class AlarmCallback(TrainerCallback, ExportableState):
                 f"{'; '.join(lacking)}: build the alarm once the trainer is, {type(self).__name__}(signal, action, "
                 "trainer=trainer), and add it with trainer.add_callback(alarm)"
             )
+
     @property
     def state_key(self) -> str:
         """The key of :meth:`state` in ``trainer_state.json``'s ``stateful_callbacks``: transformers saves each
@@ -335,9 +335,9 @@ class AlarmCallback(TrainerCallback, ExportableState):
         if "train_loss" in logs:  # the run's last log: the dict train() returns as its metrics
             self._flag_start_weights(logs, entry, state.global_step)
         if self.signal.event == "log":
-            flags = self.signal.read(state.log_history, entry, state.global_step)
             if self.signal.args is None:  # an alarm built without a trainer: the config of the run it is in
                 self.signal.args = args
+            flags = self.signal.read(state.log_history, entry, state.global_step)
             if not flags:
                 return
             self.action(flags, control, state.global_step)
@@ -362,10 +362,10 @@ class AlarmCallback(TrainerCallback, ExportableState):
         logger.warning("%s (%s 1.0).", start_weights_sentence(self.action.record().rewinds[-1][0]), ENDED_AT_START)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = self.saved_state(state)
         configure = getattr(self.signal, "configure", None)  # the probe's rule, from the run's config if unset
         if configure is not None:
             configure(args)
+        saved = self.saved_state(state)
         if saved:
             restore = getattr(self.signal, "restore", None)
             if restore is not None:

@@ -540,6 +540,10 @@ class RewindAction:
         if self.lr_factor is None:
             self.lr_factor = trainer.args.rewind_lr_factor
 
+    def lacks(self) -> str | None:
+        """What it needs of a trainer and was not given: where to keep the restore point's weights and optimizer."""
+        return None if self.snapshot is not None else "RewindAction() keeps and restores the trainer's weights"
+
     def ladder(self) -> tuple[int, float]:
         """``(max_times, lr_factor)``: the constructor's, the trainer's config's, else the config's defaults."""
         max_times = _ladder_default("rewind_max_times") if self.max_times is None else self.max_times
@@ -576,10 +580,6 @@ class RewindAction:
         """When training begins: the weights it starts from are the first restore point; a resumed run takes the
         checkpoint's record (``saved``: :meth:`state` as its alarm saved it) and snapshot instead (the lowered
         learning rate comes back with transformers' optimizer and scheduler states)."""
-    def lacks(self) -> str | None:
-        """What it needs of a trainer and was not given: where to keep the restore point's weights and optimizer."""
-        return None if self.snapshot is not None else "RewindAction() keeps and restores the trainer's weights"
-
         if not saved:
             self.snapshot.take(optimizer)
             return
