@@ -344,7 +344,8 @@ def test_a_plain_lora_run_loads_within_its_line_budget(plain_run_modules):
 # and Pick-a-Pic's label form, the EMA weights (ema_decay), the Hub and model cards (push_to_hub), the output space's
 # rule (safeguard_space="output", or the parameter space's log_output_lambda); full tuning's frozen-copy reference (the
 # run tunes LoRA), editing data and the editing families' sources, loss masks (loss_mask), and checkpoint writing
-# (save_strategy="no").
+# (save_strategy="no"); the resume checks (no resume_from_checkpoint), the refusals of TRL's names (none given) and
+# the config's docstring writer (nothing reads the docstring).
 UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.ema",
     "trl_diffusion_sdpo.io.hub",
@@ -363,6 +364,10 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.families.editing",
     "trl_diffusion_sdpo.data.masks",
     "trl_diffusion_sdpo.io.checkpoint_writing",
+    "trl_diffusion_sdpo.io.resume_check",
+    "trl_diffusion_sdpo.io.resume_world",
+    "trl_diffusion_sdpo.config.trl_refusals",
+    "trl_diffusion_sdpo.config.docs",
 )
 
 

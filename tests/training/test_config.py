@@ -264,6 +264,29 @@ def test_the_docstring_is_each_declared_fields_help_under_one_heading():
     assert owner["learning_rate"] == "Defaults changed from `TrainingArguments`"
 
 
+def test_each_config_classs_docstring_is_its_writers_text_when_read_on_the_class_an_instance_or_by_help():
+    """Written when first read (a run never reads it): the class, an instance and ``inspect.getdoc`` see the text
+    :func:`~trl_diffusion_sdpo.config.docs.config_docstring` writes for that class and its headings (the online
+    config's own among them); a subclass's own docstring stays its own."""
+    import inspect
+
+    from trl_diffusion_sdpo.config import fields
+    from trl_diffusion_sdpo.online import config as online
+
+    written = docs.config_docstring(DiffusionSDPOConfig, fields._SUMMARY)
+    assert DiffusionSDPOConfig.__doc__ == written and inspect.getdoc(DiffusionSDPOConfig) == inspect.cleandoc(written)
+    assert DiffusionSDPOConfig.__new__(DiffusionSDPOConfig).__doc__ == written  # an instance reads the class's
+    online_written = docs.config_docstring(online.OnlineDiffusionSDPOConfig, online._SUMMARY, online._GROUPS)
+    assert online.OnlineDiffusionSDPOConfig.__doc__ == online_written
+    assert "> Parameters that control the generation" in online_written
+
+    @dataclasses.dataclass
+    class Mine(DiffusionSDPOConfig):
+        """My settings."""
+
+    assert Mine.__doc__ == "My settings."
+
+
 def test_a_field_no_heading_lists_fails_the_writing_of_its_classs_docstring():
     @dataclasses.dataclass
     class Extended(DiffusionSDPOConfig):
