@@ -16,6 +16,10 @@ Each module is also attributed to the package code that first asked for it: a mo
 (named ``module.function()``) for an import at run time, the lazy attributes' machinery looked through (a finder on
 ``sys.meta_path`` of the measured process notes it and finds nothing).
 
+With ``--import-repeats N``: the seconds ``import trl_diffusion_sdpo.trainer`` takes in N fresh interpreters (one
+thread, timed inside the interpreter around the import alone), each followed by one on ``--import-against``'s checkout
+where given, so that both are read under the same load; the median and every reading are recorded.
+
 The function-level count: ``import`` / ``from ... import`` statements inside a function body (nested functions
 included) that import this package (relative imports, or absolute ones naming ``trl_diffusion_sdpo``), over every
 ``.py`` file of the package; ``if TYPE_CHECKING`` blocks at module level are not in a function and do not count.
@@ -28,6 +32,7 @@ import ast
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,6 +156,26 @@ def run_fresh(root: Path, script: str, args: list[str], work: Path) -> str:
     return done.stdout
 
 
+IMPORT_TIME = """
+import time
+start = time.perf_counter()
+import trl_diffusion_sdpo.trainer
+print(f"SECONDS {time.perf_counter() - start:.4f}")
+"""
+
+
+def trainer_import_seconds(roots: dict[str, Path], repeats: int, work: Path) -> dict[str, dict]:
+    """Per name of ``roots``: the seconds of ``import trl_diffusion_sdpo.trainer`` on that checkout in ``repeats``
+    fresh interpreters, the checkouts taking turns (one interpreter each per round, so a change of load reaches
+    both); each with its median."""
+    readings: dict[str, list[float]] = {name: [] for name in roots}
+    for _ in range(repeats):
+        for name, root in roots.items():
+            stdout = run_fresh(root, IMPORT_TIME, [], work)
+            readings[name].append(float(next(line for line in stdout.splitlines() if line.startswith("SECONDS "))[8:]))
+    return {name: {"median": statistics.median(values), "readings": values} for name, values in readings.items()}
+
+
 def build_pipeline(root: Path, work: Path) -> Path:
     """The tiny SD pipeline saved by a process of its own (the measured runs never import its builders); its folder."""
     run_fresh(root, BUILD, [str(work / "pipeline"), str(work / "tokenizer")], work)
@@ -207,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="run", help="the name of this measurement in --out's runs")
     parser.add_argument("--checkout", help="what --root holds (default: its git commit)")
     parser.add_argument("--out", type=Path, help="a result file: this measurement is added to its runs by --label")
+    parser.add_argument("--import-repeats", type=int, default=0, help="time the trainer's import N times (0: not)")
+    parser.add_argument("--import-against", type=Path, help="a checkout whose import is timed in turn with --root's")
+    parser.add_argument("--import-against-checkout", help="what --import-against holds (default: its git commit)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     package_dir = root / PACKAGE
@@ -233,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"(limit {result['limit']}); by folder {result['lines_by_folder']}",
                 flush=True,
             )
+        if args.import_repeats:
+            roots = {"this": root}
+            if args.import_against is not None:
+                roots["against"] = args.import_against.resolve()
+            timed = trainer_import_seconds(roots, args.import_repeats, work)
+            if "against" in timed:
+                timed["against"]["checkout"] = args.import_against_checkout or checkout_id(roots["against"])
+            run["trainer_import_seconds"] = timed
+            print(f"import trl_diffusion_sdpo.trainer: {json.dumps({k: v['median'] for k, v in timed.items()})} s")
     run["load_average_1min_after"] = os.getloadavg()[0]
     print(f"function-level package-internal imports: {len(internal)}")
     if args.out:
