@@ -1,5 +1,5 @@
 """The trainer's public surface that callbacks act through: ``policy``, ``compute_dtype``, ``eval_collator``,
-``dormant_safeguard`` and ``set_safeguard``, each checked against what the run does with it."""
+``dormant_safeguard``, ``set_safeguard`` and ``callbacks_of``, each checked against what the run does with it."""
 
 from __future__ import annotations
 
@@ -43,3 +43,30 @@ def test_set_safeguard_puts_the_dormant_safeguard_in_force_and_none_takes_it_out
     plain.train()
     logged = [entry for entry in plain.state.log_history if "loss" in entry]
     assert logged and not any("safeguard/lambda_mean" in entry for entry in logged)
+
+
+def test_callbacks_of_finds_subclasses_and_trackers_by_their_own_class_in_the_order_they_run(make_trainer, tmp_path):
+    """The one lookup: instances of a class, subclasses included (the config's ``TrainingLogAlarm`` is an
+    ``AlarmCallback``), a tracker found by its own class and returned itself (registered in a ``TrackerCallback``), in
+    the order transformers runs them; a class named by a module that is not loaded has nothing registered, and naming
+    it loads nothing."""
+    import sys
+
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    from trl_diffusion_sdpo.callbacks import AlarmCallback, TrainingLogAlarm
+    from trl_diffusion_sdpo.io.trackers import TrackerCallback
+
+    tracker = TensorBoardCallback(tb_writer=None)
+    trainer = make_trainer(max_steps=1, report_to="none", callbacks=[tracker])
+    assert trainer.callbacks_of(AlarmCallback) == trainer.callbacks_of(TrainingLogAlarm) == [trainer.alarm]
+    assert type(trainer.alarm) is TrainingLogAlarm
+    assert trainer.callbacks_of(TensorBoardCallback) == [tracker]
+    [registered] = trainer.callbacks_of(TrackerCallback)
+    assert registered.tracker is tracker
+    everything = trainer.callbacks_of(TrainerCallback)
+    assert everything.index(trainer.alarm) < everything.index(registered)  # trackers after the package's callbacks
+    assert "trl_diffusion_sdpo.not_loaded" not in sys.modules
+    assert trainer.callbacks_of("trl_diffusion_sdpo.not_loaded:Anything") == []
+    assert "trl_diffusion_sdpo.not_loaded" not in sys.modules
