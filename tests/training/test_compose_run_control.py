@@ -6,7 +6,10 @@ the trainer is refused without it, in one line naming the fix."""
 from __future__ import annotations
 
 import pytest
+from datasets import Dataset
 
+from tests.helpers.online import PROMPTS as ONLINE_PROMPTS
+from tests.helpers.online import make_trainer as make_online_trainer
 from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
 from trl_diffusion_sdpo.callbacks import AlarmCallback, ProbeCallback, ProbeSignal, RewindAction, hold_back_rows
 
@@ -90,6 +93,18 @@ def test_one_that_needs_the_trainer_is_refused_without_it_naming_the_fix(make_pi
         with pytest.raises(ValueError) as refused:
             build()
         assert fix in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_an_online_probe_built_by_hand_has_its_prompts_paired_when_added(tmp_path):
+    """An online run's held-out rows are prompts: a probe built by hand is paired when it is added (the run's sampler
+    and reward, before training), as the config's is when the trainer is built, and then probes."""
+    trainer = make_online_trainer(tmp_path, max_steps=1)
+    probe = ProbeCallback.held_out(1, Dataset.from_dict({"prompt": ONLINE_PROMPTS[:2]}), trainer=trainer)
+    assert probe.probe.batch is None  # prompts, not yet pairs
+    trainer.add_callback(probe)
+    assert probe.probe.batch is not None and " pairs of 2 prompts held back " in probe.source
+    trainer.train()
+    assert [step for step, _ in probe.readings] == [1] and "probe/delta_winner" in trainer.state.log_history[0]
 
 
 def test_the_docs_example_composes_a_probe_and_a_rewind(make_pipeline, make_config, make_pickapic):
