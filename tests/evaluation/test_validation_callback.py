@@ -13,12 +13,14 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import TrainerState
 from transformers.integrations import TensorBoardCallback
 
+from tests.helpers.cli_runs import FAST, pair_folders
 from trl_diffusion_sdpo.callbacks.validation import (
     PROMPT_LABEL_CHARS,
     ValidationCallback,
     prompt_label,
     validation_grid,
 )
+from trl_diffusion_sdpo.cli.train import main as train_main
 from trl_diffusion_sdpo.evaluation import Scorer
 from trl_diffusion_sdpo.evaluation.compare import image_grid
 from trl_diffusion_sdpo.families import family_for_pipeline
@@ -289,3 +291,24 @@ def test_a_cut_caption_never_exceeds_its_limit_wherever_a_word_ends():
 def test_the_evaluation_page_states_the_caption_limit_the_grid_uses():
     page = " ".join((Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text().split())
     assert f"a prompt longer than {PROMPT_LABEL_CHARS} characters is cut after a whole word" in page
+
+
+def test_the_train_command_adds_its_validation_to_the_trainer_it_builds(tmp_path):
+    """``--validation_prompts``: the command builds the callback with the trainer it made and adds it; the run saves
+    the step-0 and step-1 grids at the training resolution."""
+    data, out = pair_folders(tmp_path / "pairs"), tmp_path / "out"
+    argv = ["--model_name_or_path", "trl-diffusion-sdpo:tiny", "--dataset_name", str(data), "--output_dir", str(out)]
+    argv += [
+        *FAST,
+        "--validation_prompts",
+        "a cat",
+        "--validation_steps",
+        "1",
+        "--validation_num_inference_steps",
+        "1",
+    ]
+    trainer = train_main(argv)
+    (validation,) = trainer.callbacks_of(ValidationCallback)
+    assert validation.trainer is trainer and validation.prompts == ["a cat"]
+    assert (validation.settings.height, validation.settings.width) == (32, 32)  # the training resolution
+    assert sorted(os.listdir(out / "validation")) == ["step-000000.png", "step-000001.png"]
