@@ -28,7 +28,6 @@ __all__ = [
     "TrackerConfig",
     "is_tracker",
     "tracker_callback",
-    "tracker_in",
     "for_trackers",
 ]
 
@@ -156,9 +155,3 @@ def tracker_callback(tracker: TrainerCallback) -> TrackerCallback:
         doc = f"A :class:`TrackerCallback` holding a ``{type(tracker).__name__}``."
         kind = _TRACKED[type(tracker)] = type(name, (TrackerCallback,), {"__module__": __name__, "__doc__": doc})
     return kind(tracker)
-
-
-def tracker_in(callbacks: list[TrainerCallback], callback: type[TrainerCallback] | TrainerCallback) -> Any:
-    """The :class:`TrackerCallback` among ``callbacks`` that ``callback`` names (a tracker's class or instance);
-    ``None`` where none does."""
-    return next((c for c in callbacks if isinstance(c, TrackerCallback) and c.matches(callback)), None)
