@@ -4,7 +4,7 @@ plain Diffusion-DPO and against the package's default safeguard on from step 0, 
 Not part of the test suite. Every run trains the demo's architecture for :data:`MAX_STEPS` steps (the longer cells:
 their own ``steps``) of 2 pairs with the
 held-out probe on (``probe_steps`` :data:`PROBE_STEPS`, the config's ``probe_pairs``, ``probe_noise_draws`` and
-alarm: the CUSUM of ``probe/winner_rise_z`` at the config's ``probe_alarm_z`` and ``probe_alarm_limit``), in three
+alarm: the CUSUM of ``probe/winner_rise_z`` at allowance 13 and limit 1, the config's rule when they ran), in three
 settings that share, per seed, the pairs the probe holds back, the batches, timesteps and noise:
 
 * ``dpo``: Diffusion-DPO, the probe logged (``on_pathology`` at its default, ``warn``);
@@ -750,8 +750,9 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
             "max_steps": MAX_STEPS,
             "batch_size": 2,
             "probe_steps": PROBE_STEPS,
-            "probe": f"the config's probe_pairs, probe_noise_draws, probe_alarm_z ({_default('probe_alarm_z'):g}) "
-            f"and probe_alarm_limit ({_default('probe_alarm_limit'):g})",
+            # the alarm these runs read: the config's CUSUM when they were made (the config's rule is now the
+            # relative rise, probe_alarm_carry.py)
+            "probe": "the config's probe_pairs, probe_noise_draws, probe_alarm_z (13) and probe_alarm_limit (1)",
             "dpo_eval_steps": list(DPO_EVAL_STEPS),
             "seeds": list(SEEDS),
             "eval_seeds_per_prompt": 4,

@@ -73,12 +73,12 @@ REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
 
 
 def package_rule() -> dict[str, Any]:
-    """The alarm's rule a run reads at the config's defaults (``probe_alarm_z``, ``probe_alarm_limit``) and the
-    probe's figure it reads, as a run records it (``probe_alarm``)."""
+    """The alarm's rule a run reads at the config's defaults (``probe_alarm_rise``, ``probe_alarm_z``:
+    ``callbacks.rewind.probe_alarm``) and the probe's figure it reads, as a run records it (``probe_alarm``)."""
     from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.callbacks.rewind import probe_alarm
 
-    fields = DiffusionSDPOConfig.__dataclass_fields__
-    rule = ProbeAlarmRule.cusum(fields["probe_alarm_z"].default, fields["probe_alarm_limit"].default)
+    rule = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
     return {**dataclasses.asdict(rule), "signal": ProbeAlarmRule.SIGNAL}
 
 

@@ -127,14 +127,11 @@ def written() -> dict:
     return json.loads(study.OUTPUT.read_text())
 
 
-def test_the_result_file_is_its_recomputation_and_its_choice_is_the_packages_default(written):
+def test_the_result_file_is_its_recomputation_and_its_choice_the_cusum_on_record(written):
     assert study.compute() == written
-    from trl_diffusion_sdpo import DiffusionSDPOConfig
-
-    fields = DiffusionSDPOConfig.__dataclass_fields__
+    # the package's rule since is the relative rise (probe_alarm_carry.py, tests/training/test_probe_alarm_rise.py)
     chosen = written["rules"]["chosen"]
-    assert chosen["family"] == "cusum"
-    assert (fields["probe_alarm_z"].default, fields["probe_alarm_limit"].default) == (chosen["a"], chosen["b"])
+    assert (chosen["family"], chosen["a"], chosen["b"]) == ("cusum", 13.0, 1.0)
     # within every bound of the choice on the calibration runs, in every regime
     calibration = written["per_regime"]["chosen"]["calibration"]
     assert calibration and all(r["observed"] <= study.FAR_TARGET for r in calibration.values())

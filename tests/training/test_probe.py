@@ -165,7 +165,7 @@ def test_offline_and_online_configs_read_one_rule_from_the_config_fields():
     offline = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
     online = probe_alarm(OnlineDiffusionSDPOConfig(output_dir="unused", use_cpu=True))
     assert offline == online
-    assert probe_alarm(SimpleNamespace(probe_alarm_z=1.5, probe_alarm_limit=3.0)) == ProbeAlarmRule.cusum(1.5, 3.0)
+    assert probe_alarm(SimpleNamespace(probe_alarm_z=1.5, probe_alarm_rise=3.0)) == ProbeAlarmRule.relative(3.0, 1.5)
 
 
 def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_kept(
@@ -195,13 +195,14 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
     from trl_diffusion_sdpo import DiffusionSDPOConfig
 
     fields = DiffusionSDPOConfig.__dataclass_fields__
-    k, h, draws = (fields[f].default for f in ("probe_alarm_z", "probe_alarm_limit", "probe_noise_draws"))
-    assert "`S_t = max(0, S_(t-1) + z_t - probe_alarm_z)`" in page
-    assert f"exceeds `probe_alarm_limit` (defaults {k:g} and {h:g})" in page
+    rise, z, draws = (fields[f].default for f in ("probe_alarm_rise", "probe_alarm_z", "probe_noise_draws"))
+    assert "the relative rise `probe/delta_winner / probe/mse_ref_winner` exceeds `probe_alarm_rise`" in page
+    assert f"`probe/winner_rise_z` exceeds `probe_alarm_z` (defaults {rise:g} and {z:g})" in page
     assert f"`probe_noise_draws` times (default {draws}," in page
     # One rule online: the online page names the same fields and no rule of its own.
     online = " ".join((root / "docs" / "online.md").read_text().split())
-    assert "the same rule online as offline" in online and "above `probe_alarm_z`" in online
+    assert "the same rule online as offline" in online and "above `probe_alarm_rise`" in online
+    assert "above `probe_alarm_z`" in online
     runs = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-cost-tiny.json").read_text())["runs"]
     shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page

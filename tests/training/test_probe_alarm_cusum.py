@@ -1,7 +1,7 @@
-"""The held-out probe's default alarm, the one-sided CUSUM of ``probe/winner_rise_z``
-(``S_t = max(0, S_(t-1) + z_t - k)``, firing above ``h`` and starting again from 0): the steps it fires at, through
-:class:`ProbeSignal` as a run reads it and through ``alarm_steps``, against sums worked out by hand; its state carried
-by a checkpoint; the config's defaults building it."""
+"""The held-out probe's CUSUM rule (``ProbeAlarmRule.cusum``, built by hand; the config builds the relative rise's:
+``test_probe_alarm_rise.py``), the one-sided CUSUM of ``probe/winner_rise_z`` (``S_t = max(0, S_(t-1) + z_t - k)``,
+firing above ``h`` and starting again from 0): the steps it fires at, through :class:`ProbeSignal` as a run reads it
+and through ``alarm_steps``, against sums worked out by hand; its state carried by a checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pytest
 
 from trl_diffusion_sdpo.callbacks.alarm import ProbeSignal
-from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, alarm_steps, probe_alarm
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, alarm_steps
 
 K, H = 6.5, 6.0
 SIGNAL = ProbeAlarmRule.SIGNAL
@@ -55,21 +55,6 @@ def test_a_checkpoint_carries_the_sum_and_a_resumed_signal_fires_where_the_unint
     resumed.restore(first.state())
     assert not resumed.judge({SIGNAL: 8.0}, 4).fired  # 6: not above h
     assert resumed.judge({SIGNAL: 8.0}, 5).fired  # 7.5, as the uninterrupted signal
-
-
-def test_the_config_builds_the_cusum_from_its_fields():
-    from trl_diffusion_sdpo import DiffusionSDPOConfig
-
-    config = DiffusionSDPOConfig(output_dir="unused", use_cpu=True)
-    rule = probe_alarm(config)
-    assert (rule.statistic, rule.threshold, rule.limit) == ("cusum", config.probe_alarm_z, config.probe_alarm_limit)
-    # readings of 8 at k 7, h 3.5: 1, 2, 3, 4 fires at the fourth; the earlier rule (above 7, 4 in a row) alike
-    set_ = probe_alarm(
-        DiffusionSDPOConfig(output_dir="unused", use_cpu=True, probe_alarm_z=7.0, probe_alarm_limit=3.5)
-    )
-    assert _fired(set_, [8.0] * 5) == [4] == _fired(ProbeAlarmRule(4, 7.0), [8.0] * 5)
-    with pytest.raises(ValueError, match="probe_alarm_limit"):
-        DiffusionSDPOConfig(output_dir="unused", use_cpu=True, probe_alarm_limit=-1.0)
 
 
 def test_the_start_summary_and_records_describe_the_cusum():

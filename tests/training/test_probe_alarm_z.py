@@ -1,4 +1,4 @@
-"""The held-out probe's alarm in its own units (``probe/winner_rise_z``, ``probe_alarm_z``, ``probe_alarm_limit``):
+"""The held-out probe's alarm in its own units (``probe/winner_rise_z``, ``probe_alarm_z``, ``probe_alarm_rise``):
 the statistic against scipy's one-sample t on the per-pair, per-draw differences, the one rule offline and online, and
 every ``on_pathology`` acting on the alarm (``warn`` naming the step a rewind would restore)."""
 
@@ -102,10 +102,10 @@ def test_one_rule_offline_and_online_from_the_config_fields():
     defaults = [probe_alarm(kind(output_dir="unused", use_cpu=True)) for kind in kinds]
     assert defaults[0] == defaults[1]
     fields = DiffusionSDPOConfig.__dataclass_fields__
-    assert defaults[0] == ProbeAlarmRule.cusum(fields["probe_alarm_z"].default, fields["probe_alarm_limit"].default)
-    set_ = [probe_alarm(kind(output_dir="unused", use_cpu=True, probe_alarm_z=1.25, probe_alarm_limit=3.0))
+    assert defaults[0] == ProbeAlarmRule.relative(fields["probe_alarm_rise"].default, fields["probe_alarm_z"].default)
+    set_ = [probe_alarm(kind(output_dir="unused", use_cpu=True, probe_alarm_z=1.25, probe_alarm_rise=3.0))
             for kind in kinds]  # fmt: skip
-    assert set_ == [ProbeAlarmRule.cusum(1.25, 3.0)] * 2
+    assert set_ == [ProbeAlarmRule.relative(3.0, 1.25)] * 2
 
 
 def _forced(trainer, unhealthy: set[int], patience: int = 2) -> None:

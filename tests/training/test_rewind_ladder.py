@@ -130,9 +130,9 @@ def test_the_command_line_exits_non_zero_when_the_run_ends_on_its_starting_weigh
     data = pair_folders(tmp_path / "pairs", n=6)
     argv = ["train", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--dataset_name", str(data)]
     argv += ["--output_dir", str(tmp_path / "out"), *FAST, "--max_steps", "3", "--safeguard_space", "none"]
-    # every probe reads above an allowance of -100: no restore point, and the alarm fires at the first probe
+    # every probe reads above a rise of -100 and a floor of -100: no restore point, and the alarm fires at the first
     argv += ["--on_pathology", "rewind", "--probe_steps", "1", "--probe_pairs", "2", "--probe_alarm_z", "-100"]
-    argv += ["--probe_alarm_limit", "0", "--rewind_max_times", "0"]
+    argv += ["--probe_alarm_rise", "-100", "--rewind_max_times", "0"]
     status = main(argv)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == ENDED_AT_START_STATUS

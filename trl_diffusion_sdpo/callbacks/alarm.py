@@ -168,9 +168,10 @@ class ProbeVerdict:
 class ProbeSignal:
     """The held-out probe's alarm: reads the reading ``probe`` published at the end of an optimizer step
     (:attr:`~.probe.ProbeCallback.last_reading`, its figures reduced over processes, so every process reads the same)
-    and moves ``rule``'s statistic on (:class:`~.rewind.ProbeAlarmRule`: by default the CUSUM of
-    ``probe/winner_rise_z``, ``S_t = max(0, S_(t-1) + z_t - probe_alarm_z)``, firing above ``probe_alarm_limit``; or
-    the unhealthy probes in a row), keeping the last restore point.
+    and moves ``rule``'s statistic on (:class:`~.rewind.ProbeAlarmRule`: by default the unhealthy probes in a row,
+    a probe unhealthy where the held-out winner error's rise exceeds ``probe_alarm_rise`` of the reference's error
+    with ``probe/winner_rise_z`` above ``probe_alarm_z``, firing at the first; or a CUSUM of ``probe/winner_rise_z``),
+    keeping the last restore point.
 
     Args:
         probe: the :class:`~.probe.ProbeCallback` it reads, which must run before the alarm in ``on_step_end``
@@ -226,8 +227,8 @@ class ProbeSignal:
 
     def judge(self, metrics: Mapping[str, float], step: int) -> ProbeVerdict:
         """The verdict on a probe's ``metrics`` at ``step``, the rule's statistic moved on
-        (:meth:`~.rewind.ProbeAlarmRule.advance`: the CUSUM ``S_t = max(0, S_(t-1) + z_t - k)`` firing above ``h``, or
-        the unhealthy probes in a row firing at the patience), starting afresh from 0 where it fires."""
+        (:meth:`~.rewind.ProbeAlarmRule.advance`: the unhealthy probes in a row firing at the patience, or the CUSUM
+        ``S_t = max(0, S_(t-1) + z_t - k)`` firing above ``h``), starting afresh from 0 where it fires."""
         self.alarm_statistic, fired = self.rule.advance(self.alarm_statistic, metrics, step)
         restore_point = self.rule.restorable(metrics, step)
         if restore_point:

@@ -1,13 +1,14 @@
 """The held-out probe's alarm, and ``on_pathology="rewind"``: back to the last step the probe called healthy.
 
-The alarm (:class:`ProbeAlarmRule`, from the config's ``probe_alarm_z`` and ``probe_alarm_limit``:
+The alarm (:class:`ProbeAlarmRule`, from the config's ``probe_alarm_rise`` and ``probe_alarm_z``:
 :func:`probe_alarm`) reads the probe's reduced figures (:mod:`.probe`), so every process reaches the same verdict at
 the same step. It reads the pathology as the paper defines it (Fu et al., arXiv 2511.03317: the winner's denoising
-error rising above the reference's) in the probe's own units, ``probe/winner_rise_z`` (the held-out winner error's
-rise over the reference's, over its standard error across the probe's pairs and noise draws): a one-sided CUSUM,
-``S_t = max(0, S_(t-1) + z_t - probe_alarm_z)``, fires when ``S_t`` exceeds ``probe_alarm_limit``. One rule,
-offline and online, at any model's scale; calibrated on the stability benchmark's runs
-(benchmarks/research/alarm.md); :class:`~.alarm.ProbeSignal` counts it. Every ``on_pathology`` reads it when the probe
+error rising above the reference's) as a share of the reference's error (:func:`relative_winner_rise`,
+``probe/delta_winner / probe/mse_ref_winner``), counted where the probe tells the rise from zero
+(``probe/winner_rise_z`` above ``probe_alarm_z``): it fires at the first probe whose rise exceeds
+``probe_alarm_rise``. One rule, offline and online, for any model's scale and probe size; chosen on recorded runs with
+one model and one dataset held out of the choice (benchmarks/research/alarm.md); :class:`~.alarm.ProbeSignal` counts
+it. Every ``on_pathology`` reads it when the probe
 runs: ``rewind`` rewinds (:class:`RewindAction`, below); the others act through the run's pathology action
 (:meth:`~.guards.PathologyAction.on_probe`: ``warn`` warns, naming the step a rewind would restore; ``stop`` stops;
 ``safeguard`` switches; ``escalate`` raises ``mu``).
@@ -73,6 +74,7 @@ __all__ = [
     "alarm_steps",
     "companions",
     "probe_alarm",
+    "relative_winner_rise",
     "restore_point_note",
 ]
 
@@ -82,18 +84,36 @@ logger = logging.getLogger(__name__)
 REWIND_FOLDER = "rewind-healthy"
 #: a rewind's restore point: a probe whose ``probe/winner_rise_z`` is at most this, the one-sided 95 % point of the
 #: normal: the probe cannot tell the winner error's rise from zero there (its one-sided 95 % confidence bound includes
-#: 0). Stricter than the alarm's threshold (``probe_alarm_z``, default 7), which says only that a probe is not yet
-#: unhealthy: a reading of z = 4 is not one to go back to.
+#: 0). Stricter than the alarm's significance floor (``probe_alarm_z``), which says only that a probe's rise is not
+#: yet both large and significant: a reading of z = 4 is not one to go back to.
 RESTORE_Z = 1.645
 #: the companions' states (:func:`companions`) are ``companions.safetensors`` and ``companions.json``
 #: (:func:`~trl_diffusion_sdpo.callbacks.state_files.write_state`), never a pickle
 _WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "companions"
 
 
+def relative_winner_rise(metrics: Mapping[str, float]) -> float:
+    """The held-out winner error's rise as a share of the reference's error, ``r_t = probe/delta_winner /
+    probe/mse_ref_winner`` (``nan`` where either is missing or the reference's error is not positive).
+
+    Unlike ``probe/winner_rise_z``, whose value for one rise grows with the square root of the probe's pairs and
+    draws and differs with the spread of a model's errors, ``r_t`` has no unit and its expectation does not depend
+    on the probe's size: a rise of half the reference's error reads 0.5 on 4 held-back pairs and on an eval split of
+    64, on any model."""
+    delta = metrics.get("probe/delta_winner", math.nan)
+    reference = metrics.get("probe/mse_ref_winner", math.nan)
+    return delta / reference if reference > 0 else math.nan
+
+
 @dataclass(frozen=True)
 class ProbeAlarmRule:
     """The held-out probe's alarm on the series of its readings ``z_1, z_2, ...`` of ``probe/winner_rise_z`` (a
-    reading without a spread to measure, ``nan``: fewer than two pair-draws, reads as ``z_t = 0``, no rise).
+    reading without a spread to measure, ``nan``: fewer than two pair-draws, reads as ``z_t = 0``, no rise) and
+    ``r_1, r_2, ...`` of the relative rise (:func:`relative_winner_rise`).
+
+    * ``statistic="relative_rise"`` (:meth:`relative`, the config's rule): probe ``t`` is unhealthy when
+      ``r_t > rise`` while ``z_t > threshold`` (the significance floor: a rise the probe tells from zero); the alarm
+      fires at the ``patience``-th unhealthy probe in a row, as ``in_a_row`` counts them.
 
     * ``statistic="in_a_row"``: probe ``t`` is unhealthy when ``z_t > threshold``; with ``n_0 = 0`` and
       ``n_t = n_(t-1) + 1`` at an unhealthy probe, ``0`` at a healthy one, the alarm fires at the probe where ``n_t``
@@ -114,6 +134,7 @@ class ProbeAlarmRule:
     restore_z: float = RESTORE_Z
     statistic: str = "in_a_row"
     limit: float = 0.0
+    rise: float = 0.0
 
     #: the probe's figure the rule reads (:func:`~.probe.winner_rise_z`)
     SIGNAL = "probe/winner_rise_z"
@@ -123,9 +144,18 @@ class ProbeAlarmRule:
         """The CUSUM rule with allowance ``k = allowance`` and limit ``h = limit``."""
         return cls(patience=1, threshold=allowance, restore_z=restore_z, statistic="cusum", limit=limit)
 
+    @classmethod
+    def relative(cls, rise: float, z_floor: float, patience: int = 1, restore_z: float = RESTORE_Z) -> ProbeAlarmRule:
+        """The relative-rise rule: unhealthy where ``r_t > rise`` and ``z_t > z_floor``, firing at ``patience`` such
+        probes in a row."""
+        return cls(patience=patience, threshold=z_floor, restore_z=restore_z, statistic="relative_rise", rise=rise)
+
     def unhealthy(self, metrics: Mapping[str, float], step: int) -> bool:
         """Whether the probe of optimizer step ``step`` (``metrics``: its reduced figures) shows the pathology: its
-        ``z`` above ``threshold`` (for the CUSUM: a reading that adds to the sum)."""
+        ``z`` above ``threshold`` (for the CUSUM: a reading that adds to the sum; for the relative rise, also its
+        ``r`` above ``rise``)."""
+        if self.statistic == "relative_rise" and not relative_winner_rise(metrics) > self.rise:
+            return False
         return metrics[self.SIGNAL] > self.threshold
 
     def restorable(self, metrics: Mapping[str, float], step: int) -> bool:
@@ -159,6 +189,12 @@ class ProbeAlarmRule:
         return (0.0, True) if total > self.limit else (total, False)
 
     def describe(self) -> str:
+        if self.statistic == "relative_rise":
+            count = "at a single probe" if self.patience == 1 else f"for {self.patience} probes in a row"
+            return (
+                f"the held-out winner error's rise over the reference's above {self.rise:g} of the reference's error "
+                f"(probe/delta_winner / probe/mse_ref_winner) with {self.SIGNAL} above {self.threshold:g} {count}"
+            )
         if self.statistic == "cusum":
             return (
                 f"the CUSUM of {self.SIGNAL} (the held-out winner error's rise over the reference's, in standard "
@@ -184,13 +220,13 @@ def alarm_steps(rule: ProbeAlarmRule, probes: Iterable[tuple[int, Mapping[str, f
 
 
 def probe_alarm(args: Any) -> ProbeAlarmRule:
-    """The alarm's rule for ``args``'s run: the CUSUM of its config's ``probe_alarm_z`` (the allowance ``k``) and
-    ``probe_alarm_limit`` (``h``), whose defaults (the config's fields) were chosen by the detection delay they reach
-    at a stated false-alarm rate on the stability benchmark's runs, offline and online alike, and checked without
-    recalibrating on a larger model at another resolution:
-    ``benchmarks/results/probe/cpu-probe-alarm-sequential.json`` (``benchmarks/studies/probe_alarm_sequential.py``,
+    """The alarm's rule for ``args``'s run: the relative rise above its config's ``probe_alarm_rise`` with
+    ``probe/winner_rise_z`` above ``probe_alarm_z``, at a single probe (:meth:`ProbeAlarmRule.relative`), whose
+    defaults (the config's fields) were chosen on recorded runs of the calibration model and dataset, offline and
+    online, LoRA and full tuning, and checked on a held-out model and dataset:
+    ``benchmarks/results/probe/cpu-probe-alarm-carry.json`` (``benchmarks/studies/probe_alarm_carry.py``,
     benchmarks/research/alarm.md)."""
-    return ProbeAlarmRule.cusum(args.probe_alarm_z, args.probe_alarm_limit)
+    return ProbeAlarmRule.relative(args.probe_alarm_rise, args.probe_alarm_z)
 
 
 def restore_point_note(step: int, z: float | None, rule: ProbeAlarmRule) -> str:

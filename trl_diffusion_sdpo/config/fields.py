@@ -213,7 +213,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(offline, with `safeguard_space='none'`): train as Diffusion-DPO until it fires, then switch to the "
         "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
         "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires "
-        "(`probe_alarm_z`, `probe_alarm_limit`), put the "
+        "(`probe_alarm_rise`, `probe_alarm_z`), put the "
         "trainable weights, the optimizer state, the EMA weights, the auto-beta, an automatic `safeguard_mu` and the "
         "fp16 gradient scaler back to the last probe that could not tell the winner error's rise from zero (else the "
         "start), logged as `health/rewind_to` (the "
@@ -254,19 +254,19 @@ class DiffusionSDPOConfig(TrainingArguments):
         "to measure. Each draw is one more forward of the policy and the reference on the probe's pairs "
         "(docs/safeguard.md states the cost).",
     )
-    probe_alarm_z: float = option(
-        13.0,
-        "The held-out probe's alarm, a one-sided CUSUM of `probe/winner_rise_z` (the held-out winner error's rise "
-        "over the reference's, over its standard error across the probe's pairs and noise draws: the probe's own "
-        "units, without the errors' scale), offline and online alike: `S_t = max(0, S_(t-1) + z_t - probe_alarm_z)` "
-        "from `S_0 = 0`, so a probe above this adds to the sum and one below it drains it; the alarm fires where "
-        "`S_t` exceeds `probe_alarm_limit`, and the sum starts again from 0. Every `on_pathology` reads it when the "
-        "probe runs (docs/safeguard.md: the rule and its calibration).",
+    probe_alarm_rise: float = option(
+        0.6,
+        "The held-out probe's alarm fires at a probe where the held-out winner error's rise over the reference's is "
+        "more than this share of the reference's error (`probe/delta_winner / probe/mse_ref_winner`: no unit, so "
+        "the same at any model's scale and any probe size) and the rise is significant (`probe/winner_rise_z` above "
+        "`probe_alarm_z`), offline and online alike. Every `on_pathology` reads it when the probe runs "
+        "(docs/safeguard.md: the rule and its calibration).",
     )
-    probe_alarm_limit: float = option(
-        1.0,
-        "The held-out probe's alarm fires at the probe whose CUSUM (`probe_alarm_z`) exceeds this: one probe above "
-        "`probe_alarm_z` by more than this fires at once, smaller rises after a few probes.",
+    probe_alarm_z: float = option(
+        1.645,
+        "The held-out probe's alarm counts a rise (`probe_alarm_rise`) only where `probe/winner_rise_z`, the rise "
+        "over its standard error across the probe's pairs and noise draws, is above this: a rise the probe can tell "
+        "from zero, so a few noisy held-back pairs do not fire it.",
     )
     rewind_max_times: int = option(
         2,

@@ -77,7 +77,6 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "probe_pairs": Range(1, integer=True, hint="At least the number of processes."),
     "probe_pairs_seed": Range(0, integer=True, optional=True, hint="None: the run's seed."),
     "probe_noise_draws": Range(1, integer=True),
-    "probe_alarm_limit": Range(0),
     "rewind_max_times": Range(0, integer=True, hint="0 stops at the first alarm."),
     "rewind_lr_factor": Range(0, 1, low_open=True, hint="1 keeps the learning rate."),
     # the data
