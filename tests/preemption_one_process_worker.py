@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from transformers import TrainerCallback  # noqa: E402
 
 from tests.checkpoint_kill_worker import build_trainer  # noqa: E402
-from trl_diffusion_sdpo.callbacks.interruptions import PreemptionCallback, TrainingPreempted  # noqa: E402
+from trl_diffusion_sdpo.callbacks.preemption import PreemptionCallback, TrainingPreempted  # noqa: E402
 
 
 class SignalAtStep(TrainerCallback):

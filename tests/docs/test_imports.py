@@ -368,6 +368,7 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.io.resume_world",
     "trl_diffusion_sdpo.config.trl_refusals",
     "trl_diffusion_sdpo.config.docs",
+    "trl_diffusion_sdpo.callbacks.preemption",
 )
 
 

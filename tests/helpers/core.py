@@ -71,6 +71,7 @@ CORE: dict[str, tuple[str, ...]] = {
         "callbacks/guards.py",
         "callbacks/ema.py",
         "callbacks/interruptions.py",
+        "callbacks/preemption.py",
         "callbacks/state_files.py",
     ),
     "saving": (

@@ -23,7 +23,7 @@ from transformers import TrainerCallback, TrainerControl
 import trl_diffusion_sdpo
 from tests.checkpoint_kill_worker import build_trainer
 from tests.helpers.common import worker_environment
-from trl_diffusion_sdpo.callbacks.interruptions import (
+from trl_diffusion_sdpo.callbacks.preemption import (
     INTERRUPTED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     PREEMPTION_SYNC_EVERY,

@@ -9,8 +9,10 @@
   :class:`~.probe.ProbeCallback` built by hand and passed in ``callbacks=``;
 * :mod:`.rewind`: ``on_pathology="rewind"``, back to the last step the probe called healthy when its alarm fires
   (:class:`~.rewind.RewindAction`, the action of an alarm on the probe);
-* :mod:`.interruptions`: a non-finite loss or gradient never reaches the weights, a data stream that yields too few
-  valid pairs stops the run, and SIGTERM saves a checkpoint and exits;
+* :mod:`.interruptions`: a non-finite loss or gradient never reaches the weights, and a data stream that yields too
+  few valid pairs stops the run;
+* :mod:`.preemption`: SIGTERM, SIGUSR1 or Ctrl-C saves a checkpoint and stops
+  (:class:`~.preemption.PreemptionCallback`, which the command line passes);
 * :mod:`.validation`: validation images and rewards during training.
 
 Each decision a callback takes from a process's own data is reduced over processes before it acts. The trainer builds
@@ -22,7 +24,7 @@ they should act; one that needs the trainer is refused without it, in one line n
 of their events itself, and finds them only through ``trainer.callbacks_of(kind)``.
 
 The names below resolve on first use, so a run without ``probe_steps`` loads neither the probe nor the rewind, and
-one without ``ema_decay`` no EMA.
+one without ``ema_decay`` no EMA, and one without a ``PreemptionCallback`` no preemption handling.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ from .health import PathologyRule
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .ema import EMAWeights
+    from .preemption import PreemptionCallback, TrainingPreempted
     from .probe import ProbeCallback, ProbePieces, hold_back_pairs, hold_back_rows, probe_for_trainer
     from .rewind import RewindAction
 
 _EXPORTS = {
     "EMAWeights": ".ema",
+    "PreemptionCallback": ".preemption",
+    "TrainingPreempted": ".preemption",
     "ProbeCallback": ".probe",
     "ProbePieces": ".probe",
     "RewindAction": ".rewind",
@@ -54,12 +59,14 @@ __all__ = [
     "EMAWeights",
     "PathologyAction",
     "PathologyRule",
+    "PreemptionCallback",
     "ProbeCallback",
     "ProbePieces",
     "ProbeSignal",
     "RewindAction",
     "TrainingLogAlarm",
     "TrainingLogSignal",
+    "TrainingPreempted",
     "hold_back_pairs",
     "hold_back_rows",
     "probe_for_trainer",

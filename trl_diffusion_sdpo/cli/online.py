@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datasets import Dataset
 from trl import ModelConfig
 
-from ..callbacks.interruptions import PreemptionCallback
+from ..callbacks.preemption import PreemptionCallback
 from ..evaluation.prompts import load_prompt_set
 from ..online.config import OnlineDiffusionSDPOConfig
 from ..online.trainer import OnlineDiffusionSDPOTrainer

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from ..callbacks.guards import configure_early_stopping, early_stopping
 from ..callbacks.health import ENDED_AT_START, start_weights_sentence
-from ..callbacks.interruptions import TRAINING_STOPS, PreemptionCallback
+from ..callbacks.preemption import TRAINING_STOPS, PreemptionCallback
 from ..config.defaults import machine_choices
 from ..data.sharded_cache import load_sharded_latent_cache
 from ..io.console import on_terminal
@@ -108,7 +108,7 @@ def run(arguments: TrainArguments) -> int:
 
 def stopped_or(run: Callable[[], int]) -> int:
     """``run()``'s exit status, or that of a run a signal stopped (75 preempted, 130 Ctrl-C:
-    :data:`~..callbacks.interruptions.TRAINING_STOPS`), which the callback logged: the process ends with it, no
+    :data:`~..callbacks.preemption.TRAINING_STOPS`), which the callback logged: the process ends with it, no
     traceback."""
     try:
         return run()

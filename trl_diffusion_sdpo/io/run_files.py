@@ -20,7 +20,7 @@ helpers of :class:`RunFiles`, which keeps the state they share:
   checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume from, checked, its config
   compared with the new one (:mod:`.resume_check`), resuming on another number of processes (:mod:`.resume_world`,
   through the engine), and, where the caller passed a
-  :class:`~trl_diffusion_sdpo.callbacks.interruptions.PreemptionCallback`, its signals while it runs
+  :class:`~trl_diffusion_sdpo.callbacks.preemption.PreemptionCallback`, its signals while it runs
   (:meth:`RunFiles.training`);
 * the model card and Hub pushes (:attr:`RunFiles.hub`, :mod:`.hub`): transformers pushes each checkpoint itself,
   and copies only files named as its own weights into the output folder, so :meth:`RunFiles.on_push_begin` puts the
@@ -49,7 +49,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
-from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
 from ..callbacks.learning_rate import scale_learning_rate
 from . import saving
 from .checkpoints import (
@@ -168,12 +167,18 @@ class RunFiles(TrainerCallback):
                     resume_from_checkpoint = trainer.engine.resume_on_other_count(
                         resume_from_checkpoint, saved["num_processes"], view
                     )
-            # signals handled only where the caller passed a PreemptionCallback (the command line does)
-            callback = next(iter(trainer.callbacks_of(PreemptionCallback)), None)
+            # signals handled only where the caller passed a PreemptionCallback (the command line does): a run
+            # without one has not loaded its module, and the lookup by name finds nothing
+            preemption = trainer.callbacks_of("trl_diffusion_sdpo.callbacks.preemption:PreemptionCallback")
             trainer.remove_callback(self)  # last: callbacks added since the trainer was built run before it
             trainer.add_callback(self)
-            with preemption_signal_handlers(callback):
+            if not preemption:
                 yield resume_from_checkpoint
+            else:
+                from ..callbacks.preemption import preemption_signal_handlers
+
+                with preemption_signal_handlers(preemption[0]):
+                    yield resume_from_checkpoint
         finally:
             if view is not None:  # every process is done reading it
                 trainer.accelerator.wait_for_everyone()
