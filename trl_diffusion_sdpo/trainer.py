@@ -62,9 +62,9 @@ from .families.preparation import (
     training_arguments,
     wants_gradient_checkpointing,
 )
+from .io.reporting import CONSOLE_CALLBACKS, REPORTING_CALLBACKS, TRACKER_CALLBACK, is_tracker
 from .io.run_files import RunFiles
 from .io.run_summary import StartSummary
-from .io.trackers import CONSOLE_CALLBACKS, REPORTING_CALLBACKS, TrackerCallback, is_tracker, tracker_callback
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
 from .step.predictions import (
@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     from .callbacks.ema import EMAWeights
     from .callbacks.probe import ProbeCallback, ProbePieces
     from .io.hub import CardMethod
+    from .io.trackers import TrackerCallback
     from .rewards import RewardFunction
     from .safeguards import Safeguard
 
@@ -116,18 +117,24 @@ def _instances_of(callbacks: Sequence[Any], kind: type | tuple[type, ...] | str)
     :meth:`DiffusionSDPOTrainer.callbacks_of`), a tracker registered in a :class:`~.io.trackers.TrackerCallback` as
     itself."""
     if isinstance(kind, str):  # a class whose module a run loads only when it uses it
-        module, _, name = kind.partition(":")
-        loaded = sys.modules.get(module)
-        if loaded is None:  # an instance of the class would have loaded its module: there is none
+        kind = _loaded(kind)
+        if not kind:  # an instance of the class would have loaded its module: there is none
             return []
-        kind = getattr(loaded, name)
+    wrapper = _loaded(TRACKER_CALLBACK)  # () until a tracker is registered: isinstance(x, ()) is False
     found = []
     for callback in callbacks:
         if isinstance(callback, kind):
             found.append(callback)
-        elif isinstance(callback, TrackerCallback) and isinstance(callback.tracker, kind):
+        elif isinstance(callback, wrapper) and isinstance(callback.tracker, kind):
             found.append(callback.tracker)
     return found
+
+
+def _loaded(kind: str) -> tuple[type, ...]:
+    """The class ``kind`` names (``"module:Class"``) where its module is loaded, else ``()``."""
+    module, _, name = kind.partition(":")
+    loaded = sys.modules.get(module)
+    return () if loaded is None else (getattr(loaded, name),)
 
 
 def _refuse_beside_config(registered: Sequence[Any], added: Sequence[Any], args: DiffusionSDPOConfig) -> None:
@@ -881,9 +888,11 @@ class DiffusionSDPOTrainer(Trainer):
     def _register(self, callback: TrainerCallback) -> None:
         """``callback`` registered before the reporting callbacks (:meth:`add_callback`), without its refusals."""
         if is_tracker(callback):
+            from .io.trackers import tracker_callback  # loaded with the first tracker
+
             callback, moved = tracker_callback(callback), self.callbacks_of(CONSOLE_CALLBACKS)
         else:
-            moved = self.callbacks_of((TrackerCallback, *CONSOLE_CALLBACKS))
+            moved = self.callbacks_of((*_loaded(TRACKER_CALLBACK), *CONSOLE_CALLBACKS))
         for reporting in moved:
             super().remove_callback(reporting)
         super().add_callback(callback)
@@ -904,7 +913,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _tracker_named(self, callback: type[TrainerCallback] | TrainerCallback) -> TrackerCallback | None:
         """The :class:`~.io.trackers.TrackerCallback` that ``callback`` (a tracker's class or instance) names."""
-        return next((c for c in self.callbacks_of(TrackerCallback) if c.matches(callback)), None)
+        return next((c for c in self.callbacks_of(TRACKER_CALLBACK) if c.matches(callback)), None)
 
     def _add_configured_run_control(self, args: DiffusionSDPOConfig, probe_pairs: Dataset | None) -> None:
         """The run control the config asks for, built with the trainer's pieces now that it has them and registered

@@ -369,6 +369,7 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.config.trl_refusals",
     "trl_diffusion_sdpo.config.docs",
     "trl_diffusion_sdpo.callbacks.preemption",
+    "trl_diffusion_sdpo.io.trackers",
 )
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 
 import pytest
 import torch
@@ -275,3 +276,21 @@ def test_two_trackers_of_different_kinds_draw_no_warning_of_a_second_callback(ma
         assert [line for line in said.lines if "there is already one" in line]
     finally:
         logger.removeHandler(said)
+
+
+def test_the_tracker_wrapper_loads_with_the_first_tracker_and_is_found_then(make_trainer, monkeypatch):
+    """A run with no tracker has not loaded the wrapper's module (tests/docs/test_imports.py's plain run); the first
+    tracker added loads it, is registered in it ahead of the console's callback, found by its class and popped."""
+    from transformers import PrinterCallback
+
+    monkeypatch.delitem(sys.modules, "trl_diffusion_sdpo.io.trackers")  # as in a run that registered no tracker
+    trainer = make_trainer(max_steps=1, report_to="none", disable_tqdm=True)
+    assert "trl_diffusion_sdpo.io.trackers" not in sys.modules
+    assert trainer.callbacks_of(TensorBoardCallback) == []
+    tracker = TensorBoardCallback(tb_writer=RecordingWriter())
+    trainer.add_callback(tracker)
+    assert "trl_diffusion_sdpo.io.trackers" in sys.modules
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("TrackedTensorBoardCallback") < names.index(PrinterCallback.__name__)
+    assert trainer.callbacks_of(TensorBoardCallback) == [tracker]
+    assert trainer.pop_callback(TensorBoardCallback) is tracker and trainer.callbacks_of(TensorBoardCallback) == []

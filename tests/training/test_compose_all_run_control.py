@@ -22,7 +22,7 @@ from trl_diffusion_sdpo.callbacks import (
 )
 from trl_diffusion_sdpo.callbacks.alarm import TrainingLogAlarm
 from trl_diffusion_sdpo.callbacks.health import remedies
-from trl_diffusion_sdpo.io.trackers import CONSOLE_CALLBACKS
+from trl_diffusion_sdpo.io.reporting import CONSOLE_CALLBACKS
 from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 
 ROWS = 8

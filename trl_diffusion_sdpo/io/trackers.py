@@ -7,6 +7,8 @@ first step. The trainer registers each tracker inside a :class:`TrackerCallback`
 ``report_to``, ``callbacks=`` or a later ``trainer.add_callback``), which hands it, in every event,
 :class:`ModelForTrackers`: a module holding the model, whose ``config`` is a :class:`TrackerConfig` copy of the
 model's. Every object says what it is (``type()`` is its own class); the model and its config are left as they are.
+
+Loaded with the first tracker the trainer registers (which ones are trackers: :mod:`.reporting`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback
-from transformers.integrations import INTEGRATION_TO_CALLBACK
-from transformers.utils.notebook import NotebookProgressCallback
+from transformers import TrainerCallback
+
+from .reporting import is_tracker
 
 __all__ = [
-    "CONSOLE_CALLBACKS",
     "ModelForTrackers",
     "TrackerCallback",
     "TrackerConfig",
-    "is_tracker",
     "tracker_callback",
     "for_trackers",
 ]
@@ -85,19 +85,6 @@ def for_trackers(model: Any) -> Any:
     if callable(getattr(config, "to_dict", None)):
         return model
     return ModelForTrackers(model)
-
-
-#: transformers' reporting callbacks (those ``report_to`` names)
-REPORTING_CALLBACKS: tuple[type[TrainerCallback], ...] = tuple(INTEGRATION_TO_CALLBACK.values())
-#: transformers' console callbacks, which take figures they do not print (``total_flos``) out of the logs: the trainer
-#: keeps them after the trackers
-CONSOLE_CALLBACKS: tuple[type[TrainerCallback], ...] = (ProgressCallback, PrinterCallback, NotebookProgressCallback)
-
-
-def is_tracker(callback: Any) -> bool:
-    """Whether ``callback`` (an instance or a class) is one of transformers' reporting callbacks."""
-    kind = callback if isinstance(callback, type) else type(callback)
-    return issubclass(kind, REPORTING_CALLBACKS)
 
 
 def _forward(event: str) -> Callable[..., Any]:
