@@ -515,8 +515,8 @@ def tables(result: dict[str, Any]) -> str:
 
 
 def safeguard_sentence(result: dict[str, Any]) -> str:
-    """What docs/safeguard.md states of the choice (a test compares): the chosen rule against the rule chosen on the
-    pooled rate alone, on the calibration runs and on each held-out set."""
+    """What docs/safeguard.md stated of the choice while the CUSUM was the package's rule: the chosen rule against the
+    rule chosen on the pooled rate alone, on the calibration runs and on each held-out set."""
     new, old = result["figures"]["chosen"], result["figures"]["pooled CUSUM"]
 
     def part(f: dict[str, Any]) -> str:
