@@ -370,6 +370,7 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.config.docs",
     "trl_diffusion_sdpo.callbacks.preemption",
     "trl_diffusion_sdpo.io.trackers",
+    "trl_diffusion_sdpo.callbacks.early_stopping",
 )
 
 

@@ -69,6 +69,7 @@ CORE: dict[str, tuple[str, ...]] = {
         "callbacks/alarm.py",
         "callbacks/health.py",
         "callbacks/guards.py",
+        "callbacks/early_stopping.py",
         "callbacks/ema.py",
         "callbacks/interruptions.py",
         "callbacks/preemption.py",

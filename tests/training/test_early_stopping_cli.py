@@ -13,7 +13,7 @@ from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
-from trl_diffusion_sdpo.callbacks.guards import EARLY_STOPPING_METRIC, configure_early_stopping
+from trl_diffusion_sdpo.callbacks.early_stopping import EARLY_STOPPING_METRIC, configure_early_stopping
 from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.cli.train import DiffusionScriptArguments
 from trl_diffusion_sdpo.cli.train import main as train_main

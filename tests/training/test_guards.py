@@ -400,7 +400,7 @@ def test_margins_by_timestep_quartile_are_the_pooled_means_of_each_quarter_of_th
 def test_early_stopping_patience_on_the_command_line_is_transformers_callback():
     from transformers import EarlyStoppingCallback
 
-    from trl_diffusion_sdpo.callbacks.guards import early_stopping
+    from trl_diffusion_sdpo.callbacks.early_stopping import early_stopping
     from trl_diffusion_sdpo.cli.train import parse_args
 
     argv = ["--dataset_name", "d", "--model_name_or_path", "m", "--output_dir", "o", "--safeguard_mu", "auto"]

@@ -1,6 +1,6 @@
 """What acts on a run from outside the step, as ``transformers.TrainerCallback`` objects the trainer registers:
 
-* :mod:`.guards`: the pathology action (``on_pathology``) and early stopping;
+* :mod:`.guards`: the pathology action (``on_pathology``); :mod:`.early_stopping`: early stopping;
 * :mod:`.ema`: the EMA weights (``ema_decay``): :class:`~.ema.EMAWeights`;
 * :mod:`.alarm`: one alarm callback, a signal and an action: Diffusion-DPO's pathology in the training logs
   (:class:`~.alarm.TrainingLogSignal`, its rule in :mod:`.health`) or the held-out probe's readings

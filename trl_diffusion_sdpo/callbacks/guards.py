@@ -5,7 +5,8 @@
   ``safeguard`` switches a Diffusion-DPO run to the safeguard of ``health.switch_target``, once. The held-out probe's
   alarm reaches it too (:meth:`PathologyAction.probe_alarm`; ``warn`` then warns once per unhealthy episode, naming
   the step a rewind would restore).
-* :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
+
+Early stopping (``--early_stopping_patience``) lives in :mod:`.early_stopping`, which only a run that uses it loads.
 
 The guards that adapt as the run goes are the objective's and the safeguard's own: the auto-beta
 (:class:`~trl_diffusion_sdpo.objectives.AutoBeta`, the trainer's ``auto_beta``) and ``safeguard_mu="auto"``
@@ -21,16 +22,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from transformers import EarlyStoppingCallback, TrainerCallback
-
 from .health import WINDOWS, switch_target
 
-__all__ = [
-    "EARLY_STOPPING_METRIC",
-    "PathologyAction",
-    "configure_early_stopping",
-    "early_stopping",
-]
+__all__ = ["PathologyAction"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,50 +184,3 @@ class PathologyAction:
         logger.warning("Step %d: %s; on_pathology='stop': saving a checkpoint and stopping%s.", step, why, note)
         control.should_save = True
         control.should_training_stop = True
-
-
-#: what early stopping watches unless ``metric_for_best_model`` is set: the held-out pairs' implicit accuracy (the
-#: share of pairs whose chosen image the policy prefers more than the reference does), higher is better
-EARLY_STOPPING_METRIC = "implicit_acc"
-
-
-def configure_early_stopping(args: Any) -> None:
-    """Set on ``args`` (a config already built) what transformers' ``EarlyStoppingCallback`` needs, keeping what the
-    user set: ``metric_for_best_model`` (default :data:`EARLY_STOPPING_METRIC`), ``greater_is_better`` (transformers'
-    rule: lower is better for a metric ending in ``loss``), ``load_best_model_at_end`` and evaluations at the saves'
-    strategy and interval (the save strategy's when evaluation was off; ``steps`` when both were off).
-
-    Raises ``ValueError`` naming the flags where the user set save and evaluation strategies that cannot match."""
-    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
-
-    evaluation, saving = IntervalStrategy(args.eval_strategy), SaveStrategy(args.save_strategy)
-    if evaluation == IntervalStrategy.NO:
-        evaluation = IntervalStrategy(saving.value) if saving.value in ("steps", "epoch") else IntervalStrategy.STEPS
-    if saving in (SaveStrategy.NO, SaveStrategy.BEST) or saving.value != evaluation.value:
-        if saving not in (SaveStrategy.NO, SaveStrategy.BEST) and args.eval_strategy != IntervalStrategy.NO:
-            raise ValueError(
-                f"early_stopping_patience keeps the best checkpoint, which needs save_strategy ({saving.value}) equal "
-                f"to eval_strategy ({evaluation.value}): set both to steps or both to epoch"
-            )
-        saving = SaveStrategy(evaluation.value)
-    args.eval_strategy, args.save_strategy = evaluation, saving
-    if evaluation == IntervalStrategy.STEPS:
-        args.eval_steps = args.eval_steps or args.save_steps
-        if args.save_steps % args.eval_steps:
-            raise ValueError(
-                f"early_stopping_patience keeps the best checkpoint, which needs save_steps ({args.save_steps}) to be "
-                f"a multiple of eval_steps ({args.eval_steps})"
-            )
-    if args.metric_for_best_model is None:
-        args.metric_for_best_model = EARLY_STOPPING_METRIC
-    if args.greater_is_better is None:
-        args.greater_is_better = not args.metric_for_best_model.endswith("loss")
-    args.load_best_model_at_end = True
-
-
-def early_stopping(patience: int | None, threshold: float = 0.0) -> list[TrainerCallback]:
-    """transformers' ``EarlyStoppingCallback`` with ``patience`` evaluations (none for ``None``); it needs
-    ``metric_for_best_model`` and ``load_best_model_at_end``, which transformers checks when training starts."""
-    if patience is None:
-        return []
-    return [EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)]

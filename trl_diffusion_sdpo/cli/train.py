@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..callbacks.guards import configure_early_stopping, early_stopping
+from ..callbacks.early_stopping import configure_early_stopping, early_stopping
 from ..callbacks.health import ENDED_AT_START, start_weights_sentence
 from ..callbacks.preemption import TRAINING_STOPS, PreemptionCallback
 from ..config.defaults import machine_choices
