@@ -175,7 +175,7 @@ class RunFiles(TrainerCallback):
             if not preemption:
                 yield resume_from_checkpoint
             else:
-                from ..callbacks.preemption import preemption_signal_handlers
+                from ..callbacks.preemption import preemption_signal_handlers  # loaded with its callback
 
                 with preemption_signal_handlers(preemption[0]):
                     yield resume_from_checkpoint
