@@ -922,7 +922,7 @@ class DiffusionSDPOTrainer(Trainer):
         alarm, which reads the reading the probe published at the same step's end. The probe alarm's action is
         ``on_pathology``'s (the training logs' alarm's, whose record it shares), or the rewind."""
         alarm = None
-        if not [c for c in self.callbacks_of(AlarmCallback) if c.signal.event == "log"]:
+        if self.alarm is None:  # none given reads the training logs
             alarm = TrainingLogAlarm(TrainingLogSignal(), PathologyAction(args.on_pathology), trainer=self)
             self._register(alarm)
         if not args.probe_steps:  # the probe's modules load only then

@@ -170,7 +170,7 @@ class RunFiles(TrainerCallback):
             # signals handled only where the caller passed a PreemptionCallback (the command line does): a run
             # without one has not loaded its module, and the lookup by name finds nothing
             preemption = trainer.callbacks_of("trl_diffusion_sdpo.callbacks.preemption:PreemptionCallback")
-            trainer.remove_callback(self)  # last: callbacks added since the trainer was built run before it
+            trainer.remove_callback(self)  # after those added since the trainer was built, before the reporting ones
             trainer.add_callback(self)
             if not preemption:
                 yield resume_from_checkpoint
