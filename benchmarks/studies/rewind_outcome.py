@@ -54,6 +54,7 @@ interval over seeds. Targets (:func:`targets`), per group (calibration, held-out
 * (c) of the breaking regimes' runs where ``dpo_lower`` ends above the base, the rewind ends on its starting weights
   in at most :data:`START_TARGET`.
 
+    OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/rewind_outcome.py pretrain &  # the held-out model
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/rewind_outcome.py run --worker 0/2 &
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/rewind_outcome.py run --worker 1/2 &
     python benchmarks/studies/rewind_outcome.py assemble      # benchmarks/results/probe/cpu-rewind-outcome.json
@@ -222,12 +223,17 @@ class Recorder:
                             },
                         }
                     )
-                if "health/rewind_to" in logs:
-                    self.rewinds.append([step, int(logs["health/rewind_to"])])
-                if "health/lr_factor" in logs:
-                    self.lr_factor = float(logs["health/lr_factor"])
-                if logs.get("health/ended_at_start") == 1.0:
-                    self.ended_at_start = True
+
+            def on_train_end(self, args, state, control, **kwargs):
+                # the alarm's flags from the run's log history, where the alarm writes them whichever callback
+                # logs first (the last log's health/ended_at_start included: train() ends after it)
+                history = state.log_history
+                self.rewinds = [
+                    [int(e["step"]), int(e["health/rewind_to"])] for e in history if "health/rewind_to" in e
+                ]
+                factors = [float(e["health/lr_factor"]) for e in history if "health/lr_factor" in e]
+                self.lr_factor = factors[-1] if factors else None
+                self.ended_at_start = any(e.get("health/ended_at_start") == 1.0 for e in history)
 
         return _Recorder()
 
@@ -306,6 +312,23 @@ def _wait_for_pretraining(recipe: Any, pid_file: Path = PARTS / "pretraining.pid
             return
         print(f"waiting for the pretraining of {folder.name} (process {pid})", flush=True)
         time.sleep(poll)
+
+
+def pretrain(pid_file: Path = PARTS / "pretraining.pid") -> int:
+    """Pretrain the held-out model's base into the demo's cache before the workers need it, its process id in
+    ``pid_file`` meanwhile, so a worker that reaches a held-out model's cell waits (:func:`_wait_for_pretraining`)
+    rather than pretrain the same folder at once."""
+    import stability_map
+    from probe_z_runs import wide_recipe
+
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(os.getpid()))
+    try:
+        stability_map.BASES["wide"] = wide_recipe()
+        stability_map.study_pipeline("wide")
+    finally:
+        pid_file.unlink(missing_ok=True)
+    return 0
 
 
 def train_one(cell: Cell, setting: str, seed: int, lr: float | None = None) -> dict[str, Any]:
@@ -866,7 +889,7 @@ def docs_block(page: Path = DOCS) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "assemble", "table"))
+    parser.add_argument("command", choices=("pretrain", "run", "assemble", "table"))
     parser.add_argument("--parts", default=PARTS, type=Path)
     parser.add_argument("--worker", default="0/1", help="run: this worker of how many (e.g. 0/2).")
     parser.add_argument("--cells", default=None, help="run: only these cells (names, comma-separated).")
@@ -881,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
         worker, workers = (int(v) for v in args.worker.split("/"))
         seeds = tuple(int(v) for v in args.seeds.split(",")) if args.seeds else SEEDS
         return run(args.parts, worker, workers, args.cells.split(",") if args.cells else None, args.steps, seeds)
+    if args.command == "pretrain":
+        return pretrain()
     if args.command == "assemble":
         return assemble(args.parts, args.json)
     text = table(json.loads(args.json.read_text()))
