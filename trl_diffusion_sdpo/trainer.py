@@ -311,6 +311,9 @@ class DiffusionSDPOTrainer(Trainer):
         freeze_frozen_modules(self.family)  # in eval mode before a latent cache encodes with them
         # Taken before adapters are added, so a frozen copy holds the base weights only.
         self.reference = reference_for(self.objective, self.family, ref_model, peft_config, get_policy=self._policy)
+        # Counts the changes of the reference's weights (online ref_update_steps): the probe keeps the reference's
+        # errors while it stays the same.
+        self._reference_changes = 0
         self.is_lora = peft_config is not None
         self._dtype = compute_dtype(args)
 
@@ -507,7 +510,8 @@ class DiffusionSDPOTrainer(Trainer):
         args, accelerator = self.args, self.accelerator
 
         def stages(draws: MicroBatchDraws) -> MicroBatchStages:
-            reference = None if self.reference is None else self.reference.predict
+            # the trainer's reference when the probe runs: an online refresh may replace it by a merged copy
+            reference = None if self.reference is None else lambda *a, **k: self.reference.predict(*a, **k)
             tokenizer = self.family.prompt_tokenizer()
             augmentation = Augmentation.from_config(args)
             return MicroBatchStages(
@@ -538,6 +542,7 @@ class DiffusionSDPOTrainer(Trainer):
             has_reference=self.objective.requires_reference,
             engine=self.engine.name,
             publish=self.log_next,
+            reference_key=lambda: self._reference_changes,
         )
 
     def hold_back_probe_pairs(

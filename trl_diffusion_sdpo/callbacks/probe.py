@@ -22,11 +22,15 @@ the figures are means over ``probe_pairs`` x ``probe_noise_draws`` readings.
 
 Its draws come from a generator of its own, seeded from the run's ``seed`` and started afresh at every probe (as an
 evaluation's), and it runs without autograd: the training draws, the data order and the weights are those of a run
-without it. Each process evaluates its share of the pairs; the sums are reduced over processes before the metrics
-are formed, so every process reads the same figures. :class:`ProbeCallback` runs it at the end of a step and
-publishes the reading (:attr:`ProbeCallback.last_reading`), which the probe's alarm reads after it in the same event
-(:class:`~.alarm.ProbeSignal`; its actions, the rewind among them, in :mod:`.rewind`), and puts the figures into the
-next training log in its own ``on_log``.
+without it. Under forward noising the noised pairs are the same at every probe, and so are the reference's errors on
+them while the reference's weights stay as they are (frozen; a LoRA run's base, which training never changes): the
+probe keeps them from its first probe and runs only the policy after it, with the same readings bit for bit, until the
+trainer says the reference changed (online ``ref_update_steps``) or the pairs are replaced. Inversion noising depends
+on the policy and reads the reference at every probe. Each process evaluates its share of the pairs; the sums are
+reduced over processes before the metrics are formed, so every process reads the same figures. :class:`ProbeCallback`
+runs it at the end of a step and publishes the reading (:attr:`ProbeCallback.last_reading`), which the probe's alarm
+reads after it in the same event (:class:`~.alarm.ProbeSignal`; its actions, the rewind among them, in :mod:`.rewind`),
+and puts the figures into the next training log in its own ``on_log``.
 
 An online run's data are prompts: its trainer holds ``probe_pairs`` prompts back from them (or takes the first of the
 eval prompts; :func:`trl_diffusion_sdpo.online.probe_pairs.hold_back_prompts`) and pairs each once, before training,
@@ -40,7 +44,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +54,7 @@ from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
 
 from ..data.columns import prompt_column
+from ..objectives import DenoisingErrors
 from ..step.predictions import denoising_errors
 from ..step.stages import MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
 
@@ -246,6 +251,9 @@ class HeldOutProbe:
         forward_context: the context the trainer runs a forward in (autocast).
         draws: the noise draws per pair (``probe_noise_draws``): each pair is noised this many times, one after
             another from the probe's generator.
+        reference_key: what identifies the reference's weights now (the trainer's count of reference refreshes):
+            the reference's errors on the probe's fixed noised pairs are kept from one probe to the next while it
+            returns the same value. ``None``: the reference runs at every probe.
     """
 
     def __init__(
@@ -256,14 +264,26 @@ class HeldOutProbe:
         reduce: Callable[[torch.Tensor], torch.Tensor],
         forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         draws: int = 1,
+        reference_key: Callable[[], Hashable] | None = None,
     ) -> None:
         if draws < 1:
             raise ValueError(f"draws={draws}: the probe noises each pair 1 or more times")
         self.stages, self.batch, self.seed, self.draws = stages, batch, seed, draws
-        self.reduce, self.forward_context = reduce, forward_context
+        self.reduce, self.forward_context, self.reference_key = reduce, forward_context, reference_key
         # Forward noising does not depend on the policy: the noised pairs are made once, at the first probe.
         self._reusable = not getattr(stages.noiser, "inverts", False)
+
+    @property
+    def batch(self) -> dict[str, torch.Tensor] | None:
+        """This process's pairs; setting them drops what was kept of the previous ones."""
+        return self._batch
+
+    @batch.setter
+    def batch(self, batch: dict[str, torch.Tensor] | None) -> None:
+        self._batch = batch
         self._noised: list[NoisedMicroBatch] | None = None
+        # (reference_key's value, per draw the reference's winner and loser errors) from the probe that ran it
+        self._reference_errors: tuple[Hashable, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def measure(self, policy: torch.nn.Module, device: torch.device | str) -> dict[str, float]:
         """The probe's metrics (:data:`PROBE_METRICS`) for ``policy`` as it is now, equal on every process."""
@@ -276,10 +296,10 @@ class HeldOutProbe:
                     noised = self._noised if self._noised is not None else self._noise(policy)
                     if self._reusable:
                         self._noised = noised
-                    predictions = [self.stages.predict_noised(policy, n, separate_branches=False) for n in noised]
+                    errors = self._errors(policy, noised)
             finally:
                 policy.train(was_training)
-            sums = sum(self._sums(p) for p in predictions).to(device)
+            sums = sum(self._sums(e) for e in errors).to(device)
         pw, rw, pl, rl, preferred, count, d, d2 = self.reduce(sums).tolist()  # one host read per probe
         if count == 0:
             raise RuntimeError("the probe's held-out pairs were all dropped by the collator: give other pairs")
@@ -287,6 +307,24 @@ class HeldOutProbe:
         pw, rw, pl, rl, preferred = (value / count for value in (pw, rw, pl, rl, preferred))
         values = (pw, rw, pl, rl, pw - rw, pl - rl, preferred, z)
         return dict(zip(PROBE_METRICS, values, strict=True))
+
+    def _errors(self, policy: torch.nn.Module, noised: list[NoisedMicroBatch]) -> list[DenoisingErrors]:
+        """Each draw's errors: the policy's from its forward now; the reference's kept from an earlier probe where
+        the noised pairs are fixed and ``reference_key`` still reads the value they were kept under, else from its
+        forward now (and kept for the next probe)."""
+        key = self.reference_key() if self._reusable and self.reference_key is not None else None
+        kept = self._reference_errors
+        if key is not None and kept is not None and kept[0] == key:
+            errors = []
+            for pair, (winner, loser) in zip(noised, kept[1], strict=True):
+                drawn = denoising_errors(self.stages.predict_noised(policy, pair, False, with_reference=False))
+                drawn.reference_winner, drawn.reference_loser = winner, loser
+                errors.append(drawn)
+            return errors
+        errors = [denoising_errors(self.stages.predict_noised(policy, pair, False)) for pair in noised]
+        if key is not None:
+            self._reference_errors = (key, [(e.reference_winner, e.reference_loser) for e in errors])
+        return errors
 
     def _noise(self, policy: torch.nn.Module) -> list[NoisedMicroBatch]:
         """The pairs noised ``draws`` times, one draw after another from the probe's generator started afresh."""
@@ -298,10 +336,9 @@ class HeldOutProbe:
             draws.end_evaluation()
 
     @staticmethod
-    def _sums(predictions: Any) -> torch.Tensor:
+    def _sums(errors: DenoisingErrors) -> torch.Tensor:
         """One draw's sums over this process's pairs: the four errors, the preferred count, the pairs, and the sums
         of ``d = e_w - e_w_ref`` and of ``d**2`` (:func:`winner_rise_z`)."""
-        errors = denoising_errors(predictions)
         pw, rw = errors.policy_winner.double(), errors.reference_winner.double()
         pl, rl = errors.policy_loser.double(), errors.reference_loser.double()
         margin = (pw - rw) - (pl - rl)
@@ -427,6 +464,8 @@ class ProbePieces:
         engine: the engine's name (the probe refuses FSDP1's flattened shards).
         publish: ``publish(figures)`` puts the probe's figures into the next training log (the trainer's
             :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.log_next`), where the ``report_to`` integrations get them.
+        reference_key: what identifies the reference's weights now (:class:`HeldOutProbe`'s ``reference_key``);
+            ``None``: the probe runs the reference at every probe.
     """
 
     stages: Callable[[MicroBatchDraws], MicroBatchStages]
@@ -442,6 +481,7 @@ class ProbePieces:
     has_reference: bool
     engine: str
     publish: Callable[[Mapping[str, float]], None] | None = None
+    reference_key: Callable[[], Hashable] | None = None
 
 
 def _probe_batch(pieces: ProbePieces, held: Dataset | None, count: int) -> dict[str, torch.Tensor] | None:
@@ -496,6 +536,7 @@ def probe_for_trainer(
         pieces.reduce,
         pieces.forward_context,
         draws=args.probe_noise_draws,
+        reference_key=pieces.reference_key,
     )
     # how the pairs were held back (hold_back_rows describes them), or the eval split's
     how = (held.info.description or "held back from the training data") if held is not None else None

@@ -441,4 +441,5 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
             self.reference = refreshed_reference(self.reference, self._policy(), self.family.call_denoiser)
         self.reference.follow(self._policy, self.accelerator.autocast)
         self.stages.reference = self.reference.predict
+        self._reference_changes += 1  # the probe runs the reference again
         logger.info("Step %d: the reference is now the policy's current weights.", self.state.global_step)

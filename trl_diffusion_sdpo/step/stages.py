@@ -335,12 +335,13 @@ class MicroBatchStages:
         return NoisedMicroBatch(noised, encoded.prompt_embeds, time_ids, mask)
 
     def predict_noised(
-        self, policy: torch.nn.Module, batch: NoisedMicroBatch, separate_branches: bool
+        self, policy: torch.nn.Module, batch: NoisedMicroBatch, separate_branches: bool, with_reference: bool = True
     ) -> PreferencePredictions:
-        """The predictions of ``policy`` (and the reference) on a noised pair (may run twice on the same one)."""
+        """The predictions of ``policy`` (and the reference) on a noised pair (may run twice on the same one);
+        ``with_reference=False``: the policy's only (the held-out probe keeps the reference's from its first)."""
         return predict_pairs(
             policy,
-            self.reference,
+            self.reference if with_reference else None,
             self.family,
             batch.noised,
             batch.prompt_embeds,
