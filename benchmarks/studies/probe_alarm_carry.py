@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from probe_alarm_sequential import OUTCOME  # noqa: E402  (the outcome study's earlier round, whose runs it reads)
+
 OUTPUT = ROOT / "benchmarks" / "results" / "probe" / "cpu-probe-alarm-carry.json"
 PARTS = Path("/tmp/probe-alarm-carry-parts")
 PROBE_STEPS = 5
@@ -196,15 +198,16 @@ REFERENCE_STEPS = PROBE_STEPS
 
 
 def reference_keys() -> list[tuple[Any, int]]:
-    """The rewind study's cells on the benchmark's base that set the probe's pairs and draws apart (data seed, order,
-    probe source, tuning; not the learning rate or the steps), each with its seeds."""
-    from rewind_outcome import CELLS, SEEDS
+    """The rewind study's cells on the benchmark's base in its earlier round (``probe_alarm_sequential.OUTCOME``) that
+    set the probe's pairs and draws apart (data seed, order, probe source, tuning; not the learning rate or the
+    steps), each with its seeds."""
+    from probe_alarm_sequential import OUTCOME_SEEDS, outcome_cells
 
     seen: dict[tuple[Any, ...], Any] = {}
-    for cell in CELLS:
+    for cell in outcome_cells():
         if cell.model == "benchmark":
             seen.setdefault((cell.data, cell.order, cell.probe, cell.tuning), cell)
-    return [(cell, seed) for seed in SEEDS for cell in seen.values()]
+    return [(cell, seed) for seed in OUTCOME_SEEDS for cell in seen.values()]
 
 
 def reference_key(cell: Any, seed: int) -> str:
@@ -322,7 +325,6 @@ def assemble(parts: Path, output: Path = OUTPUT) -> int:
 # ------------------------------------------------------------------------------------------------------ analysis
 
 Z_RUNS = ROOT / "benchmarks" / "results" / "probe" / "cpu-probe-z-runs.json"
-OUTCOME = ROOT / "benchmarks" / "results" / "probe" / "cpu-rewind-outcome.json"
 DOC = ROOT / "benchmarks" / "research" / "alarm.md"
 START, END = "<!-- probe-alarm-carry-tables:start -->", "<!-- probe-alarm-carry-tables:end -->"
 USER_DOC = ROOT / "docs" / "safeguard.md"

@@ -64,7 +64,35 @@ from alarm_calibration import TOLERANCE, write_page_block  # noqa: E402
 from probe_alarm import IN_A_ROW_RULE, Z_SOURCE, _source, load_z_runs, z_series  # noqa: E402
 
 SOURCE = Z_SOURCE
-OUTCOME = ROOT / "benchmarks" / "results" / "probe" / "cpu-rewind-outcome.json"
+#: the outcome study's earlier round (the CUSUM rule, three settings, before the rewind's ladder), kept as it was: the
+#: alarm's choices read its Diffusion-DPO runs; ``rewind_outcome.py`` now writes the present rule's round elsewhere
+OUTCOME = ROOT / "benchmarks" / "results" / "probe" / "cpu-rewind-outcome-cusum.json"
+#: that round's cells whose Diffusion-DPO runs the choice read (the first of its record's cells, in its order); the
+#: cells after them, and its online cells, were added after the choice and check the chosen rule
+CHOICE_CELLS = 22
+OUTCOME_SEEDS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class OutcomeCell:
+    """An offline cell of the outcome study's earlier round, with the fields its record's runs name."""
+
+    model: str
+    data: int
+    lr: float
+    tuning: str
+    order: str
+    probe: str
+    steps: int
+
+
+def outcome_cells(path: Path = OUTCOME) -> list[OutcomeCell]:
+    """The earlier round's offline cells, in its record's order."""
+    names = [f.name for f in OutcomeCell.__dataclass_fields__.values()]
+    cells = json.loads(path.read_text())["cells"].values()
+    return [OutcomeCell(**{k: entry[k] for k in names}) for entry in cells if "model" in entry]
+
+
 OUTPUT = ROOT / "benchmarks" / "results" / "probe" / "cpu-probe-alarm-sequential.json"
 START, END = "<!-- probe-alarm-sequential-tables:start -->", "<!-- probe-alarm-sequential-tables:end -->"
 PROBE_STEPS = 5  # the runs' probe_steps: delays are counted in probes
@@ -127,14 +155,12 @@ def outcome_runs(path: Path = OUTCOME) -> list[dict[str, Any]]:
     """The Diffusion-DPO runs of ``rewind_outcome.py``'s result file (the probe logged, never acted on) in the shape
     of ``probe_alarm.load_z_runs``: model ``benchmark`` (the calibration base on the calibration data, data seed 0),
     ``benchmark-data1`` (the held-out dataset) or ``wide`` (the held-out model); the reward change from the base's at
-    every evaluation step (10 to 50). Only the cells the choice read (``rewind_outcome.CHOICE_CELLS``): the cells
+    every evaluation step (10 to 50). Only the cells the choice read (:data:`CHOICE_CELLS`): the cells
     added after it (100 steps, the pair order and the eval split together, online) check the chosen rule. Read as
     calibration, every offline one of them with it, they would move the choice to an allowance of 14.5: among them is
     the one healthy calibration-base run the chosen rule alarms on (100 steps, at step 95), its regime's only healthy
     run."""
-    from rewind_outcome import CELLS, CHOICE_CELLS
-
-    chosen_on = [asdict(cell) for cell in CELLS[:CHOICE_CELLS]]
+    chosen_on = [asdict(cell) for cell in outcome_cells(path)[:CHOICE_CELLS]]
     report = json.loads(path.read_text())
     runs = []
     for key, run in report["runs"].items():
