@@ -206,6 +206,24 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
     runs = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-cost-tiny.json").read_text())["runs"]
     shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page
+    # The price at the defaults, each run with the reference's errors kept and with the reference rerun at every probe.
+    price = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-price-defaults.json").read_text())
+    runs = {(run["mode"], run["path"]): run for run in price["runs"]}
+    assert all(run["readings_equal_other_path"] for run in runs.values())
+    share = {key: f"{100 * run['probe_share_of_training']:.1f}%" for key, run in runs.items()}
+    lora, full, generated = "offline-lora", "offline-full", "online"
+    online_run = runs[(generated, "kept")]
+    for run in runs.values():  # the probe's defaults, every 20 steps (probe_steps has none)
+        assert (run["probe_steps"], run["probe_pairs"], run["probe_noise_draws"]) == (
+            20, fields["probe_pairs"].default, draws
+        )  # fmt: skip
+    assert (
+        f"{share[(lora, 'kept')]} of the offline LoRA run's training time ({share[(lora, 'rerun')]} running the "
+        f"reference at every probe), {share[(full, 'kept')]} of the full-tuning run's ({share[(full, 'rerun')]}) and "
+        f"{share[(generated, 'kept')]} of the online run's ({share[(generated, 'rerun')]})"
+    ) in page
+    pairing = f"{online_run['pairing_s']:.1f} s ({100 * online_run['pairing_share_of_training']:.1f}% of its training"
+    assert pairing in page and pairing in online
 
 
 @pytest.mark.slow  # by default: test_checkpoint_parts.py's test_a_full_tuning_run_resumed_between_the_healthy_...

@@ -251,8 +251,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         8,
         "The held-out probe noises each of its pairs this many times (noise and timestep draws of its own), so its "
         "figures are means over `probe_pairs` x `probe_noise_draws` readings and `probe/winner_rise_z` has a spread "
-        "to measure. Each draw is one more forward of the policy and the reference on the probe's pairs "
-        "(docs/safeguard.md states the cost).",
+        "to measure. Each draw is one more forward of the policy on the probe's pairs at every probe (the "
+        "reference's errors on them are kept from the first probe while its weights stay as they are; "
+        "docs/safeguard.md states the cost).",
     )
     probe_alarm_rise: float = option(
         0.6,

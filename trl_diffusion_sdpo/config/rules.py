@@ -256,8 +256,8 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ("on_pathology", "probe_steps"),
         lambda c: c.on_pathology == "rewind" and not c.probe_steps,
         lambda c: (
-            "on_pathology='rewind' reads the held-out probe: set probe_steps (every 20 steps cost about 3% of the "
-            "tiny run's time; docs/safeguard.md)"
+            "on_pathology='rewind' reads the held-out probe: set probe_steps (its share of the training time: "
+            "docs/safeguard.md)"
         ),
     ),
 )
