@@ -114,3 +114,20 @@ def test_the_live_census_counts_real_storages_once_and_leaves_out_a_compilers_fa
     done = subprocess.run([sys.executable, "-c", CENSUS], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == 4000
+
+
+def test_the_census_warns_that_it_misses_what_the_caller_froze(gc_unfrozen):
+    import gc
+
+    import torch
+
+    from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
+
+    kept = torch.zeros(1000)
+    gc.freeze()
+    try:
+        with pytest.warns(UserWarning, match=r"frozen by gc\.freeze\(\) are not counted"):
+            live_tensor_bytes()
+    finally:
+        gc.unfreeze()
+    del kept

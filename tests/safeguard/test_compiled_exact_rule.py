@@ -210,14 +210,19 @@ def _compiled_step_reads(make_trainer, monkeypatch, **overrides) -> list[str]:
     return counted.reads[1]
 
 
-def test_a_compiled_step_reads_nothing_more_back_to_the_host_than_diffusion_dpo(make_trainer, monkeypatch):
+# The update space compiled in the slow tier: its search's reads are counted eagerly by default
+# (tests/safeguard/test_host_reads.py), and the compiled route it takes by test_a_compiled_update_space_...
+@pytest.mark.parametrize("space", ["parameter", pytest.param("update", marks=pytest.mark.slow)])
+def test_a_compiled_step_reads_nothing_more_back_to_the_host_than_diffusion_dpo(make_trainer, monkeypatch, space):
     dpo = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space="none")
-    for space in ("parameter", "update"):
-        torch._dynamo.reset()
-        reads = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space=space)
-        assert len(reads) <= len(dpo), (space, reads, dpo)
+    torch._dynamo.reset()
+    reads = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space=space)
+    assert len(reads) <= len(dpo), (space, reads, dpo)
 
 
+# The counter inside the carried passes, by default: test_host_reads.py's planted read in the two passes (eager), the
+# same backward without a torch-function mode.
+@pytest.mark.slow
 def test_the_counter_sees_a_read_inside_the_carried_passes(make_trainer, monkeypatch):
     """Planted: ``<g_w, g_w>`` read on the host between the winner's and the loser's pass (inside Trainer's
     backward) is counted."""
@@ -273,10 +278,15 @@ class _Census(TrainerCallback):
         self.after_step.append(_census(params, None if stage is None else stage.store))
 
 
-def test_the_exact_rule_holds_one_gradient_sized_buffer_beyond_diffusion_dpo(make_trainer, fresh_dynamo, monkeypatch):
+# What the census reads (the weights' .grad and the store) is the same objects compiled or eager: the per-branch
+# passes eagerly by default, compiled in the slow tier.
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_the_exact_rule_holds_one_gradient_sized_buffer_beyond_diffusion_dpo(
+    make_trainer, fresh_dynamo, monkeypatch, compiled
+):
     """At the step's end (before the optimizer reads the gradients) and at its peak (both branches' gradients held,
-    after the loser's pass), the compiled per-branch step's ``.grad`` and store hold at most one gradient-sized
-    buffer more than Diffusion-DPO's ``.grad``."""
+    after the loser's pass), the per-branch step's ``.grad`` and store hold at most one gradient-sized buffer more
+    than Diffusion-DPO's ``.grad``."""
     peaks: list[int] = []
     loser_pass = BranchGradientSplitter.backward_loser
 
@@ -287,8 +297,9 @@ def test_the_exact_rule_holds_one_gradient_sized_buffer_beyond_diffusion_dpo(mak
 
     monkeypatch.setattr(BranchGradientSplitter, "backward_loser", counted)
     sizes = {}
+    route = COMPILED if compiled else {"safeguard_passes": "two"}
     for name, overrides in (("none", {"safeguard_space": "none"}), ("parameter", {"safeguard_space": "parameter"})):
-        trainer = make_trainer(max_steps=2, **overrides, **COMPILED)
+        trainer = make_trainer(max_steps=2, **overrides, **route)
         census = _Census(trainer)
         trainer.add_callback(census)
         trainer.train()

@@ -65,7 +65,7 @@ def held(make_trainer, make_pickapic, space: str) -> tuple[int, int, int, object
     return census.end, census.workspace, trainable, trainer
 
 
-def test_the_rows_do_not_outlive_the_step(make_trainer, make_pickapic):
+def test_the_rows_do_not_outlive_the_step(make_trainer, make_pickapic, gc_unfrozen):
     """Each exact space's live bytes at a step's end, less Diffusion-DPO's (and less the update space's search
     workspace), are at most :data:`LIMIT` of the trainable weights' bytes; the one pass ran, its rows in bf16."""
     dpo, _, trainable, _ = held(make_trainer, make_pickapic, "none")

@@ -43,7 +43,14 @@ def live_tensor_bytes(device: str | None = None) -> int:
     collection, on ``device``'s type (``None``: every device). A census of what a training step leaves alive (its
     weights, the optimizer's state, whatever a safeguard keeps), which differences between two runs attribute.
     Tensors without memory of their own are left out: meta tensors, and the fake or functional tensors a compiler
-    keeps in its caches (whose data pointer cannot be read)."""
+    keeps in its caches (whose data pointer cannot be read). Objects frozen by :func:`gc.freeze` are invisible to
+    ``gc.get_objects``: the census warns that it misses them rather than unfreeze the caller's process."""
+    if gc.get_freeze_count():
+        warnings.warn(
+            f"live_tensor_bytes: {gc.get_freeze_count()} objects frozen by gc.freeze() are not counted; call "
+            "gc.unfreeze() first for a census of every live tensor",
+            stacklevel=2,
+        )
     gc.collect()
     seen: set[int] = set()
     total = 0
