@@ -42,6 +42,9 @@ def test_the_card_and_the_end_summary_record_every_warning_and_alarm(
         trainer.train()
     trainer.create_model_card()
     lines = _card_lines(tmp_path)
+    # the pairs the probe held back are pairs the run did not train on: the card says so beside the hyperparameters
+    [probe_row] = [row for row in (tmp_path / "README.md").read_text().splitlines() if "`held_out_probe`" in row]
+    assert f"on {HELD} pairs held back from the training data (drawn at random" in probe_row, probe_row
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     # every warning the start summary logged (here a warmup over half the run and a rate above the family's range)
     start = [r.getMessage() for r in warnings if r.name == "trl_diffusion_sdpo.io.run_summary"]

@@ -511,6 +511,8 @@ class RunHub:
             lora = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False).peft_config["default"]
             hyperparameters["lora_rank"] = lora.r
             hyperparameters["lora_alpha"] = lora.lora_alpha
+        if trainer.probe is not None:  # where its pairs came from: rows held back are pairs the run did not train on
+            hyperparameters["held_out_probe"] = trainer.probe.summary()
         hyperparameters.update(trainer.card_method.details(trainer))  # the online trainer's rewards and generation
         tags = card_args.get("tags") or []
         hub_model_id = trainer.hub_model_id or args.hub_model_id
