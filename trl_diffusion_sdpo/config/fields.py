@@ -276,7 +276,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         "firing once more restores the last restore point and stops the run there. 0: stop at the first alarm. "
         "With the default factor the full ladder lowers the rate at least tenfold: the step from the learning rate "
         "at which Diffusion-DPO's held-out reward fell on the stability benchmark (2e-4) to the one at which it held "
-        "(2e-5; docs/safeguard.md). The ladder's outcome at the defaults: not measured.",
+        "(2e-5; docs/safeguard.md). What runs end with at the defaults, against the safeguard from step 0 and "
+        "Diffusion-DPO at the lowered rate: docs/safeguard.md, the rewind's outcome (tiny CPU runs).",
     )
     rewind_lr_factor: float = option(
         0.3,
