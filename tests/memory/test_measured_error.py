@@ -4,6 +4,7 @@ stating the same figures."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import subprocess
@@ -11,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trl_diffusion_sdpo.cli.memory import run_estimate_memory
 from trl_diffusion_sdpo.engines.memory import GIB, USABLE_SHARE
+from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
 from trl_diffusion_sdpo.engines.memory.measured import MEASURED_ERRORS, MEASUREMENTS_FILE, planning_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,12 +120,6 @@ def test_the_live_census_counts_real_storages_once_and_leaves_out_a_compilers_fa
 
 
 def test_the_census_warns_that_it_misses_what_the_caller_froze(gc_unfrozen):
-    import gc
-
-    import torch
-
-    from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
-
     kept = torch.zeros(1000)
     gc.freeze()
     try:

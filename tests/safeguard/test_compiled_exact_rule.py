@@ -211,7 +211,8 @@ def _compiled_step_reads(make_trainer, monkeypatch, **overrides) -> list[str]:
 
 
 # The update space compiled in the slow tier: its search's reads are counted eagerly by default
-# (tests/safeguard/test_host_reads.py), and the compiled route it takes by test_a_compiled_update_space_...
+# (tests/safeguard/test_host_reads.py), and the compiled route it takes by
+# test_a_compiled_update_space_on_one_process_takes_the_per_branch_passes below.
 @pytest.mark.parametrize("space", ["parameter", pytest.param("update", marks=pytest.mark.slow)])
 def test_a_compiled_step_reads_nothing_more_back_to_the_host_than_diffusion_dpo(make_trainer, monkeypatch, space):
     dpo = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space="none")
