@@ -30,7 +30,7 @@ from transformers.trainer_callback import TrainerState  # noqa: E402
 from tests.helpers.common import lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.io import checkpoint_writing  # noqa: E402
-from trl_diffusion_sdpo.io.checkpoints import is_checkpoint_folder  # noqa: E402
+from trl_diffusion_sdpo.io.run_folder import is_checkpoint_folder  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
 STAGES = [

@@ -42,7 +42,6 @@ from .callbacks.alarm import AlarmCallback, ProbeSignal, TrainingLogAlarm, Train
 from .callbacks.guards import PathologyAction
 from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
-from .callbacks.state_files import StatesPart
 from .config import DiffusionSDPOConfig, check_config
 from .config._lazy import import_target
 from .config.defaults import resolved_config
@@ -63,7 +62,7 @@ from .families.preparation import (
     wants_gradient_checkpointing,
 )
 from .io.reporting import CONSOLE_CALLBACKS, REPORTING_CALLBACKS, TRACKER_CALLBACK, is_tracker
-from .io.run_files import RunFiles
+from .io.run_files import RunFiles, StatesPart
 from .io.run_summary import StartSummary
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for

@@ -6,16 +6,17 @@ diffusers' ``state_dict()`` return. :func:`write_state` writes its tensors to ``
 path in the nest (``ema/shadow_params/0``), and the rest to ``<name>.json``, where a tensor stands as
 ``{"__tensor__": path}``; :func:`read_state` puts the two back together (tensors on the CPU, tuples as lists).
 
-:class:`StatesPart` keeps named states in every checkpoint (a
+:class:`~trl_diffusion_sdpo.io.run_files.StatesPart` keeps named states in every checkpoint (a
 :class:`~trl_diffusion_sdpo.io.run_files.CheckpointPart`): the trainer's auto-beta and its safeguard's ``mu``, read
-and put back through their ``state_dict()`` / ``load_state_dict()``.
+and put back through their ``state_dict()`` / ``load_state_dict()``, written and read here (a run imports this module
+with its first checkpoint save or its resume).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -23,9 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from ..config.file_modes import follow_umask
 
-__all__ = ["STATES_FILE", "Stateful", "StatesPart", "join_tensors", "read_state", "split_tensors", "write_state"]
+__all__ = ["STATES_FILE", "Stateful", "join_tensors", "read_state", "split_tensors", "write_state"]
 
-#: the name of :class:`StatesPart`'s files in a checkpoint (``.json`` and ``.safetensors``)
+#: the name of :class:`~trl_diffusion_sdpo.io.run_files.StatesPart`'s files in a checkpoint (``.json`` and
+#: ``.safetensors``)
 STATES_FILE = "training_states"
 
 _TENSOR = "__tensor__"
@@ -88,31 +90,3 @@ class Stateful(Protocol):
     def state_dict(self) -> Mapping[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class StatesPart:
-    """A checkpoint part holding ``states()`` (name -> :class:`Stateful`, asked at each save and load: the objects in
-    force then) as :data:`STATES_FILE`. The states are equal on every process (each reduced over the processes before
-    it moved): ``main()`` says whether this process writes them; every process reads them back at resume. A state
-    the checkpoint does not hold is left as it is.
-
-    Args:
-        states: the states by name, as they are now.
-        main: whether this process writes the checkpoint's shared files (``args.should_save``).
-    """
-
-    def __init__(self, states: Callable[[], Mapping[str, Stateful]], main: Callable[[], bool]) -> None:
-        self.states, self.main = states, main
-
-    def save(self, checkpoint: str) -> None:
-        states = self.states()
-        if states and self.main():
-            write_state(checkpoint, STATES_FILE, {name: held.state_dict() for name, held in states.items()})
-
-    def load(self, checkpoint: str) -> None:
-        if not os.path.exists(os.path.join(checkpoint, f"{STATES_FILE}.json")):
-            return
-        saved = read_state(checkpoint, STATES_FILE)
-        for name, held in self.states().items():
-            if name in saved:
-                held.load_state_dict(saved[name])

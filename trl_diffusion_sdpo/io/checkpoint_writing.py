@@ -31,15 +31,13 @@ from ..config.messages import advice
 from .checkpoints import (
     MANIFEST_DRAFT_NAME,
     MANIFEST_NAME,
-    REPLACED_PREFIX,
-    STAGING_PREFIX,
-    TRASH_PREFIX,
     CheckpointSaveError,
     checkpoint_problem,
     complete_checkpoints,
     file_sha256,
     folder_files,
 )
+from .run_folder import REPLACED_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 
 __all__ = [
     "amend_manifest",

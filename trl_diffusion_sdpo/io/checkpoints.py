@@ -31,15 +31,17 @@ import shutil
 import struct
 import zipfile
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+from transformers.trainer_utils import sort_checkpoints
 
 from .run_folder import CHECKPOINT_RE as _CHECKPOINT_RE
 from .run_folder import (
+    LEFTOVER_PREFIXES,
     REPLACED_PREFIX,
+    RESUME_PREFIX,
     RUN_IDENTITY_NAME,
     STAGING_PREFIX,
-    TRASH_PREFIX,
     EarlierRunError,
+    checkpoint_entries,
     earlier_run_files,
 )
 from .saving import has_saved_weights
@@ -61,7 +63,6 @@ MANIFEST_NAME = "checkpoint_manifest.json"
 # The manifest while it is written: renamed to MANIFEST_NAME once flushed to disk.
 MANIFEST_DRAFT_NAME = STAGING_PREFIX + MANIFEST_NAME
 TRAINER_STATE_NAME = "trainer_state.json"
-_RESUME_PREFIX = ".resume-"  # what an engine writes to resume on another number of processes
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -247,17 +248,11 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
 # ----------------------------------------------------------------------------------------------- folders
 
 
-def is_checkpoint_folder(path: str) -> bool:
-    """Whether ``path`` is a training checkpoint (``checkpoint-N``, or an earlier version's staging folder)."""
-    name = os.path.basename(os.path.normpath(path)).removeprefix(STAGING_PREFIX)
-    return name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-
-
 def resume_view_folder(checkpoint: str) -> str:
     """Where an engine may write what resuming from ``checkpoint`` on another number of processes needs (beside it;
     removed when training ends, or by :func:`recover_interrupted_saves` after a kill)."""
     head, name = os.path.split(os.path.normpath(checkpoint))
-    return os.path.join(head, _RESUME_PREFIX + name)
+    return os.path.join(head, RESUME_PREFIX + name)
 
 
 def recover_interrupted_saves(run_dir: str) -> None:
@@ -276,16 +271,13 @@ def recover_interrupted_saves(run_dir: str) -> None:
       :func:`.checkpoint_writing.keep_newest_complete` through a later save's rotation) is put back where
       ``checkpoint-N`` is gone or not complete, and deleted where it is complete.
     """
-    if not os.path.isdir(run_dir):
-        return
-    names = sorted(os.listdir(run_dir))
+    names = checkpoint_entries(run_dir)  # the checkpoints and their leftovers, by name
     for name in names:  # the checkpoints first: what a leftover becomes depends on whether its checkpoint is complete
         if _CHECKPOINT_RE.match(name):
             _recover_in_place(os.path.join(run_dir, name))
-    prefixes = (STAGING_PREFIX, TRASH_PREFIX, _RESUME_PREFIX, REPLACED_PREFIX)
     for name in names:
-        prefix = next((p for p in prefixes if name.startswith(p)), None)
-        if prefix is None or not _CHECKPOINT_RE.match(name[len(prefix) :]):
+        prefix = next((p for p in LEFTOVER_PREFIXES if name.startswith(p)), None)
+        if prefix is None:  # a checkpoint, recovered above
             continue
         leftover, final = os.path.join(run_dir, name), os.path.join(run_dir, name[len(prefix) :])
         if prefix == REPLACED_PREFIX:

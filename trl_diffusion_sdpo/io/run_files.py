@@ -13,9 +13,11 @@ helpers of :class:`RunFiles`, which keeps the state they share:
   pushes and rotates, as it does), a leftover of a killed save of that step is removed, the newest complete
   checkpoint hard-linked aside until the new one is complete, and ``run_identity.json`` written into it; after it,
   the parts that are ours (:class:`CheckpointPart`, :class:`CheckpointPartCallback`: the EMA, the rewind's snapshot,
-  the online generations), and, once every process is done, a checksummed manifest written last marks it complete
-  (:mod:`.checkpoints`, written by :mod:`.checkpoint_writing`, which the run's first checkpoint save imports); the
-  files callbacks write in ``on_save`` are added to it by :meth:`RunFiles.on_save`, which runs after theirs;
+  the online generations; :class:`StatesPart`: the auto-beta's and the safeguard's states), and, once every process is
+  done, a checksummed manifest written last marks it complete (:mod:`.checkpoints`, loaded where a run resumes, finds a
+  checkpoint or a save's leftover in its folder, or saves one; written by :mod:`.checkpoint_writing`, which the run's
+  first checkpoint save imports); the files callbacks write in ``on_save`` are added to it by :meth:`RunFiles.on_save`,
+  which runs after theirs;
 * around ``train``: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
   checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume from, checked, its config
   compared with the new one (:mod:`.resume_check`), resuming on another number of processes (:mod:`.resume_world`,
@@ -40,7 +42,7 @@ import importlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -49,23 +51,23 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
-from ..callbacks.learning_rate import scale_learning_rate
 from . import saving
-from .checkpoints import (
-    CheckpointSaveError,
-    is_checkpoint_folder,
-    is_marked_complete,
-    recover_interrupted_saves,
-    resolve_resume_checkpoint,
-    resume_view_folder,
-)
-from .run_folder import check_new_run_folder, earlier_run_refusal
+from .run_folder import check_new_run_folder, checkpoint_entries, earlier_run_refusal, is_checkpoint_folder
 from .run_lock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
+    from ..callbacks.state_files import Stateful
+    from .checkpoints import CheckpointSaveError
     from .hub import RunHub
 
-__all__ = ["CheckpointPart", "CheckpointPartCallback", "RunFiles", "check_new_run_folder", "earlier_run_refusal"]
+__all__ = [
+    "CheckpointPart",
+    "CheckpointPartCallback",
+    "RunFiles",
+    "StatesPart",
+    "check_new_run_folder",
+    "earlier_run_refusal",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,39 @@ class _CallbackPart:
         self.callback.load_checkpoint_part(checkpoint, self.trainer.args, self.trainer.state)
 
 
+class StatesPart:
+    """A checkpoint part holding ``states()`` (name -> :class:`~..callbacks.state_files.Stateful`, asked at each save
+    and load: the objects in force then) as :data:`~..callbacks.state_files.STATES_FILE`. The states are equal on every
+    process (each reduced over the processes before it moved): ``main()`` says whether this process writes them; every
+    process reads them back at resume. A state the checkpoint does not hold is left as it is. Their files are written
+    and read by :mod:`~..callbacks.state_files`, which the first checkpoint save or resume imports.
+
+    Args:
+        states: the states by name, as they are now.
+        main: whether this process writes the checkpoint's shared files (``args.should_save``).
+    """
+
+    def __init__(self, states: Callable[[], Mapping[str, Stateful]], main: Callable[[], bool]) -> None:
+        self.states, self.main = states, main
+
+    def save(self, checkpoint: str) -> None:
+        states = self.states()
+        if states and self.main():
+            from ..callbacks.state_files import STATES_FILE, write_state  # loaded by a checkpoint save only
+
+            write_state(checkpoint, STATES_FILE, {name: held.state_dict() for name, held in states.items()})
+
+    def load(self, checkpoint: str) -> None:
+        from ..callbacks.state_files import STATES_FILE, read_state  # loaded by a resume only
+
+        if not os.path.exists(os.path.join(checkpoint, f"{STATES_FILE}.json")):
+            return
+        saved = read_state(checkpoint, STATES_FILE)
+        for name, held in self.states().items():
+            if name in saved:
+                held.load_state_dict(saved[name])
+
+
 class RunFiles(TrainerCallback):
     """The helpers and state of the trainer's file hooks: saving, loading, checkpoints, resume checks and the Hub.
 
@@ -149,10 +184,14 @@ class RunFiles(TrainerCallback):
         lock = self._claim_output_dir(resumed, overwrite)
         view = None
         try:
-            if trainer.args.should_save:
-                recover_interrupted_saves(trainer.args.output_dir)
+            # a folder holding no checkpoint and no save's leftover has nothing to recover: the checks stay unloaded
+            if trainer.args.should_save and checkpoint_entries(trainer.args.output_dir):
+                checkpoints().recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
-            resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+            if resume_from_checkpoint is not None and resume_from_checkpoint is not False:  # None, False: a new run
+                resume_from_checkpoint = checkpoints().resolve_resume_checkpoint(
+                    resume_from_checkpoint, trainer.args.output_dir
+                )
             self.learning_rate_factor = 1.0
             if resume_from_checkpoint is not None:
                 run_io.check_resume_config(resume_from_checkpoint, trainer)
@@ -163,7 +202,7 @@ class RunFiles(TrainerCallback):
                 processes = trainer.accelerator.num_processes
                 if saved.get("num_processes", processes) != processes:
                     # another number of processes (resume_world): the engine says what to load from
-                    view = resume_view_folder(resume_from_checkpoint)
+                    view = checkpoints().resume_view_folder(resume_from_checkpoint)
                     resume_from_checkpoint = trainer.engine.resume_on_other_count(
                         resume_from_checkpoint, saved["num_processes"], view
                     )
@@ -191,6 +230,8 @@ class RunFiles(TrainerCallback):
         """A learning rate changed at resume is applied here, once transformers has restored the checkpoint's
         optimizer and scheduler (:func:`.resume_check.learning_rate_factor`)."""
         if self.learning_rate_factor != 1.0:
+            from ..callbacks.learning_rate import scale_learning_rate  # a resume that changed learning_rate only
+
             rates = scale_learning_rate(kwargs["optimizer"], kwargs.get("lr_scheduler"), self.learning_rate_factor)
             logger.warning(
                 "Step %d: the learning rate changed at resume applied: the restored rates times %.6g, the next "
@@ -248,9 +289,9 @@ class RunFiles(TrainerCallback):
                 state_dict = trainer.engine.gather_state_dict(trainer.model_wrapped, trainable_only=trainer.is_lora)
                 self.save_weights(output_dir, state_dict=state_dict)
                 trainer.accelerator.wait_for_everyone()
-        except CheckpointSaveError:
-            raise
         except Exception as err:
+            if isinstance(err, checkpoints().CheckpointSaveError):
+                raise
             folder = output_dir if output_dir is not None else trainer.args.output_dir
             writing = checkpoint_writing()
             free = writing.free_bytes(folder if os.path.isdir(folder) else trainer.args.output_dir)
@@ -358,7 +399,7 @@ class RunFiles(TrainerCallback):
         checkpoint stays complete, without the files written in ``on_save`` in its record."""
         self.trainer.accelerator.wait_for_everyone()
         folder = self.checkpoint_folder()
-        if args.should_save and is_marked_complete(folder):
+        if args.should_save and checkpoints().is_marked_complete(folder):
             checkpoint_writing().amend_manifest(folder)
         return control
 
@@ -424,6 +465,12 @@ def _remove_earlier_checkpoints(output_dir: str, earlier: list[str]) -> None:
         output_dir,
         ", ".join(removed) or "none",
     )
+
+
+def checkpoints() -> ModuleType:
+    """:mod:`.checkpoints`, imported where a run resumes, finds a checkpoint or a save's leftover in its folder, or
+    saves a checkpoint (or fails to save its weights): a run that does none of these never loads the checks."""
+    return importlib.import_module(".checkpoints", __package__)
 
 
 def checkpoint_writing() -> ModuleType:

@@ -14,8 +14,10 @@ from ..config.messages import OutputExistsError, advice, overwrite_advice, repla
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "LEFTOVER_PREFIXES",
     "LORA_WEIGHTS_NAME",
     "REPLACED_PREFIX",
+    "RESUME_PREFIX",
     "RUN_IDENTITY_NAME",
     "STAGING_PREFIX",
     "TRAINING_CONFIG_NAME",
@@ -24,8 +26,10 @@ __all__ = [
     "UNET_SUBFOLDER",
     "EarlierRunError",
     "check_new_run_folder",
+    "checkpoint_entries",
     "earlier_run_files",
     "earlier_run_refusal",
+    "is_checkpoint_folder",
 ]
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -39,6 +43,10 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR: checkpo
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 REPLACED_PREFIX = ".replaced-"  # a complete checkpoint set aside while a save of the same step writes its name again
+RESUME_PREFIX = ".resume-"  # what an engine writes to resume on another number of processes
+#: what saves and resumes leave beside ``checkpoint-N`` under a prefix of its name (staged, renamed away, set aside or
+#: written to resume), which the recovery of interrupted saves finishes or removes (:mod:`.checkpoints`)
+LEFTOVER_PREFIXES = (STAGING_PREFIX, TRASH_PREFIX, RESUME_PREFIX, REPLACED_PREFIX)
 CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
@@ -62,6 +70,26 @@ def earlier_run_files(run_dir: str) -> list[str]:
         if CHECKPOINT_RE.match(stripped) or name == TRAINING_CONFIG_NAME or weights:
             found.append(name)
     return found
+
+
+def checkpoint_entries(run_dir: str) -> list[str]:
+    """The names in ``run_dir`` of its checkpoints (``checkpoint-N``) and of what saves and resumes left beside them
+    (a checkpoint's name under one of :data:`LEFTOVER_PREFIXES`), sorted; ``[]`` where there is no such folder. What
+    :func:`~.checkpoints.recover_interrupted_saves` reads: where there is none, there is nothing to recover."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(run_dir)):
+        prefix = next((p for p in LEFTOVER_PREFIXES if name.startswith(p)), "")
+        if CHECKPOINT_RE.match(name[len(prefix) :]):
+            found.append(name)
+    return found
+
+
+def is_checkpoint_folder(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint (``checkpoint-N``, or an earlier version's staging folder)."""
+    name = os.path.basename(os.path.normpath(path)).removeprefix(STAGING_PREFIX)
+    return name.startswith(f"{CHECKPOINT_PREFIX}-")
 
 
 def earlier_run_refusal(output_dir: str, earlier: list[str]) -> EarlierRunError:
