@@ -38,7 +38,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from . import callbacks as run_callbacks  # the probe's and the EMA's names resolved on first use: when chosen
 from . import families, objectives, rewards
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
-from .callbacks.alarm import AlarmCallback, ProbeSignal, TrainingLogAlarm, TrainingLogSignal
+from .callbacks.alarm import AlarmCallback, TrainingLogAlarm, TrainingLogSignal
 from .callbacks.guards import PathologyAction
 from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
@@ -937,7 +937,7 @@ class DiffusionSDPOTrainer(Trainer):
         else:
             action = alarm.action if alarm is not None else PathologyAction(args.on_pathology)
         self._register(probe)
-        self._register(AlarmCallback(ProbeSignal(probe), action, trainer=self))
+        self._register(AlarmCallback(run_callbacks.ProbeSignal(probe), action, trainer=self))
 
     def log_next(self, metrics: Mapping[str, float]) -> None:
         """Put ``metrics`` into the next training log: a callback that measures between logs (the held-out probe and

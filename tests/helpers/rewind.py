@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.callbacks.alarm import AlarmCallback, ProbeSignal
+from trl_diffusion_sdpo.callbacks.alarm import AlarmCallback
+from trl_diffusion_sdpo.callbacks.probe_signal import ProbeSignal
 from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule
 from trl_diffusion_sdpo.engines.base import trainable_parameters
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from trl_diffusion_sdpo.callbacks.alarm import ProbeSignal
+from trl_diffusion_sdpo.callbacks.probe_signal import ProbeSignal
 from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, alarm_steps
 
 K, H = 6.5, 6.0

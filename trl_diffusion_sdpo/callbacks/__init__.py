@@ -4,7 +4,7 @@
 * :mod:`.ema`: the EMA weights (``ema_decay``): :class:`~.ema.EMAWeights`;
 * :mod:`.alarm`: one alarm callback, a signal and an action: Diffusion-DPO's pathology in the training logs
   (:class:`~.alarm.TrainingLogSignal`, its rule in :mod:`.health`) or the held-out probe's readings
-  (:class:`~.alarm.ProbeSignal`), acted on as ``on_pathology`` asks;
+  (:class:`~.probe_signal.ProbeSignal`, in :mod:`.probe_signal`), acted on as ``on_pathology`` asks;
 * :mod:`.probe`: the policy and the reference on held-out pairs every ``probe_steps`` steps (``probe/...``), or a
   :class:`~.probe.ProbeCallback` built by hand and passed in ``callbacks=``;
 * :mod:`.rewind`: ``on_pathology="rewind"``, back to the last step the probe called healthy when its alarm fires
@@ -23,8 +23,8 @@ once the trainer is, with ``trainer=trainer`` (whose public surface it reads: ``
 they should act; one that needs the trainer is refused without it, in one line naming the fix. The trainer calls none
 of their events itself, and finds them only through ``trainer.callbacks_of(kind)``.
 
-The names below resolve on first use, so a run without ``probe_steps`` loads neither the probe nor the rewind, and
-one without ``ema_decay`` no EMA, and one without a ``PreemptionCallback`` no preemption handling.
+The names below resolve on first use, so a run without ``probe_steps`` loads neither the probe, its alarm's signal nor
+the rewind, and one without ``ema_decay`` no EMA, and one without a ``PreemptionCallback`` no preemption handling.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..config._lazy import lazy_attributes
-from .alarm import AlarmCallback, ProbeSignal, TrainingLogAlarm, TrainingLogSignal
+from .alarm import AlarmCallback, TrainingLogAlarm, TrainingLogSignal
 from .guards import PathologyAction
 from .health import PathologyRule
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .ema import EMAWeights
     from .preemption import PreemptionCallback, TrainingPreempted
     from .probe import ProbeCallback, ProbePieces, hold_back_pairs, hold_back_rows, probe_for_trainer
+    from .probe_signal import ProbeSignal
     from .rewind import RewindAction
 
 _EXPORTS = {
@@ -48,6 +49,7 @@ _EXPORTS = {
     "TrainingPreempted": ".preemption",
     "ProbeCallback": ".probe",
     "ProbePieces": ".probe",
+    "ProbeSignal": ".probe_signal",
     "RewindAction": ".rewind",
     "hold_back_pairs": ".probe",
     "hold_back_rows": ".probe",

@@ -7,9 +7,10 @@ the alarm fires; its action says what then happens:
   log being written, reduced over processes by the trainer's ``log`` before transformers appends it) by a
   :class:`~.health.PathologyRule` (:func:`~.health.winner_pathology`; the calibrated :data:`~.health.RULE` by
   default), and warns once, naming the remedies the run does not use;
-* :class:`ProbeSignal` reads the held-out probe in ``on_step_end``: the reading the probe published at the end of the
-  same step (:attr:`~.probe.ProbeCallback.last_reading`; the probe stands before the alarm), its unhealthy probes in
-  a row counted by :class:`~.rewind.ProbeAlarmRule`;
+* :class:`~.probe_signal.ProbeSignal` reads the held-out probe in ``on_step_end``: the reading the probe published at
+  the end of the same step (:attr:`~.probe.ProbeCallback.last_reading`; the probe stands before the alarm), its
+  unhealthy probes in a row counted by :class:`~.rewind.ProbeAlarmRule` (:mod:`.probe_signal`, loaded by a run that
+  probes);
 * an action is :class:`~.guards.PathologyAction` (``warn``, ``escalate``, ``stop``, ``safeguard``: the config's
   ``on_pathology``) or, on the probe, :class:`~.rewind.RewindAction` (``on_pathology="rewind"``).
 
@@ -33,9 +34,7 @@ in ``callbacks=`` without it; one that needs the trainer is refused without it, 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
@@ -46,12 +45,10 @@ from .guards import PathologyAction
 from .health import ENDED_AT_START, EVIDENCE, RULE, PathologyRule, describe, remedies, start_weights_sentence
 
 if TYPE_CHECKING:
-    from .rewind import ProbeAlarmRule
+    from .probe_signal import ProbeSignal
 
 __all__ = [
     "AlarmCallback",
-    "ProbeSignal",
-    "ProbeVerdict",
     "TrainingLogAlarm",
     "TrainingLogSignal",
 ]
@@ -149,104 +146,6 @@ class TrainingLogSignal:
         return {PATHOLOGY_FLAG: float(flagged)}
 
 
-@dataclass(frozen=True)
-class ProbeVerdict:
-    """What :class:`ProbeSignal` says of the probe of optimizer step ``step`` (``metrics``: its reduced figures):
-    whether the alarm fires there, whether that probe is a restore point (:meth:`~.rewind.ProbeAlarmRule.restorable`),
-    and the last restore point so far (``healthy_step``, 0: the start; ``healthy_z``: its reading, ``None`` at the
-    start), judged by ``rule``."""
-
-    step: int
-    metrics: Mapping[str, float]
-    fired: bool
-    restore_point: bool
-    healthy_step: int
-    healthy_z: float | None
-    rule: ProbeAlarmRule
-
-
-class ProbeSignal:
-    """The held-out probe's alarm: reads the reading ``probe`` published at the end of an optimizer step
-    (:attr:`~.probe.ProbeCallback.last_reading`, its figures reduced over processes, so every process reads the same)
-    and moves ``rule``'s statistic on (:class:`~.rewind.ProbeAlarmRule`: by default the unhealthy probes in a row,
-    a probe unhealthy where the held-out winner error's rise exceeds ``probe_alarm_rise`` of the reference's error
-    with ``probe/winner_rise_z`` above ``probe_alarm_z``, firing at the first; or a CUSUM of ``probe/winner_rise_z``),
-    keeping the last restore point.
-
-    Args:
-        probe: the :class:`~.probe.ProbeCallback` it reads, which must run before the alarm in ``on_step_end``
-            (stand before it in the callbacks); ``None``: the trainer's
-            :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.probe`, when the alarm is given one.
-        rule: the alarm's rule; ``None``: the config's (:func:`~.rewind.probe_alarm`): the trainer's, or the ``args``
-            transformers hands ``on_train_begin``.
-    """
-
-    #: the event the signal is read in
-    event = "step_end"
-    #: the key of its state among a checkpoint's alarms
-    name = "probe"
-
-    def __init__(self, probe: Any | None = None, rule: ProbeAlarmRule | None = None) -> None:
-        self.probe, self.rule = probe, rule
-        self.healthy_step = 0  # the last restore point (0: the start)
-        self.healthy_z: float | None = None  # its reading (none at the start)
-        self.alarm_statistic = 0.0  # the rule's statistic: the CUSUM's sum, or the unhealthy probes in a row
-
-    def describe(self) -> str:
-        return "" if self.rule is None else self.rule.describe()
-
-    def bind(self, trainer: Any) -> None:
-        """What was left unset, from the alarm's ``trainer``: its probe and its config's rule."""
-        if self.probe is None:
-            self.probe = trainer.probe
-        if self.probe is None:
-            raise ValueError(
-                "a ProbeSignal reads the held-out probe: set probe_steps, or add a ProbeCallback with "
-                "trainer.add_callback before the alarm"
-            )
-        self.configure(trainer.args)
-
-    def configure(self, args: Any) -> None:
-        """The rule of ``args`` (the config's ``probe_alarm_rise`` and ``probe_alarm_z``) where none was given."""
-        if self.rule is None:
-            from .rewind import probe_alarm  # the rewind's module loads only in a run that probes
-
-            self.rule = probe_alarm(args)
-
-    def lacks(self) -> str | None:
-        """What it needs of a trainer and was not given: the probe it reads (its rule comes from the ``args`` of the
-        alarm's ``on_train_begin``)."""
-        return None if self.probe is not None else "a ProbeSignal() reads the trainer's held-out probe"
-
-    def read(self, step: int) -> ProbeVerdict | None:
-        """The verdict on the probe of step ``step``, ``None`` where the probe did not run at this step."""
-        reading = self.probe.last_reading
-        if reading is None or reading[0] != step:
-            return None
-        return self.judge(reading[1], step)
-
-    def judge(self, metrics: Mapping[str, float], step: int) -> ProbeVerdict:
-        """The verdict on a probe's ``metrics`` at ``step``, the rule's statistic moved on
-        (:meth:`~.rewind.ProbeAlarmRule.advance`: the unhealthy probes in a row firing at the patience, or the CUSUM
-        ``S_t = max(0, S_(t-1) + z_t - k)`` firing above ``h``), starting afresh from 0 where it fires."""
-        self.alarm_statistic, fired = self.rule.advance(self.alarm_statistic, metrics, step)
-        restore_point = self.rule.restorable(metrics, step)
-        if restore_point:
-            self.healthy_step, self.healthy_z = step, float(metrics.get(self.rule.SIGNAL, math.nan))
-        return ProbeVerdict(step, metrics, fired, restore_point, self.healthy_step, self.healthy_z, self.rule)
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "healthy_step": self.healthy_step,
-            "healthy_z": self.healthy_z,
-            "alarm_statistic": self.alarm_statistic,
-        }
-
-    def restore(self, saved: Mapping[str, Any]) -> None:
-        self.healthy_step, self.alarm_statistic = saved["healthy_step"], float(saved["alarm_statistic"])
-        self.healthy_z = saved.get("healthy_z")
-
-
 def _training_log(logs: Mapping[str, float]) -> bool:
     """Whether ``logs`` is a training log: a step's (transformers writes its ``loss``) or the run's last
     (``train_loss``), not an evaluation's (whose keys carry its prefix)."""
@@ -264,7 +163,7 @@ class AlarmCallback(TrainerCallback, ExportableState):
     snapshot) writes it into every checkpoint before the checkpoint is marked complete.
 
     Args:
-        signal: what the alarm reads (:class:`TrainingLogSignal`, :class:`ProbeSignal`).
+        signal: what the alarm reads (:class:`TrainingLogSignal`, :class:`~.probe_signal.ProbeSignal`).
         action: what a firing does (:class:`~.guards.PathologyAction`, :class:`~.rewind.RewindAction`; ``None``:
             ``PathologyAction("warn")``, the signal's own warning only).
         trainer: the :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer` it is added to (``trainer.add_callback``),
@@ -445,8 +344,8 @@ class AlarmCallback(TrainerCallback, ExportableState):
 class TrainingLogAlarm(AlarmCallback):
     """The alarm on the training logs that the trainer builds from ``on_pathology``: an :class:`AlarmCallback` of a
     :class:`TrainingLogSignal`, under a class of its own so that beside an alarm on the probe (an
-    :class:`AlarmCallback` of a :class:`ProbeSignal`) transformers holds callbacks of two classes: it warns when a
-    second callback of one class is registered, and keeps their saved states under one key."""
+    :class:`AlarmCallback` of a :class:`~.probe_signal.ProbeSignal`) transformers holds callbacks of two classes: it
+    warns when a second callback of one class is registered, and keeps their saved states under one key."""
 
     def __init__(
         self,

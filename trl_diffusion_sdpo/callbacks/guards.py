@@ -120,10 +120,10 @@ class PathologyAction:
     def on_probe(
         self, verdict: Any, control, optimizer: Any = None, lr_scheduler: Any = None
     ) -> tuple[dict[str, float], str]:
-        """The held-out probe's verdict (:class:`~.alarm.ProbeVerdict`, read by an :class:`~.alarm.AlarmCallback`
-        with a :class:`~.alarm.ProbeSignal`): where its alarm fired, :meth:`probe_alarm` (the optimizer and the
-        schedule are the rewind's to change, not read here). Returns what the training log adds (nothing beyond the
-        alarm's own flag) and what was done, in words."""
+        """The held-out probe's verdict (:class:`~.probe_signal.ProbeVerdict`, read by an
+        :class:`~.alarm.AlarmCallback` with a :class:`~.probe_signal.ProbeSignal`): where its alarm fired,
+        :meth:`probe_alarm` (the optimizer and the schedule are the rewind's to change, not read here). Returns what
+        the training log adds (nothing beyond the alarm's own flag) and what was done, in words."""
         if not verdict.fired:
             return {}, ""
         return {}, self.probe_alarm(verdict.step, control, verdict.rule.describe(), verdict.healthy_step)

@@ -29,8 +29,8 @@ trainer says the reference changed (online ``ref_update_steps``) or the pairs ar
 on the policy and reads the reference at every probe. Each process evaluates its share of the pairs; the sums are
 reduced over processes before the metrics are formed, so every process reads the same figures. :class:`ProbeCallback`
 runs it at the end of a step and publishes the reading (:attr:`ProbeCallback.last_reading`), which the probe's alarm
-reads after it in the same event (:class:`~.alarm.ProbeSignal`; its actions, the rewind among them, in :mod:`.rewind`),
-and puts the figures into the next training log in its own ``on_log``.
+reads after it in the same event (:class:`~.probe_signal.ProbeSignal`; its actions, the rewind among them, in
+:mod:`.rewind`), and puts the figures into the next training log in its own ``on_log``.
 
 An online run's data are prompts: its trainer holds ``probe_pairs`` prompts back from them (or takes the first of the
 eval prompts; :func:`trl_diffusion_sdpo.online.probe_pairs.hold_back_prompts`) and pairs each once, before training,
@@ -351,8 +351,8 @@ class HeldOutProbe:
 class ProbeCallback(TrainerCallback):
     """Runs the probe every ``every`` optimizer steps, in ``on_step_end`` (after the optimizer's update), and publishes
     its reading: :attr:`last_reading` (``(step, figures)``, the figures reduced over processes) for the callbacks after
-    it in that event (an :class:`~.alarm.AlarmCallback` with a :class:`~.alarm.ProbeSignal`), and its figures in the
-    next training log, written in its own ``on_log`` into the ``logs`` and ``state.log_history[-1]``.
+    it in that event (an :class:`~.alarm.AlarmCallback` with a :class:`~.probe_signal.ProbeSignal`), and its figures in
+    the next training log, written in its own ``on_log`` into the ``logs`` and ``state.log_history[-1]``.
 
     Args:
         probe: the :class:`HeldOutProbe`.

@@ -7,8 +7,8 @@ error rising above the reference's) as a share of the reference's error (:func:`
 ``probe/delta_winner / probe/mse_ref_winner``), counted where the probe tells the rise from zero
 (``probe/winner_rise_z`` above ``probe_alarm_z``): it fires at the first probe whose rise exceeds
 ``probe_alarm_rise``. One rule, offline and online, for any model's scale and probe size; chosen on recorded runs with
-one model and one dataset held out of the choice (benchmarks/research/alarm.md); :class:`~.alarm.ProbeSignal` counts
-it. Every ``on_pathology`` reads it when the probe
+one model and one dataset held out of the choice (benchmarks/research/alarm.md); :class:`~.probe_signal.ProbeSignal`
+counts it. Every ``on_pathology`` reads it when the probe
 runs: ``rewind`` rewinds (:class:`RewindAction`, below); the others act through the run's pathology action
 (:meth:`~.guards.PathologyAction.on_probe`: ``warn`` warns, naming the step a rewind would restore; ``stop`` stops;
 ``safeguard`` switches; ``escalate`` raises ``mu``).
@@ -210,7 +210,7 @@ class ProbeAlarmRule:
 
 def alarm_steps(rule: ProbeAlarmRule, probes: Iterable[tuple[int, Mapping[str, float]]]) -> list[int]:
     """The steps at which ``rule`` fires on a run's probes (``(step, metrics)`` in order), nothing acting on them:
-    the calibration's replay of a stored series and what :class:`~.alarm.ProbeSignal` does as the run goes."""
+    the calibration's replay of a stored series and what :class:`~.probe_signal.ProbeSignal` does as the run goes."""
     state, fired = 0.0, []
     for step, metrics in probes:
         state, fires = rule.advance(state, metrics, step)
@@ -511,7 +511,7 @@ class RewindRecord:
 
 class RewindAction:
     """``on_pathology="rewind"``: the action of an :class:`~.alarm.AlarmCallback` reading the held-out probe
-    (:class:`~.alarm.ProbeSignal`). At every restore point of the probe (and when training begins) it keeps the
+    (:class:`~.probe_signal.ProbeSignal`). At every restore point of the probe (and when training begins) it keeps the
     snapshot; when the alarm fires it puts the weights, the optimizer state and their companions back to it, then
     trains on at a learning rate lowered by ``lr_factor`` (:func:`~.learning_rate.scale_learning_rate`), the dormant
     safeguard switched on the first time, for ``max_times`` rewinds; the alarm after those stops the run (module
@@ -632,7 +632,7 @@ class RewindAction:
     def on_probe(
         self, verdict: Any, control, optimizer: torch.optim.Optimizer, lr_scheduler: Any | None = None
     ) -> tuple[dict[str, float], str]:
-        """Act on the probe's verdict (:class:`~.alarm.ProbeVerdict`): a restore point's weights become the
+        """Act on the probe's verdict (:class:`~.probe_signal.ProbeVerdict`): a restore point's weights become the
         snapshot; where the alarm fired, every process restores it, then either trains on at the learning rate of
         ``optimizer`` and ``lr_scheduler`` lowered (the safeguard switched on the first time) or, the ladder spent,
         stops. Returns what the training log adds at a rewind (``health/rewind_to``, ``health/rewinds``,
