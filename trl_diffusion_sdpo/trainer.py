@@ -36,7 +36,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from . import callbacks as run_callbacks  # the probe's and the EMA's names resolved on first use: when chosen
-from . import families, objectives, rewards
+from . import families, objectives
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
 from .callbacks.alarm import AlarmCallback, TrainingLogAlarm, TrainingLogSignal
 from .callbacks.guards import PathologyAction
@@ -267,8 +267,11 @@ class DiffusionSDPOTrainer(Trainer):
         check_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
-        # The reward functions' module is loaded only when there are rewards to score with.
-        reward_fn = None if reward_funcs is None else rewards.dataset_scoring_function(reward_funcs)
+        reward_fn = None
+        if reward_funcs is not None:
+            from .rewards import dataset_scoring_function  # the rewards load only when there are some to score with
+
+            reward_fn = dataset_scoring_function(reward_funcs)
         check_one_device_per_process(args)
         # Run control given in callbacks= beside the config field that builds the same, refused before the pipeline
         # is touched.

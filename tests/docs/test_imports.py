@@ -340,14 +340,14 @@ def test_a_plain_lora_run_loads_within_its_line_budget(plain_run_modules):
 
 
 # What a plain SD run in TRL's preference form did not choose: the latent cache (cache_latents), reward functions and
-# scoring (reward_funcs), the auto-beta (auto_beta), a quantized base, the inversion (noising="inversion"), video data
-# and Pick-a-Pic's label form, the EMA weights (ema_decay), the Hub and model cards (push_to_hub), the output space's
-# rule (safeguard_space="output", or the parameter space's log_output_lambda); full tuning's frozen-copy reference (the
-# run tunes LoRA), editing data and the editing families' sources, loss masks (loss_mask), and checkpoint writing and
-# the states a checkpoint holds (save_strategy="no"); the checkpoints' checks and recovery, the resume checks and the
-# learning rate changed at resume (no resume_from_checkpoint, an output folder without checkpoints), the held-out
-# probe's alarm signal (no probe_steps), the refusals of TRL's names (none given) and the config's docstring writer
-# (nothing reads the docstring).
+# scoring (reward_funcs; the rewards' names too), the auto-beta (auto_beta), a quantized base, the inversion
+# (noising="inversion"), video data and Pick-a-Pic's label form, the EMA weights (ema_decay), the Hub and model cards
+# (push_to_hub), the output space's rule (safeguard_space="output", or the parameter space's log_output_lambda); full
+# tuning's frozen-copy reference (the run tunes LoRA), editing data and the editing families' sources, loss masks
+# (loss_mask), and checkpoint writing and the states a checkpoint holds (save_strategy="no"); the checkpoints' checks
+# and recovery, the resume checks and the learning rate changed at resume (no resume_from_checkpoint, an output folder
+# without checkpoints), the held-out probe's alarm signal (no probe_steps), the refusals of TRL's names (none given)
+# and the config's docstring writer (nothing reads the docstring).
 UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.ema",
     "trl_diffusion_sdpo.io.hub",
@@ -373,6 +373,7 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.preemption",
     "trl_diffusion_sdpo.io.trackers",
     "trl_diffusion_sdpo.callbacks.early_stopping",
+    "trl_diffusion_sdpo.rewards",
     "trl_diffusion_sdpo.callbacks.state_files",
     "trl_diffusion_sdpo.io.checkpoints",
     "trl_diffusion_sdpo.callbacks.learning_rate",
