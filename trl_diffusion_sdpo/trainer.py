@@ -301,7 +301,7 @@ class DiffusionSDPOTrainer(Trainer):
             args, self.family, self.base_model_name, lora=peft_config is not None
         )
         #: what the command line chose for this machine and output where the config left it unset (data workers,
-        #: non-blocking copies, a line per log: ``config.defaults.machine_choices``), printed in the start summary;
+        #: non-blocking copies, a line per log: ``config.machine.machine_choices``), printed in the start summary;
         #: empty from Python
         self.machine_choices: dict[str, Any] = {}
         #: the KL-regularisation strength the objective uses (TRL's ``DPOTrainer.beta``)

@@ -346,8 +346,9 @@ def test_a_plain_lora_run_loads_within_its_line_budget(plain_run_modules):
 # tuning's frozen-copy reference (the run tunes LoRA), editing data and the editing families' sources, loss masks
 # (loss_mask), and checkpoint writing and the states a checkpoint holds (save_strategy="no"); the checkpoints' checks
 # and recovery, the resume checks and the learning rate changed at resume (no resume_from_checkpoint, an output folder
-# without checkpoints), the held-out probe's alarm signal (no probe_steps), the refusals of TRL's names (none given)
-# and the config's docstring writer (nothing reads the docstring).
+# without checkpoints), the held-out probe's alarm signal (no probe_steps), the refusals of TRL's names (none given),
+# the config's docstring writer (nothing reads the docstring) and the command line's choices for the machine (a run
+# from Python).
 UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.ema",
     "trl_diffusion_sdpo.io.hub",
@@ -378,6 +379,7 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.io.checkpoints",
     "trl_diffusion_sdpo.callbacks.learning_rate",
     "trl_diffusion_sdpo.callbacks.probe_signal",
+    "trl_diffusion_sdpo.config.machine",
 )
 
 

@@ -17,11 +17,10 @@ from trl_diffusion_sdpo.config import docs, rules
 from trl_diffusion_sdpo.config.checks import Choice
 from trl_diffusion_sdpo.config.defaults import (
     DATA_WORKERS,
-    MACHINE,
     data_loading_defaults,
-    machine_choices,
     resolve_default,
 )
+from trl_diffusion_sdpo.config.machine import MACHINE, machine_choices
 
 
 def _field(name: str) -> dataclasses.Field:

@@ -17,7 +17,8 @@ import pytest
 from tests.helpers.common import fast_config_values, lora_config
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.callbacks import health
-from trl_diffusion_sdpo.config.defaults import DefaultEntry, machine_choices, resolve_defaults
+from trl_diffusion_sdpo.config.defaults import DefaultEntry, resolve_defaults
+from trl_diffusion_sdpo.config.machine import machine_choices
 from trl_diffusion_sdpo.config.pathology import SWITCH_TO, pair_remedies
 from trl_diffusion_sdpo.io.resume_check import check_resume_config
 from trl_diffusion_sdpo.io.saving import TRAINING_CONFIG_NAME

@@ -18,7 +18,8 @@ from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.cli.train import main as train_main
-from trl_diffusion_sdpo.config.defaults import MACHINE_FIELDS, machine_choices
+from trl_diffusion_sdpo.config.defaults import MACHINE_FIELDS
+from trl_diffusion_sdpo.config.machine import machine_choices
 from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 

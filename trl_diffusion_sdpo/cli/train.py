@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from ..callbacks.early_stopping import configure_early_stopping, early_stopping
 from ..callbacks.health import ENDED_AT_START, start_weights_sentence
 from ..callbacks.preemption import TRAINING_STOPS, PreemptionCallback
-from ..config.defaults import machine_choices
+from ..config.machine import machine_choices
 from ..data.sharded_cache import load_sharded_latent_cache
 from ..io.console import on_terminal
 from ..io.run_files import check_new_run_folder
@@ -174,7 +174,7 @@ def train(arguments: TrainArguments):
 
 def for_this_machine(training_args: Any) -> tuple[Any, dict[str, Any]]:
     """A copy of ``training_args`` with what the command line chooses for this machine and output where the config
-    leaves it unset (:func:`~..config.defaults.machine_choices`: data workers and non-blocking copies where a GPU
+    leaves it unset (:func:`~..config.machine.machine_choices`: data workers and non-blocking copies where a GPU
     trains, a line per log off a terminal), and each choice with its reason for the start summary. A Python run
     keeps the config's values, whatever the machine."""
     return machine_choices(training_args, device_type=training_args.device.type, terminal=on_terminal())

@@ -532,7 +532,7 @@ class DiffusionSDPOConfig(TrainingArguments):
             resolved = resolve_defaults(self)["safeguard_space"]
             self.safeguard_space = resolved.value
             self.defaulted["safeguard_space"] = resolved
-        # What depends on the machine or the output is chosen by the command line (config.defaults.machine_choices):
+        # What depends on the machine or the output is chosen by the command line (config.machine.machine_choices):
         # the config holds transformers' values whatever the machine, and remembers which ones the caller left unset.
         unset = [name for name in MACHINE_FIELDS if getattr(self, name) is None]
         if self.dataloader_num_workers is None:

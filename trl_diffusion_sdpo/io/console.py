@@ -3,7 +3,7 @@
 
 Nothing here changes a setting of another library. The command line decides for the trainer's progress bar only: off
 a terminal, with ``disable_tqdm`` left unset, each log is a line of its own (transformers' ``PrinterCallback``;
-``config.defaults.machine_choices``); a run built from Python keeps the config's ``disable_tqdm``.
+``config.machine.machine_choices``); a run built from Python keeps the config's ``disable_tqdm``.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def start_summary(
     """The start summary, one block: ``given`` is the config as given, ``effective`` as ``transformers.Trainer`` sees
     it (:func:`~trl_diffusion_sdpo.families.preparation.training_arguments`: the scaled rate, the resolved defaults);
     ``defaults`` the resolutions of :func:`~trl_diffusion_sdpo.config.defaults.resolve_defaults` and the choices of
-    :func:`~trl_diffusion_sdpo.config.defaults.machine_choices`, each printed with its source; ``data_report`` the
+    :func:`~trl_diffusion_sdpo.config.machine.machine_choices`, each printed with its source; ``data_report`` the
     training data's :class:`~trl_diffusion_sdpo.data.DataReport`, whose images resized or cropped to ``resolution``
     are counted (:meth:`~trl_diffusion_sdpo.data.DataReport.resize_text`)."""
     warmup = effective.get_warmup_steps(max_steps)
