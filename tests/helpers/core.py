@@ -67,6 +67,7 @@ CORE: dict[str, tuple[str, ...]] = {
         "callbacks/__init__.py",
         "callbacks/probe.py",
         "callbacks/alarm.py",
+        "callbacks/probe_signal.py",
         "callbacks/health.py",
         "callbacks/guards.py",
         "callbacks/early_stopping.py",
