@@ -61,7 +61,7 @@ from .families.preparation import (
     training_arguments,
     wants_gradient_checkpointing,
 )
-from .io.reporting import CONSOLE_CALLBACKS, REPORTING_CALLBACKS, TRACKER_CALLBACK, is_tracker
+from .io.reporting import REPORTING_CALLBACKS, TRACKER_CALLBACK, console_callbacks, is_tracker
 from .io.run_files import RunFiles, StatesPart
 from .io.run_summary import StartSummary
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
@@ -897,9 +897,9 @@ class DiffusionSDPOTrainer(Trainer):
         if is_tracker(callback):
             from .io.trackers import tracker_callback  # loaded with the first tracker
 
-            callback, moved = tracker_callback(callback), self.callbacks_of(CONSOLE_CALLBACKS)
+            callback, moved = tracker_callback(callback), self.callbacks_of(console_callbacks())
         else:
-            moved = self.callbacks_of((*_loaded(TRACKER_CALLBACK), *CONSOLE_CALLBACKS))
+            moved = self.callbacks_of((*_loaded(TRACKER_CALLBACK), *console_callbacks()))
         for reporting in moved:
             super().remove_callback(reporting)
         super().add_callback(callback)

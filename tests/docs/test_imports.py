@@ -13,6 +13,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -283,18 +284,19 @@ def tiny_sd_pipeline_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_modules(tiny_sd_pipeline_dir, tmp_path_factory) -> Callable[[str], dict[str, int]]:
+def run_modules(tiny_sd_pipeline_dir, tmp_path_factory) -> Callable[..., Any]:
     """``run_modules(safeguard_space)``: the package's modules a plain SD LoRA run with that safeguard space leaves
-    loaded, with their lines (each run made once per module of tests)."""
-    runs: dict[str, dict[str, int]] = {}
+    loaded, with their lines; ``run_modules(safeguard_space, every=True)``: every module it left loaded, the
+    libraries' too (each run made once per module of tests)."""
+    runs: dict[str, list[str]] = {}
 
-    def modules_of(safeguard_space: str) -> dict[str, int]:
+    def modules_of(safeguard_space: str, every: bool = False) -> dict[str, int] | list[str]:
         if safeguard_space not in runs:
             output = tmp_path_factory.mktemp(f"run-{safeguard_space}")
             script = textwrap.dedent(PLAIN_RUN).replace("SAFEGUARD_SPACE", repr(safeguard_space))
             code = f"import sys\nsys.argv[1:] = [{str(tiny_sd_pipeline_dir)!r}, {str(output)!r}]\n{script}"
-            runs[safeguard_space] = module_lines(run_fresh(code)[0])
-        return runs[safeguard_space]
+            runs[safeguard_space] = run_fresh(code)[0]
+        return runs[safeguard_space] if every else module_lines(runs[safeguard_space])
 
     return modules_of
 
@@ -321,6 +323,13 @@ def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run
         "trl_diffusion_sdpo.engines.collectives",
         "trl_diffusion_sdpo.engines.plain",
     ]
+
+
+def test_a_plain_run_loads_neither_the_notebook_bar_nor_ipython(run_modules):
+    """transformers loads its notebook progress bar, and IPython with it, in a notebook only: nor does the trainer's
+    own run elsewhere (the console's callbacks count the bar once its module is loaded, tests/io/test_trackers.py)."""
+    modules = run_modules("none", every=True)
+    assert "transformers.utils.notebook" not in modules and top_level(modules, ("IPython",)) == []
 
 
 def test_the_exact_rules_passes_load_with_the_exact_rule_only(run_modules):

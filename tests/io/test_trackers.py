@@ -294,3 +294,15 @@ def test_the_tracker_wrapper_loads_with_the_first_tracker_and_is_found_then(make
     assert names.index("TrackedTensorBoardCallback") < names.index(PrinterCallback.__name__)
     assert trainer.callbacks_of(TensorBoardCallback) == [tracker]
     assert trainer.pop_callback(TensorBoardCallback) is tracker and trainer.callbacks_of(TensorBoardCallback) == []
+
+
+def test_in_a_notebook_its_progress_bar_stays_after_a_tracker_added_late(make_trainer):
+    """The notebook's bar counts among the console's callbacks once transformers has loaded its module (in a
+    notebook; the trainer does not load it elsewhere, tests/docs/test_imports.py): a tracker added after the trainer
+    is built is registered ahead of it, as ahead of the terminal's bar."""
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    trainer = make_trainer(max_steps=1, report_to="none", callbacks=[NotebookProgressCallback()])
+    trainer.add_callback(TensorBoardCallback(tb_writer=RecordingWriter()))
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("TrackedTensorBoardCallback") < names.index("NotebookProgressCallback")

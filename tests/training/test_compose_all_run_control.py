@@ -22,7 +22,7 @@ from trl_diffusion_sdpo.callbacks import (
 )
 from trl_diffusion_sdpo.callbacks.alarm import TrainingLogAlarm
 from trl_diffusion_sdpo.callbacks.health import remedies
-from trl_diffusion_sdpo.io.reporting import CONSOLE_CALLBACKS
+from trl_diffusion_sdpo.io.reporting import console_callbacks
 from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 
 ROWS = 8
@@ -49,7 +49,7 @@ def test_the_docs_example_composes_the_alarms_ema_probe_and_rewind(make_pipeline
     # In the order added, the probe before its alarm, all before transformers' console callback
     order = trainer.callbacks_of(TrainerCallback)
     added = [order.index(c) for c in (names["ema"], health, names["probe"], rewind)]
-    assert added == sorted(added) and added[-1] < order.index(trainer.callbacks_of(CONSOLE_CALLBACKS)[0])
+    assert added == sorted(added) and added[-1] < order.index(trainer.callbacks_of(console_callbacks())[0])
     # Completed from the trainer: the policy's trainable weights; the action's margin, the rewind's snapshot
     assert [id(p) for p in trainer.ema.parameters] == [id(p) for p in trainer.policy.parameters() if p.requires_grad]
     assert health.action.margin is trainer.safeguard.margin and rewind.action.snapshot is not None

@@ -4,21 +4,28 @@ with the first tracker registered; a run with ``report_to="none"`` and no tracke
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.integrations import INTEGRATION_TO_CALLBACK
-from transformers.utils.notebook import NotebookProgressCallback
 
-__all__ = ["CONSOLE_CALLBACKS", "REPORTING_CALLBACKS", "TRACKER_CALLBACK", "is_tracker"]
+__all__ = ["REPORTING_CALLBACKS", "TRACKER_CALLBACK", "console_callbacks", "is_tracker"]
 
 #: transformers' reporting callbacks (those ``report_to`` names)
 REPORTING_CALLBACKS: tuple[type[TrainerCallback], ...] = tuple(INTEGRATION_TO_CALLBACK.values())
-#: transformers' console callbacks, which take figures they do not print (``total_flos``) out of the logs: the trainer
-#: keeps them after the trackers
-CONSOLE_CALLBACKS: tuple[type[TrainerCallback], ...] = (ProgressCallback, PrinterCallback, NotebookProgressCallback)
+#: the module of transformers' notebook progress bar, which imports IPython: transformers loads it in a notebook only
+NOTEBOOK_MODULE = "transformers.utils.notebook"
 #: the callback a tracker is registered in, by the ``"module:Class"`` name ``trainer.callbacks_of`` takes
 TRACKER_CALLBACK = "trl_diffusion_sdpo.io.trackers:TrackerCallback"
+
+
+def console_callbacks() -> tuple[type[TrainerCallback], ...]:
+    """transformers' console callbacks, which take figures they do not print (``total_flos``) out of the logs: the
+    trainer keeps them after the trackers. The notebook's bar is among them where its module is loaded: no instance of
+    it can exist before, and importing it for the check would import IPython into every run."""
+    notebook = sys.modules.get(NOTEBOOK_MODULE)
+    return (ProgressCallback, PrinterCallback, *((notebook.NotebookProgressCallback,) if notebook else ()))
 
 
 def is_tracker(callback: Any) -> bool:
