@@ -793,25 +793,6 @@ def mark_online_rewinds(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
     return report["rewind_alarm_rule"]
 
 
-def held_out_sentence(result: dict[str, Any]) -> str:
-    """What the user docs state of the package's rule held out (docs/safeguard.md; a test compares): each model's
-    confusion matrix, offline and online."""
-
-    def matrix(key: str) -> str:
-        m = result["confusion"][key]["package"]
-        return (
-            f"{m['fired_fell']} fired and fell, {m['fired_held']} fired and held, {m['quiet_fell']} quiet and fell, "
-            f"{m['quiet_held']} quiet and held (precision {_cell(m['precision'])}, recall {_cell(m['recall'])})"
-        )
-
-    parts = [f"{mode} {matrix(f'report, {mode}')}" for mode in ("offline", "online") if f"report, {mode}" in result[
-        "confusion"]]  # fmt: skip
-    return (
-        f"On the toy's held-out runs (odd seeds) the rule's confusion matrix is, {'; '.join(parts)}; on the second "
-        f"model's runs, {matrix('second_model')}"
-    )
-
-
 def z_tables(result: dict[str, Any]) -> str:
     """The Markdown table of the z calibration: per set of runs, the package's rule's confusion matrix, and the
     earlier per-mode rules beside it where measured."""

@@ -378,6 +378,8 @@ def written_z() -> dict:
     return json.loads(study.Z_OUTPUT.read_text())
 
 
+# The z rule's held-out confusion matrices stay in the research record's table (below); docs/safeguard.md states the
+# package's rule since, the relative rise (tests/docs/test_probe_alarm_carry_table.py).
 def test_the_package_z_rule_is_the_calibrated_one_and_the_page_carries_its_table(written_z):
     assert written_z["package_rule_is_calibrated"]
     assert study.ProbeRule(**written_z["rules"]["calibrated"]) == study.package_z_rule()
@@ -442,8 +444,3 @@ def test_the_richer_rules_read_only_the_probes_up_to_the_last_evaluation():
     run["reward_change"] = {10: 0.0}
     assert all(study.SeriesRule(f, a, b).fires(run) is None for f, a, b in
                (("in_a_row", 10.0, 1), ("cusum", 10.0, 5.0), ("mean", 1, 10.0), ("rise", 5.0, 1)))  # fmt: skip
-
-
-def test_the_user_docs_state_each_models_held_out_confusion_matrix(written_z):
-    page = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
-    assert study.held_out_sentence(written_z) in page

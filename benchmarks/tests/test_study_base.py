@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.studies.probe_z_runs import wide_recipe  # noqa: E402
 from benchmarks.studies.stability_map import BASES, STUDY_BASE  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, recipe_hash, shipped_base_record  # noqa: E402
 
@@ -21,6 +22,8 @@ HASH = re.compile(r'"recipe_hash": "([0-9a-f]{16})"')
 #: result files measured on the shipped base; every other file that records a base ran on the benchmark's
 SHIPPED_RESULTS = ("cpu-demo-base-fidelity.json", "shipped-base")
 SHIPPED_DORMANT = "cpu-stability-dormant-shipped-base.json"
+#: result files that hold runs on the held-out model (``probe_z_runs.wide_recipe``) beside the benchmark base's
+HELD_OUT_MODEL_RESULTS = ("cpu-probe-z-runs.json",)
 
 
 def _recorded(path: Path) -> set[str]:
@@ -38,13 +41,16 @@ def test_the_two_bases_are_the_shipped_recipe_and_a_shorter_one():
 
 def test_every_stored_result_ran_on_the_base_its_name_says():
     study, shipped = recipe_hash(STUDY_BASE), recipe_hash(PretrainRecipe())
+    held_out_model = recipe_hash(wide_recipe())
     found = {
         path: hashes for path in sorted((ROOT / "benchmarks/results").rglob("*.json")) if (hashes := _recorded(path))
     }
     assert len(found) >= 12
     for path, hashes in found.items():
-        expected = shipped if any(name in path.name for name in SHIPPED_RESULTS) else study
-        assert hashes == {expected}, f"{path.relative_to(ROOT)} records {sorted(hashes)}, not {expected}"
+        expected = {shipped} if any(name in path.name for name in SHIPPED_RESULTS) else {study}
+        if path.name in HELD_OUT_MODEL_RESULTS:
+            expected |= {held_out_model}
+        assert hashes == expected, f"{path.relative_to(ROOT)} records {sorted(hashes)}, not {sorted(expected)}"
     # the demo's figures are the shipped base's
     assert _recorded(ROOT / "docs/images/demo_summary.json") == {shipped}
 
