@@ -351,3 +351,16 @@ def test_a_checkpoint_holds_the_random_states_and_optimizer_files_transformers_r
     for index, values in trainer.optimizer.state_dict()["state"].items():
         torch.testing.assert_close(optimizer["state"][index]["exp_avg"], values["exp_avg"], rtol=0, atol=0)
     assert torch.load(checkpoint / SCHEDULER_NAME, weights_only=True) == trainer.lr_scheduler.state_dict()
+
+
+@pytest.mark.parametrize("resume", [None, False])
+def test_a_run_told_not_to_resume_trains_from_step_0_without_loading_the_checkpoint_checks(
+    make_trainer, monkeypatch, resume
+):
+    """``resume_from_checkpoint`` None or False (transformers' "no resume"): a new run, whose empty folder holds no
+    checkpoint to recover or resume, so the checkpoints' checks are never loaded."""
+    monkeypatch.delitem(sys.modules, "trl_diffusion_sdpo.io.checkpoints")  # as in a run that has not loaded them
+    trainer = make_trainer(max_steps=1, save_strategy="no")
+    trainer.train(resume_from_checkpoint=resume)
+    assert trainer.state.global_step == 1
+    assert "trl_diffusion_sdpo.io.checkpoints" not in sys.modules

@@ -188,7 +188,9 @@ class RunFiles(TrainerCallback):
             if trainer.args.should_save and checkpoint_entries(trainer.args.output_dir):
                 checkpoints().recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
-            if resume_from_checkpoint is not None and resume_from_checkpoint is not False:  # None, False: a new run
+            if resume_from_checkpoint is None or resume_from_checkpoint is False:  # a new run: the checks unloaded
+                resume_from_checkpoint = None
+            else:
                 resume_from_checkpoint = checkpoints().resolve_resume_checkpoint(
                     resume_from_checkpoint, trainer.args.output_dir
                 )
