@@ -22,7 +22,6 @@ import contextlib
 import copy
 import functools
 import logging
-import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -61,7 +60,7 @@ from .families.preparation import (
     training_arguments,
     wants_gradient_checkpointing,
 )
-from .io.reporting import REPORTING_CALLBACKS, TRACKER_CALLBACK, console_callbacks, is_tracker
+from .io.reporting import REPORTING_CALLBACKS, TRACKER_CALLBACK, console_callbacks, is_tracker, loaded_class
 from .io.run_files import RunFiles, StatesPart
 from .io.run_summary import StartSummary
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
@@ -116,10 +115,10 @@ def _instances_of(callbacks: Sequence[Any], kind: type | tuple[type, ...] | str)
     :meth:`DiffusionSDPOTrainer.callbacks_of`), a tracker registered in a :class:`~.io.trackers.TrackerCallback` as
     itself."""
     if isinstance(kind, str):  # a class whose module a run loads only when it uses it
-        kind = _loaded(kind)
+        kind = loaded_class(kind)
         if not kind:  # an instance of the class would have loaded its module: there is none
             return []
-    wrapper = _loaded(TRACKER_CALLBACK)  # () until a tracker is registered: isinstance(x, ()) is False
+    wrapper = loaded_class(TRACKER_CALLBACK)  # () until a tracker is registered: isinstance(x, ()) is False
     found = []
     for callback in callbacks:
         if isinstance(callback, kind):
@@ -127,13 +126,6 @@ def _instances_of(callbacks: Sequence[Any], kind: type | tuple[type, ...] | str)
         elif isinstance(callback, wrapper) and isinstance(callback.tracker, kind):
             found.append(callback.tracker)
     return found
-
-
-def _loaded(kind: str) -> tuple[type, ...]:
-    """The class ``kind`` names (``"module:Class"``) where its module is loaded, else ``()``."""
-    module, _, name = kind.partition(":")
-    loaded = sys.modules.get(module)
-    return () if loaded is None else (getattr(loaded, name),)
 
 
 def _refuse_beside_config(registered: Sequence[Any], added: Sequence[Any], args: DiffusionSDPOConfig) -> None:
@@ -899,7 +891,7 @@ class DiffusionSDPOTrainer(Trainer):
 
             callback, moved = tracker_callback(callback), self.callbacks_of(console_callbacks())
         else:
-            moved = self.callbacks_of((*_loaded(TRACKER_CALLBACK), *console_callbacks()))
+            moved = self.callbacks_of((*loaded_class(TRACKER_CALLBACK), *console_callbacks()))
         for reporting in moved:
             super().remove_callback(reporting)
         super().add_callback(callback)

@@ -10,12 +10,12 @@ from typing import Any
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 
-__all__ = ["REPORTING_CALLBACKS", "TRACKER_CALLBACK", "console_callbacks", "is_tracker"]
+__all__ = ["REPORTING_CALLBACKS", "TRACKER_CALLBACK", "console_callbacks", "is_tracker", "loaded_class"]
 
 #: transformers' reporting callbacks (those ``report_to`` names)
 REPORTING_CALLBACKS: tuple[type[TrainerCallback], ...] = tuple(INTEGRATION_TO_CALLBACK.values())
-#: the module of transformers' notebook progress bar, which imports IPython: transformers loads it in a notebook only
-NOTEBOOK_MODULE = "transformers.utils.notebook"
+#: transformers' notebook progress bar, whose module imports IPython: transformers loads it in a notebook only
+NOTEBOOK_CALLBACK = "transformers.utils.notebook:NotebookProgressCallback"
 #: the callback a tracker is registered in, by the ``"module:Class"`` name ``trainer.callbacks_of`` takes
 TRACKER_CALLBACK = "trl_diffusion_sdpo.io.trackers:TrackerCallback"
 
@@ -24,8 +24,15 @@ def console_callbacks() -> tuple[type[TrainerCallback], ...]:
     """transformers' console callbacks, which take figures they do not print (``total_flos``) out of the logs: the
     trainer keeps them after the trackers. The notebook's bar is among them where its module is loaded: no instance of
     it can exist before, and importing it for the check would import IPython into every run."""
-    notebook = sys.modules.get(NOTEBOOK_MODULE)
-    return (ProgressCallback, PrinterCallback, *((notebook.NotebookProgressCallback,) if notebook else ()))
+    return (ProgressCallback, PrinterCallback, *loaded_class(NOTEBOOK_CALLBACK))
+
+
+def loaded_class(kind: str) -> tuple[type, ...]:
+    """The class ``kind`` names (``"module:Class"``) where its module is loaded, else ``()``: a class whose module a
+    run loads only when it uses it has no instance before."""
+    module, _, name = kind.partition(":")
+    loaded = sys.modules.get(module)
+    return () if loaded is None else (getattr(loaded, name),)
 
 
 def is_tracker(callback: Any) -> bool:
