@@ -192,6 +192,20 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
 
 
+def train_until_killed(
+    output_dir: str, tokenizer_dir: str, step: int, stage: str, save_total_limit: int = 2, resume: bool = False
+) -> None:
+    """Build the run (:func:`build_rewind_trainer`'s for ``rewind_snapshot``), make its save at ``step`` kill this
+    process at ``stage`` and train; returns only if the kill never came."""
+    if stage == "rewind_snapshot":
+        trainer = build_rewind_trainer(output_dir, tokenizer_dir)
+    else:
+        trainer = build_trainer(output_dir, tokenizer_dir, save_total_limit=save_total_limit)
+    install_kill(trainer, step, stage)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    print("finished without being killed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -201,13 +215,14 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--save-total-limit", type=int, default=2)
     options = parser.parse_args()
-    if options.kill_stage == "rewind_snapshot":
-        trainer = build_rewind_trainer(options.output_dir, options.tokenizer_dir)
-    else:
-        trainer = build_trainer(options.output_dir, options.tokenizer_dir, save_total_limit=options.save_total_limit)
-    install_kill(trainer, options.kill_step, options.kill_stage)
-    trainer.train(resume_from_checkpoint=True if options.resume else None)
-    print("finished without being killed")
+    train_until_killed(
+        options.output_dir,
+        options.tokenizer_dir,
+        options.kill_step,
+        options.kill_stage,
+        save_total_limit=options.save_total_limit,
+        resume=options.resume,
+    )
 
 
 if __name__ == "__main__":

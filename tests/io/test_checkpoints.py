@@ -1,8 +1,8 @@
 """Checkpoints appear whole or not at all; resume takes only complete ones and says which; damage is named.
 
-The kill tests run training in a subprocess (``checkpoint_kill_worker.py``) that SIGKILLs itself at a named stage of
-the save at step 3, resume in this process with ``resume_from_checkpoint=True``, and compare the final weights with
-an uninterrupted run's.
+The kill tests run training in a child process forked from this one (``checkpoint_kill_worker.py``'s run, without
+a second interpreter's imports) that SIGKILLs itself at a named stage of the save at step 3, resume in this process
+with ``resume_from_checkpoint=True``, and compare the final weights with an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
+import traceback
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
-from tests.checkpoint_kill_worker import STAGES, build_rewind_trainer, build_trainer
-from tests.helpers.common import worker_environment
+from tests.checkpoint_kill_worker import STAGES, build_rewind_trainer, build_trainer, train_until_killed
 from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
     MANIFEST_NAME,
@@ -33,7 +35,6 @@ from trl_diffusion_sdpo.io.checkpoints import (
     resolve_resume_checkpoint,
 )
 
-WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoint_kill_worker.py")
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -153,17 +154,42 @@ def test_a_complete_checkpoint_left_in_its_staging_run_folder_is_published_under
 # ----------------------------------------------------------------------------------------------- kills
 
 
+def _train_in_a_fork_until_killed(out: str, tok: str, stage: str, limit: int, timeout: float = 300) -> int:
+    """The worker's run, killed at ``stage`` of its save at step 3, in a child forked from this process (its own
+    process, so the kill ends it as abruptly as any; this process's imports and settings, one intra-op thread among
+    them); returns the child's wait status. A child still running after ``timeout`` seconds is killed."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            train_until_killed(out, tok, 3, stage, save_total_limit=limit)
+        except BaseException:
+            traceback.print_exc()
+            code = 2
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the run at {out} was still running after {timeout} s")
+        time.sleep(0.05)
+
+
 def _kill_then_resume(
     stage: str, tmp_path, uninterrupted, expected_resume_step: int, caplog, build=build_trainer, limit: int = 2
 ):
     """Kill the worker's run at ``stage`` of the save at step 3, resume it here (``build``: the worker's run, with
     ``save_total_limit=limit``) and compare its final weights with ``uninterrupted``'s; returns the resumed trainer."""
     out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
-    env = worker_environment()
-    command = [sys.executable, WORKER, out, "--tokenizer-dir", tok, "--kill-step", "3", "--kill-stage", stage]
-    command += ["--save-total-limit", str(limit)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, f"the worker was not killed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    status = _train_in_a_fork_until_killed(out, tok, stage, limit)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the run was not killed ({status})"
     assert not os.path.isdir(os.path.join(out, "checkpoint-4"))
     trainer = build(out, tok) if build is not build_trainer else build(out, tok, save_total_limit=limit)
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
