@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tests.checkpoint_kill_worker import build_trainer
 from tests.helpers.common import StopAt
@@ -80,6 +81,18 @@ def _rewind_run(make_trainer, make_pickapic, output_dir, lora: bool, callbacks=(
     return trainer
 
 
+class CopyOutputAt(TrainerCallback):
+    """Copies the run's output folder to ``target`` right after the save at optimizer step ``step``: the folder an
+    interruption there leaves."""
+
+    def __init__(self, step: int, target) -> None:
+        self.step, self.target = step, target
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            shutil.copytree(args.output_dir, self.target)
+
+
 def test_the_rewinds_snapshot_is_part_of_its_checkpoint_listed_and_checked_by_the_manifest(
     make_trainer, make_pickapic, tmp_path
 ):
@@ -101,11 +114,16 @@ def test_the_rewinds_snapshot_is_part_of_its_checkpoint_listed_and_checked_by_th
 def test_a_full_tuning_run_resumed_between_the_healthy_probe_and_the_alarm_rewinds_as_the_uninterrupted_one(
     make_trainer, make_pickapic, tmp_path
 ):
-    straight = _rewind_run(make_trainer, make_pickapic, tmp_path / "straight", lora=False)
-    _rewind_run(make_trainer, make_pickapic, tmp_path / "resumed", lora=False, callbacks=[StopAt(3)])
+    # The run interrupted after step 3 is the uninterrupted one up to there: its output folder as it stood right
+    # after that save, the checkpoint and the live snapshot, copied while the uninterrupted run goes on.
+    straight = _rewind_run(
+        make_trainer, make_pickapic, tmp_path / "straight", lora=False,
+        callbacks=[CopyOutputAt(3, tmp_path / "resumed")],
+    )  # fmt: skip
     checkpoint = str(tmp_path / "resumed" / "checkpoint-3")
     # The snapshot read back is the checkpoint's, not the one the interrupted run left in the output folder.
     live = tmp_path / "resumed" / REWIND_FOLDER
+    assert os.listdir(live)
     for name in os.listdir(live):
         os.remove(live / name)
     resumed = _rewind_run(make_trainer, make_pickapic, tmp_path / "resumed", lora=False, resume=checkpoint)
