@@ -47,8 +47,13 @@ from .config.defaults import resolved_config
 from .data.columns import prompt_column
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
-from .engines.base import place_batch, trainable_parameters
-from .engines.collectives import check_not_partitioned, check_one_device_per_process, training_pipeline
+from .engines.base import (
+    check_not_partitioned,
+    check_one_device_per_process,
+    place_batch,
+    trainable_parameters,
+    training_pipeline,
+)
 from .families import ModelFamily, Noiser, family_for_pipeline, is_quantized
 from .families.preparation import (
     CallerModules,
@@ -613,13 +618,13 @@ class DiffusionSDPOTrainer(Trainer):
         A save failing on the filesystem (a full disk) removes its partial folder and raises
         :class:`.io.checkpoints.CheckpointSaveError` naming the folder and the bytes needed; the complete
         checkpoints are untouched."""
-        folder = self.files.checkpoint_folder()
+        save = self.files.checkpoint_save()  # this step's folder, and what its save sets aside
         try:
-            self.files.begin_checkpoint(folder)
+            save.begin()
             super()._save_checkpoint(model, trial)
-            self.files.finish_checkpoint(folder)
+            save.finish()
         except Exception as err:
-            failure = self.files.checkpoint_failed(err, folder)
+            failure = save.failed(err)
             if failure is None:
                 raise
             raise failure from err

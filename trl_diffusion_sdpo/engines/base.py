@@ -20,29 +20,40 @@ and DeepSpeed's engine leaves a step without data unapplied the same way (:func:
 
 What the exact safeguard needs of an engine (its per-branch gradient store and reductions) is that engine's
 :class:`~trl_diffusion_sdpo.safeguards.gradients.collectives.BranchCollectives`.
+
+The checks every run makes before an engine is chosen, one process's too, are here: the pipeline a trainer tunes
+(:func:`training_pipeline`), its frozen components whole (:func:`check_not_partitioned`) and one device per process
+(:func:`check_one_device_per_process`). What several processes share (loading a pipeline with ZeRO-3's construction
+switched off, the collectives) is :mod:`.collectives`, loaded by a run that uses it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
+from diffusers import DiffusionPipeline
 
 from ..families.preparation import reference_like_policy
 
 __all__ = [
     "PASS_PLACEMENTS",
     "Engine",
+    "check_not_partitioned",
+    "check_one_device_per_process",
     "fused_scaling_optimizer",
     "gradient_norm",
+    "is_partitioned",
     "local_gradient_norm",
     "optimizer_parameters",
     "place_batch",
     "trainable_parameters",
+    "training_pipeline",
 ]
 
 # Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
@@ -277,3 +288,51 @@ def fused_scaling_optimizer(
     if isinstance(optimizer, torch.optim.Optimizer) and getattr(optimizer, "_step_supports_amp_scaling", False):
         return optimizer
     return None
+
+
+def training_pipeline(model: DiffusionPipeline | str | os.PathLike) -> tuple[DiffusionPipeline, str | None]:
+    """The pipeline a trainer tunes, from a pipeline or a local path / Hub id (:func:`~.collectives.load_pipeline`),
+    and the name of its base model (``None`` when unknown)."""
+    if isinstance(model, (str, os.PathLike)):
+        from .collectives import load_pipeline  # a path: loaded whole under ZeRO-3's zero3_init_flag, by its module
+
+        pipeline = load_pipeline(model)
+    else:
+        pipeline = model
+    if not isinstance(pipeline, DiffusionPipeline):
+        raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
+    name = getattr(pipeline.config, "_name_or_path", None) or (model if isinstance(model, str) else None)
+    return pipeline, None if name is None else os.fspath(name)  # a pathlib.Path given to from_pretrained
+
+
+def is_partitioned(parameter: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages ``parameter`` (its data then lives in shards across processes)."""
+    return hasattr(parameter, "ds_id")
+
+
+def check_not_partitioned(modules: dict[str, torch.nn.Module]) -> None:
+    """Raise if any of the frozen ``modules`` was built under ``deepspeed.zero.Init`` (sharded)."""
+    for name, module in modules.items():
+        if any(is_partitioned(p) for p in module.parameters()):
+            raise ValueError(
+                f"The pipeline's {name} was loaded sharded by DeepSpeed ZeRO-3 (zero3_init_flag). Frozen components "
+                "must be whole on every process: load the pipeline with trl_diffusion_sdpo.load_pipeline(path) or "
+                "inside trl_diffusion_sdpo.zero3_init_disabled()."
+            )
+
+
+def check_one_device_per_process(args) -> None:
+    """Refuse one process driving several GPUs (``python train.py`` on a multi-GPU machine).
+
+    transformers then sets ``args.n_gpu`` to the device count and wraps the denoiser in ``torch.nn.DataParallel``,
+    which splits every input tensor along its first axis: the conditioning tensors without a batch axis (FLUX's
+    ``img_ids`` and ``txt_ids``) are cut wrongly, the step's draws and its collectives assume one device per process.
+    """
+    n_gpu = args.n_gpu
+    if n_gpu > 1:
+        raise ValueError(
+            f"One process sees {n_gpu} GPUs (started with `python`, not a launcher): transformers would wrap the "
+            "denoiser in torch.nn.DataParallel, which this trainer does not support. Start one process per GPU: "
+            f"`accelerate launch --num_processes {n_gpu} your_script.py ...` (or `torchrun --nproc_per_node "
+            f"{n_gpu} ...`), or train on one GPU with CUDA_VISIBLE_DEVICES=0."
+        )

@@ -2,8 +2,11 @@
 
 * The frozen VAE and text encoder(s) are never partitioned: :func:`load_pipeline` loads a pipeline with ZeRO-3's
   model construction switched off (transformers would otherwise build the CLIP text encoders inside
-  ``deepspeed.zero.Init`` and shard them), and :func:`check_not_partitioned` refuses a pipeline that was loaded
-  sharded; :func:`check_one_device_per_process` refuses a process that sees several GPUs.
+  ``deepspeed.zero.Init`` and shard them), for a trainer given a path or Hub id too
+  (:func:`~.base.training_pipeline`); the checks every run makes, one process's too, live in :mod:`.base`
+  (:func:`~.base.check_not_partitioned` refuses a pipeline that was loaded sharded,
+  :func:`~.base.check_one_device_per_process` a process that sees several GPUs), so a run of one process given a
+  pipeline never loads this module.
 * :func:`shard_like` cuts full tensors into a process's FSDP2 shards (loading diffusers-format weights on resume).
 * :func:`all_reduce_sum` serves the output-space safeguard's global scope; :func:`all_reduce_mean_` averages
   gradients (or the winner's gradient buffer) in place, for the exact safeguard, which runs its passes outside
@@ -25,7 +28,13 @@ from diffusers import DiffusionPipeline
 
 from ..families.loading import import_own_components, resolve_model_name
 
-__all__ = ["all_reduce_mean_", "load_pipeline", "shard_like", "training_pipeline", "zero3_init_disabled", "zero_stage"]
+__all__ = [
+    "all_reduce_mean_",
+    "load_pipeline",
+    "shard_like",
+    "zero3_init_disabled",
+    "zero_stage",
+]
 
 
 def zero_stage(accelerator) -> int | None:
@@ -69,49 +78,6 @@ def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> DiffusionPipeline:
     import_own_components(pretrained)
     with zero3_init_disabled():
         return DiffusionPipeline.from_pretrained(pretrained, **kwargs)
-
-
-def training_pipeline(model: DiffusionPipeline | str | os.PathLike) -> tuple[DiffusionPipeline, str | None]:
-    """The pipeline a trainer tunes, from a pipeline or a local path / Hub id (:func:`load_pipeline`), and the name
-    of its base model (``None`` when unknown)."""
-    pipeline = load_pipeline(model) if isinstance(model, (str, os.PathLike)) else model
-    if not isinstance(pipeline, DiffusionPipeline):
-        raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
-    name = getattr(pipeline.config, "_name_or_path", None) or (model if isinstance(model, str) else None)
-    return pipeline, None if name is None else os.fspath(name)  # a pathlib.Path given to from_pretrained
-
-
-def is_partitioned(parameter: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 manages ``parameter`` (its data then lives in shards across processes)."""
-    return hasattr(parameter, "ds_id")
-
-
-def check_not_partitioned(modules: dict[str, torch.nn.Module]) -> None:
-    """Raise if any of the frozen ``modules`` was built under ``deepspeed.zero.Init`` (sharded)."""
-    for name, module in modules.items():
-        if any(is_partitioned(p) for p in module.parameters()):
-            raise ValueError(
-                f"The pipeline's {name} was loaded sharded by DeepSpeed ZeRO-3 (zero3_init_flag). Frozen components "
-                "must be whole on every process: load the pipeline with trl_diffusion_sdpo.load_pipeline(path) or "
-                "inside trl_diffusion_sdpo.zero3_init_disabled()."
-            )
-
-
-def check_one_device_per_process(args) -> None:
-    """Refuse one process driving several GPUs (``python train.py`` on a multi-GPU machine).
-
-    transformers then sets ``args.n_gpu`` to the device count and wraps the denoiser in ``torch.nn.DataParallel``,
-    which splits every input tensor along its first axis: the conditioning tensors without a batch axis (FLUX's
-    ``img_ids`` and ``txt_ids``) are cut wrongly, the step's draws and its collectives assume one device per process.
-    """
-    n_gpu = args.n_gpu
-    if n_gpu > 1:
-        raise ValueError(
-            f"One process sees {n_gpu} GPUs (started with `python`, not a launcher): transformers would wrap the "
-            "denoiser in torch.nn.DataParallel, which this trainer does not support. Start one process per GPU: "
-            f"`accelerate launch --num_processes {n_gpu} your_script.py ...` (or `torchrun --nproc_per_node "
-            f"{n_gpu} ...`), or train on one GPU with CUDA_VISIBLE_DEVICES=0."
-        )
 
 
 def shard_like(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

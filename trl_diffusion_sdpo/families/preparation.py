@@ -4,7 +4,7 @@ As in diffusers' training scripts: frozen weights in the compute dtype, trainabl
 scaler cannot unscale half-precision gradients, and bf16 weights lose small updates). The VAE and text encoders are
 frozen, in eval mode, on the device in the compute dtype (the VAE in float32 where the family asks), or left on the
 CPU when training reads a latent cache. A VAE kept in float32 beside half-precision modules casts what it is given
-to float32 (:func:`cast_inputs_to_own_dtype`), so the pipeline still samples in place after training.
+to float32 (:func:`~.own_dtype.cast_inputs_to_own_dtype`), so the pipeline still samples in place after training.
 """
 
 from __future__ import annotations
@@ -221,9 +221,10 @@ def place_frozen_modules(
     ``device`` only while it runs.
 
     A module placed in another dtype than ``dtype`` (the float32 VAE of a half-precision run) takes inputs in any
-    dtype (:func:`cast_inputs_to_own_dtype`): the pipelines of SD, SDXL, SD3 and FLUX.1 (Kontext too) hand their VAE
-    latents and images in the text encoders' dtype, which a float32 VAE refuses (``Input type (c10::BFloat16) and
-    bias type (float) should be the same``). Returns the hooks it registered (:func:`cast_inputs_to_own_dtype`'s)."""
+    dtype (:func:`~.own_dtype.cast_inputs_to_own_dtype`): the pipelines of SD, SDXL, SD3 and FLUX.1 (Kontext too)
+    hand their VAE latents and images in the text encoders' dtype, which a float32 VAE refuses (``Input type
+    (c10::BFloat16) and bias type (float) should be the same``). Returns the hooks it registered
+    (:func:`~.own_dtype.cast_inputs_to_own_dtype`'s)."""
     handles: list[RemovableHandle] = []
     for name, module in family.frozen_modules().items():
         if on_cpu:
@@ -238,55 +239,9 @@ def place_frozen_modules(
         else:
             cast_module(module, module_dtype, device)
         if module_dtype != dtype:
+            from .own_dtype import cast_inputs_to_own_dtype  # a module kept in another dtype only (an upcast VAE)
+
             handles += cast_inputs_to_own_dtype(module)
-    return handles
-
-
-# The autocast switched off by _enter_own_dtype, per module call in progress, until _leave_own_dtype restores it.
-_AUTOCAST_OFF: dict[int, list[torch.autocast]] = {}
-
-
-def _enter_own_dtype(
-    module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
-) -> tuple[tuple[object, ...], dict[str, object]]:
-    """Forward pre-hook: an enclosing autocast off, and floating-point tensor arguments in the dtype of ``module``'s
-    first floating parameter."""
-    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if parameter is None:
-        return args, kwargs
-    context = torch.autocast(parameter.device.type, enabled=False)
-    context.__enter__()
-    _AUTOCAST_OFF.setdefault(id(module), []).append(context)
-
-    def cast(value: object) -> object:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != parameter.dtype:
-            return value.to(parameter.dtype)
-        return value
-
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-
-def _leave_own_dtype(module: torch.nn.Module, args: object, kwargs: object, output: object) -> None:
-    """Forward hook, called even when the forward raises: restores the autocast :func:`_enter_own_dtype` turned off."""
-    contexts = _AUTOCAST_OFF.get(id(module))
-    if contexts:
-        contexts.pop().__exit__(None, None, None)
-        if not contexts:
-            del _AUTOCAST_OFF[id(module)]
-
-
-def cast_inputs_to_own_dtype(module: torch.nn.Module) -> list[RemovableHandle]:
-    """Make each direct child of ``module`` (a VAE's encoder, decoder and quant convs) compute in its own dtype,
-    whatever it is given and under whatever autocast: floating-point inputs are cast to it, as SDXL's pipeline casts
-    the latents when it upcasts its VAE (``latents.to(post_quant_conv dtype)``), and an enclosing autocast is off, as
-    in :meth:`~.families.ModelFamily.encode_moments` (a validation grid samples under one; the SDXL VAE overflows in
-    fp16). On the children, not on ``forward``: pipelines call ``vae.encode`` and ``vae.decode``. Once per child,
-    however often the module is placed. Returns the hooks it registered (none on a module placed before)."""
-    handles: list[RemovableHandle] = []
-    for child in module.children():
-        if _enter_own_dtype not in child._forward_pre_hooks.values():
-            handles.append(child.register_forward_pre_hook(_enter_own_dtype, with_kwargs=True))
-            handles.append(child.register_forward_hook(_leave_own_dtype, with_kwargs=True, always_call=True))
     return handles
 
 

@@ -15,7 +15,8 @@ callbacks write in ``on_save``, which transformers calls after the save returns,
 :func:`amend_manifest` (the trainer's own ``on_save``, run after every other callback's).
 A save failing with an ``OSError`` (a full disk) removes its partial folder and raises
 :class:`~.checkpoints.CheckpointSaveError` naming the folder and the bytes needed (:func:`save_failure`); what was set
-aside is put back.
+aside is put back. :class:`CheckpointSave` runs these around one save of the trainer's run, for its
+``_save_checkpoint`` (through :meth:`~.run_files.RunFiles.checkpoint_save`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import json
 import logging
 import os
 import shutil
+from typing import Any
 
+from .. import io as run_io  # the run identity's writer (.resume_check) resolved on first use
 from ..config.file_modes import follow_umask
 from ..config.messages import advice
 from .checkpoints import (
@@ -40,6 +43,7 @@ from .checkpoints import (
 from .run_folder import REPLACED_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 
 __all__ = [
+    "CheckpointSave",
     "amend_manifest",
     "clear_checkpoint",
     "drop_replaced",
@@ -260,3 +264,73 @@ def save_failure(err: BaseException, folder: str, run_dir: str, written: int, fr
         f"save was removed. {kept}Free space (or lower {advice('--save_total_limit', 'save_total_limit')}) and "
         f"resume with {advice('--resume_from_checkpoint true', 'resume_from_checkpoint=True')}.",
     )
+
+
+class CheckpointSave:
+    """One checkpoint save of a trainer's run, around transformers' ``_save_checkpoint``: the trainer's own
+    ``_save_checkpoint`` calls :meth:`begin`, transformers' save, then :meth:`finish`, or :meth:`failed` where any of
+    them raised. Every process calls each.
+
+    Args:
+        files: the trainer's ``trainer.files`` (:class:`~.run_files.RunFiles`), whose trainer and checkpoint parts it
+            reads.
+        folder: ``<output_dir>/checkpoint-<step>``, where transformers writes this step's checkpoint.
+    """
+
+    def __init__(self, files: Any, folder: str) -> None:
+        self.files, self.trainer, self.folder = files, files.trainer, folder
+        self._kept: str | None = None  # the complete checkpoint hard-linked aside during a save (keep_newest_complete)
+
+    def begin(self) -> None:
+        """Before transformers' save writes ``folder``: a ``checkpoint-N`` left there by a killed save of the same step
+        removed (a complete one set aside), the newest complete checkpoint hard-linked aside where transformers'
+        rotation may delete it before ``folder`` is marked complete (``save_total_limit``), and ``run_identity.json``
+        written into ``folder`` first (a folder holding it and no manifest is a save never finished:
+        :mod:`.checkpoints`). Every process calls it."""
+        trainer, folder = self.trainer, self.folder
+        if trainer.args.should_save:
+            clear_checkpoint(folder)
+            if trainer.args.save_total_limit is not None and trainer.args.save_total_limit > 0:
+                self._kept = keep_newest_complete(trainer.args.output_dir, trainer.state.global_step)
+            os.makedirs(folder)
+            run_io.write_run_identity(trainer, folder)
+        trainer.accelerator.wait_for_everyone()  # no process writes into a folder being cleared
+        trainer.engine.prepare_checkpoint(trainer.optimizer)
+
+    def finish(self) -> None:
+        """After transformers' save: the checkpoint parts written into ``folder``; once every process has written its
+        files (RNG states, engine shards, parts), the engine's files no resume reads removed and the checkpoint marked
+        complete by its manifest, written last (:func:`mark_complete`); what was set aside for
+        the save deleted. Every process calls it."""
+        trainer, folder = self.trainer, self.folder
+        args = trainer.args
+        for part in self.files.checkpoint_parts():
+            part.save(folder)
+        trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            for unused in trainer.engine.unused_checkpoint_files(folder):  # FSDP's model copy: never resumed from
+                shutil.rmtree(unused) if os.path.isdir(unused) else os.remove(unused)
+            mark_complete(folder)
+            drop_replaced(folder)  # a complete one of this step, set aside until now
+            if self._kept is not None:  # the newest complete one before it, kept through transformers' rotation
+                drop_replaced(self._kept)
+                self._kept = None
+        trainer.accelerator.wait_for_everyone()
+
+    def failed(self, err: Exception) -> CheckpointSaveError | None:
+        """A save of ``folder`` raised ``err``: the partial folder removed, and what was set aside for the save put
+        back where it is gone (the complete checkpoint of this step it was replacing; the newest complete one, where
+        transformers' rotation deleted it before the failure); a :class:`.checkpoints.CheckpointSaveError` naming the
+        folder and the bytes needed to raise where the filesystem failed (a full disk), else ``None`` (``err`` is
+        raised as it is). Under several processes the others are left at a barrier; the job fails on this error."""
+        folder, run_dir = self.folder, self.trainer.args.output_dir
+        written, free = folder_bytes(folder), free_bytes(run_dir)
+        if self.trainer.args.should_save:
+            shutil.rmtree(folder, ignore_errors=True)
+            restore_replaced(folder)  # a complete checkpoint of this step the save was replacing
+            if self._kept is not None:  # put back where transformers' rotation had deleted it
+                restore_replaced(self._kept)
+                self._kept = None
+        if not is_save_failure(err, free):
+            return None
+        return save_failure(err, folder, run_dir, written, free)

@@ -57,7 +57,7 @@ from .run_lock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
     from ..callbacks.state_files import Stateful
-    from .checkpoints import CheckpointSaveError
+    from .checkpoint_writing import CheckpointSave
     from .hub import RunHub
 
 __all__ = [
@@ -159,7 +159,6 @@ class RunFiles(TrainerCallback):
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.parts: list[CheckpointPart] = []  # saved into every checkpoint, loaded at resume
-        self._kept: str | None = None  # the complete checkpoint hard-linked aside during a save (keep_newest_complete)
         #: what a resumed run multiplies the restored learning rates by when training begins (a changed learning_rate)
         self.learning_rate_factor = 1.0
 
@@ -355,44 +354,10 @@ class RunFiles(TrainerCallback):
         does not take)."""
         return os.path.join(self.trainer.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.trainer.state.global_step}")
 
-    def begin_checkpoint(self, folder: str) -> None:
-        """Before transformers' save writes ``folder``: a ``checkpoint-N`` left there by a killed save of the same step
-        removed (a complete one set aside), the newest complete checkpoint hard-linked aside where transformers'
-        rotation may delete it before ``folder`` is marked complete (``save_total_limit``), and ``run_identity.json``
-        written into ``folder`` first (a folder holding it and no manifest is a save never finished:
-        :mod:`.checkpoints`). Every process calls it."""
-        trainer = self.trainer
-        self._kept = None
-        if trainer.args.should_save:
-            writing = checkpoint_writing()
-            writing.clear_checkpoint(folder)
-            if trainer.args.save_total_limit is not None and trainer.args.save_total_limit > 0:
-                self._kept = writing.keep_newest_complete(trainer.args.output_dir, trainer.state.global_step)
-            os.makedirs(folder)
-            run_io.write_run_identity(trainer, folder)
-        trainer.accelerator.wait_for_everyone()  # no process writes into a folder being cleared
-        trainer.engine.prepare_checkpoint(trainer.optimizer)
-
-    def finish_checkpoint(self, folder: str) -> None:
-        """After transformers' save: the checkpoint parts written into ``folder``; once every process has written its
-        files (RNG states, engine shards, parts), the engine's files no resume reads removed and the checkpoint marked
-        complete by its manifest, written last (:func:`.checkpoint_writing.mark_complete`); what was set aside for
-        the save deleted. Every process calls it."""
-        trainer = self.trainer
-        args = trainer.args
-        for part in self.checkpoint_parts():
-            part.save(folder)
-        trainer.accelerator.wait_for_everyone()
-        if args.should_save:
-            for unused in trainer.engine.unused_checkpoint_files(folder):  # FSDP's model copy: never resumed from
-                shutil.rmtree(unused) if os.path.isdir(unused) else os.remove(unused)
-            writing = checkpoint_writing()
-            writing.mark_complete(folder)
-            writing.drop_replaced(folder)  # a complete one of this step, set aside until now
-            if self._kept is not None:  # the newest complete one before it, kept through transformers' rotation
-                writing.drop_replaced(self._kept)
-                self._kept = None
-        trainer.accelerator.wait_for_everyone()
+    def checkpoint_save(self) -> CheckpointSave:
+        """This step's checkpoint save (:class:`.checkpoint_writing.CheckpointSave`, whose module the run's first save
+        loads): what the trainer's ``_save_checkpoint`` runs before, after and on the failure of transformers' save."""
+        return checkpoint_writing().CheckpointSave(self, self.checkpoint_folder())
 
     def on_save(self, args, state, control, **kwargs):
         """After transformers' save and every other callback's ``on_save`` (this callback runs last): the files they
@@ -412,25 +377,6 @@ class RunFiles(TrainerCallback):
         (:meth:`.hub.RunHub.ready_output_dir`)."""
         self.hub.ready_output_dir(self.checkpoint_folder())
         return control
-
-    def checkpoint_failed(self, err: Exception, folder: str) -> CheckpointSaveError | None:
-        """A save of ``folder`` raised ``err``: the partial folder removed, and what was set aside for the save put
-        back where it is gone (the complete checkpoint of this step it was replacing; the newest complete one, where
-        transformers' rotation deleted it before the failure); a :class:`.checkpoints.CheckpointSaveError` naming the
-        folder and the bytes needed to raise where the filesystem failed (a full disk), else ``None`` (``err`` is
-        raised as it is). Under several processes the others are left at a barrier; the job fails on this error."""
-        writing = checkpoint_writing()
-        run_dir = self.trainer.args.output_dir
-        written, free = writing.folder_bytes(folder), writing.free_bytes(run_dir)
-        if self.trainer.args.should_save:
-            shutil.rmtree(folder, ignore_errors=True)
-            writing.restore_replaced(folder)  # a complete checkpoint of this step the save was replacing
-            if self._kept is not None:  # put back where transformers' rotation had deleted it
-                writing.restore_replaced(self._kept)
-                self._kept = None
-        if not writing.is_save_failure(err, free):
-            return None
-        return writing.save_failure(err, folder, run_dir, written, free)
 
     def save_checkpoint(self) -> None:
         """A checkpoint of the trainer's state now (the last good step, before a run stops on an error): the

@@ -9,7 +9,8 @@
   ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")`` (``SD3Transformer2DModel`` /
   ``FluxTransformer2DModel`` with ``subfolder="transformer"``); in the final output folder also the rest of the
   pipeline (:func:`save_pipeline_components`), so ``DiffusionPipeline.from_pretrained(output_dir)`` loads it, as
-  after diffusers' full fine-tuning scripts.
+  after diffusers' full fine-tuning scripts. Its functions live in :mod:`.full_tuning`, which a full tuning loads
+  when it first saves or resumes; they resolve here too.
 
 The same files serve as the weights of a training checkpoint, so resuming reads exactly what a user would load.
 """
@@ -20,18 +21,20 @@ import json
 import os
 import shutil
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from huggingface_hub import save_torch_state_dict
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from ..config._lazy import lazy_attributes
 from ..config.file_modes import follow_umask
-from ..engines.collectives import shard_like
 from .run_folder import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER
+
+if TYPE_CHECKING:  # the names resolved on first use, for type checkers and IDEs only
+    from .full_tuning import has_pipeline_components, load_full_denoiser, save_full_denoiser, save_pipeline_components
 
 __all__ = [
     "LORA_WEIGHTS_NAME",
@@ -50,9 +53,11 @@ __all__ = [
     "write_training_config",
 ]
 
-PIPELINE_INDEX_NAME = "model_index.json"
-# diffusion_pytorch_model.safetensors, or -00001-of-0000N shards with diffusion_pytorch_model.safetensors.index.json
-_DIFFUSERS_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
+#: full tuning's files, in their own module: a run that tunes LoRA never loads it
+_FULL_TUNING = {
+    name: f"{__package__}.full_tuning"
+    for name in ("load_full_denoiser", "save_full_denoiser", "save_pipeline_components", "has_pipeline_components")
+}
 
 
 def has_lora_adapters(denoiser: torch.nn.Module) -> bool:
@@ -161,64 +166,10 @@ def load_lora_adapters(
         raise ValueError(f"LoRA weights in {directory} do not match the model's adapters: {unexpected[:5]}")
 
 
-def save_full_denoiser(
-    denoiser: torch.nn.Module,
-    output_dir: str,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    subfolder: str = UNET_SUBFOLDER,
-) -> str:
-    """Write ``output_dir/<subfolder>`` (``unet`` or ``transformer``) as ``save_pretrained`` does (config plus
-    safetensors); returns that folder.
-
-    ``state_dict`` (for example weights gathered from ZeRO-3 shards, where the module itself holds only its shard)
-    is written in place of the module's own, with diffusers' file names and shard index.
-    """
-    folder = os.path.join(output_dir, subfolder)
-    if state_dict is None:
-        denoiser.save_pretrained(folder, safe_serialization=True)
-        follow_umask(folder)
-        return folder
-    os.makedirs(folder, exist_ok=True)
-    denoiser.save_config(folder)
-    save_torch_state_dict(
-        {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-        folder,
-        filename_pattern=_DIFFUSERS_WEIGHTS_PATTERN,
-        max_shard_size="10GB",
-    )
-    follow_umask(folder)
-    return folder
-
-
-def load_full_denoiser(denoiser: torch.nn.Module, directory: str, subfolder: str = UNET_SUBFOLDER) -> None:
-    """Load weights written by :func:`save_full_denoiser` into ``denoiser`` in place (strict: every key must match;
-    into an FSDP2-sharded denoiser, each process's shards of them)."""
-    folder = os.path.join(directory, subfolder)
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"No safetensors weights in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(os.path.join(folder, name)))
-    denoiser.load_state_dict(shard_like(denoiser, state), strict=True)
-
-
 def has_saved_weights(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, LORA_WEIGHTS_NAME)) or any(
         os.path.isdir(os.path.join(directory, sub)) for sub in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER)
     )
-
-
-def save_pipeline_components(pipeline: Any, output_dir: str, denoiser: str = UNET_SUBFOLDER) -> None:
-    """Write ``model_index.json`` and every component but the trained ``denoiser`` (``"unet"`` or
-    ``"transformer"``) as ``pipeline.save_pretrained`` would (safetensors), so that with the folder
-    :func:`save_full_denoiser` wrote the output is a whole pipeline."""
-    for name, component in pipeline.components.items():
-        if name == denoiser or component is None or not hasattr(component, "save_pretrained"):
-            continue
-        component.save_pretrained(os.path.join(output_dir, name))
-        follow_umask(os.path.join(output_dir, name))
-    pipeline.save_config(output_dir)
 
 
 def write_training_config(args: Any, output_dir: str) -> str:
@@ -245,5 +196,4 @@ def copy_saved_model(source: str, destination: str) -> None:
             follow_umask(os.path.join(destination, subfolder))
 
 
-def has_pipeline_components(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, PIPELINE_INDEX_NAME))
+__getattr__, __dir__ = lazy_attributes(__name__, _FULL_TUNING, globals())
