@@ -19,6 +19,7 @@ from datasets import Image as ImageFeature
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
+from tests.helpers.flux_kontext import tiny_preferred_source_sizes
 from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.data import load_preference_data
 from trl_diffusion_sdpo.evaluation import (
@@ -80,6 +81,13 @@ def picture(colour: tuple[int, int, int], size: tuple[int, int] = (32, 32), corn
     image = Image.new("RGB", size, colour)
     image.paste((corner, corner, corner), (0, 0, size[0] // 3, size[1] // 3))
     return image
+
+
+@pytest.fixture(autouse=True)
+def tiny_kontext_sources(monkeypatch) -> None:
+    """Kontext resizes each source to its preferred size, here scaled to the tiny model's (see
+    ``tiny_preferred_source_sizes``)."""
+    tiny_preferred_source_sizes(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from tests.helpers.flow_family_checks import (
     FlowFamilyTrainingChecks,
     check_the_shipped_config_trains_from_local_folders,
 )
-from tests.helpers.flux_kontext import CASE, SEQ
+from tests.helpers.flux_kontext import CASE, SEQ, tiny_preferred_source_sizes
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, FluxKontextFamily, family_for_pipeline
 from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline, build_tiny_flux_pipeline
@@ -266,9 +266,12 @@ def test_lora_loads_into_the_pipeline_and_edits(make_pipe, make_config, pairs, t
     assert not torch.allclose(edited, base, atol=1e-4)  # the adapter is in the pipeline's transformer
 
 
-def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(make_pipe, make_config, pairs, tmp_path):
+def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(
+    make_pipe, make_config, pairs, tmp_path, monkeypatch
+):
     """A ValidationCallback's sources: the grid edits those images (another source, another grid) and an editing
-    scorer among its scorers receives each cell's source."""
+    scorer among its scorers receives each cell's source. The pipeline resizes each source to its preferred size,
+    here scaled to the tiny model's (``tiny_preferred_source_sizes``)."""
     import numpy as np
     from PIL import Image
 
@@ -286,6 +289,7 @@ def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(ma
             return torch.tensor([float(np.asarray(group[0])[..., 0].mean()) for group in sources])
 
     register_scorer("test-kontext-recorder", Recorder, overwrite=True)
+    tiny_preferred_source_sizes(monkeypatch)
     grids = []
     for index, colour in enumerate([(220, 20, 20), (20, 20, 220)]):
         source = tmp_path / f"source-{index}.png"
