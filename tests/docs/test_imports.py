@@ -1,6 +1,7 @@
 """Importing the package and asking the command line for help load nothing heavy and print nothing on stderr.
 
-Each check runs a fresh interpreter (this one has long imported torch) and reads back which modules it loaded.
+Each check runs a fresh interpreter (this one has long imported torch) and reads back which modules it loaded; the
+plain runs' checks, each in a process forked from one fresh interpreter once a user's script has made its imports.
 """
 
 from __future__ import annotations
@@ -231,14 +232,16 @@ def test_built_in_scorers_resolve_to_their_classes_and_the_demo_registers_colour
 
 # A plain run, as a user's script makes one: the tiny SD pipeline loaded from disk (the test pipelines' builders are
 # not imported by the run), LoRA, two optimizer steps, the weights saved; then the package's modules left loaded.
-PLAIN_RUN = """
+# The script's imports (PLAIN_RUN_IMPORTS) come first, then the run (PLAIN_RUN).
+PLAIN_RUN_IMPORTS = """
     import sys
     from datasets import Dataset
     from diffusers import DiffusionPipeline
     from peft import LoraConfig
     from PIL import Image
     from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-
+"""
+PLAIN_RUN = """
     pipeline_dir, output_dir = sys.argv[1], sys.argv[2]
     colours = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20)]
     rows = [
@@ -257,6 +260,54 @@ PLAIN_RUN = """
     trainer.train()
     trainer.save_model()
 """
+# A run's process, as a fresh interpreter is once the script's imports are done: one interpreter imports them, then
+# forks one process per job (a job's code run after them), each writing the modules it left loaded. The import costs
+# a fresh interpreter's seconds once for all the jobs; each job's process is the one a fresh interpreter running the
+# imports and then that job would be.
+FORKED_JOBS = """
+    import json, os, sys
+    IMPORTS
+    for code, argv, report in json.loads(sys.argv[1]):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                sys.argv[1:] = argv
+                exec(code, globals())
+                with open(report, "w") as file:
+                    json.dump(sorted(sys.modules), file)
+                status = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            sys.exit(f"the job writing {report} failed (wait status {status})")
+"""
+
+
+def run_forked(imports: str, jobs: list[tuple[str, list[str]]], folder: Path) -> list[list[str]]:
+    """Each of ``jobs`` (code, its ``sys.argv[1:]``) run in its own process forked from one fresh interpreter that
+    ran ``imports``: the modules each left loaded, in the order of ``jobs``."""
+    reports = [str(folder / f"modules-{i}.json") for i in range(len(jobs))]
+    listed = [(textwrap.dedent(code), argv, report) for (code, argv), report in zip(jobs, reports, strict=True)]
+    script = textwrap.dedent(FORKED_JOBS).replace("IMPORTS\n", textwrap.dedent(imports).lstrip("\n"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(listed)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads(Path(report).read_text()) for report in reports]
+
+
 # The safeguard spaces whose runs the tests below make. The lines such a run loads are a figure, not a test's limit:
 # benchmarks/tools/loaded_modules.py records them (benchmarks/results/structure/cpu-loaded-modules-tiny-sd.json).
 RUN_SPACES = ("none", "parameter")
@@ -283,20 +334,52 @@ def tiny_sd_pipeline_dir(tmp_path_factory) -> Path:
     return folder / "pipeline"
 
 
+# After the plain runs, a user's family taking a built-in family's name, in a process of its own forked after the
+# script's imports (which load no family's module but Stable Diffusion's: the plain run's test below).
+TAKE_A_BUILT_IN_NAME = """
+    import sys
+    from trl_diffusion_sdpo.families import register_family
+    from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
+
+    assert "trl_diffusion_sdpo.families.wan" not in sys.modules
+
+    class MyWan(StableDiffusionFamily):
+        pass
+
+    try:
+        register_family("wan", pipelines=("WanPipeline",))(MyWan)
+    except ValueError as error:
+        assert "'wan' is already registered" in str(error), error
+    else:
+        raise AssertionError("a user family took a built-in family's name")
+    assert "trl_diffusion_sdpo.families.wan" not in sys.modules
+"""
+
+
 @pytest.fixture(scope="module")
-def run_modules(tiny_sd_pipeline_dir, tmp_path_factory) -> Callable[..., Any]:
+def forked_runs(tiny_sd_pipeline_dir, tmp_path_factory) -> dict[str, list[str]]:
+    """Every module left loaded by a plain SD LoRA run with each safeguard space of :data:`RUN_SPACES` (keyed by the
+    space) and by the family check (``"family name"``), each job in its own process forked after the script's
+    imports."""
+    folder = tmp_path_factory.mktemp("runs")
+    jobs = [
+        (PLAIN_RUN.replace("SAFEGUARD_SPACE", repr(space)), [str(tiny_sd_pipeline_dir), str(folder / f"run-{space}")])
+        for space in RUN_SPACES
+    ]
+    jobs.append((TAKE_A_BUILT_IN_NAME, []))
+    found = run_forked(PLAIN_RUN_IMPORTS, jobs, folder)
+    return dict(zip([*RUN_SPACES, "family name"], found, strict=True))
+
+
+@pytest.fixture(scope="module")
+def run_modules(forked_runs) -> Callable[..., Any]:
     """``run_modules(safeguard_space)``: the package's modules a plain SD LoRA run with that safeguard space leaves
     loaded, with their lines; ``run_modules(safeguard_space, every=True)``: every module it left loaded, the
     libraries' too (each run made once per module of tests)."""
-    runs: dict[str, list[str]] = {}
 
     def modules_of(safeguard_space: str, every: bool = False) -> dict[str, int] | list[str]:
-        if safeguard_space not in runs:
-            output = tmp_path_factory.mktemp(f"run-{safeguard_space}")
-            script = textwrap.dedent(PLAIN_RUN).replace("SAFEGUARD_SPACE", repr(safeguard_space))
-            code = f"import sys\nsys.argv[1:] = [{str(tiny_sd_pipeline_dir)!r}, {str(output)!r}]\n{script}"
-            runs[safeguard_space] = run_fresh(code)[0]
-        return runs[safeguard_space] if every else module_lines(runs[safeguard_space])
+        modules = forked_runs[safeguard_space]
+        return modules if every else module_lines(modules)
 
     return modules_of
 
@@ -440,21 +523,8 @@ def test_finding_a_flux_pipelines_family_imports_no_other_familys_module(tmp_pat
     assert {family_of_module[m] for m in modules if m in family_of_module} == {"flux"}
 
 
-def test_a_built_in_familys_name_is_taken_before_its_module_is_imported():
-    code = """
-        import sys
-        from trl_diffusion_sdpo.families import register_family
-        from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
-
-        class MyWan(StableDiffusionFamily):
-            pass
-
-        try:
-            register_family("wan", pipelines=("WanPipeline",))(MyWan)
-        except ValueError as error:
-            assert "'wan' is already registered" in str(error), error
-        else:
-            raise AssertionError("a user family took a built-in family's name")
-        assert "trl_diffusion_sdpo.families.wan" not in sys.modules
-    """
-    run_fresh(code)
+def test_a_built_in_familys_name_is_taken_before_its_module_is_imported(forked_runs):
+    """In a process that has imported the trainer but not the family's module (``TAKE_A_BUILT_IN_NAME``, its
+    asserts), a user's family registered under a built-in family's name is refused, and the module stays unloaded."""
+    assert "trl_diffusion_sdpo.families.sd" in forked_runs["family name"]
+    assert "trl_diffusion_sdpo.families.wan" not in forked_runs["family name"]
