@@ -1,8 +1,13 @@
 """What the package may not change in its host process, read from the libraries' public switches, and a tiny run
 that prints its trainer's progress, for the tests that run them in a fresh interpreter.
 
-    python -m tests.helpers.host_settings settings OUT.json [STEPS]  # snapshot, import every module, train, snapshot
-    python -m tests.helpers.host_settings train STEPS                # a tiny trainer.train() of STEPS steps
+    python -m tests.helpers.host_settings settings OUT.json [STEPS [FD]]  # snapshot, import all, train, snapshot
+    python -m tests.helpers.host_settings train STEPS                     # a tiny trainer.train() of STEPS steps
+
+``settings`` with a terminal's file descriptor ``FD`` (a pseudo-terminal the caller reads) first forks, once the
+libraries are imported, a process that trains ``STEPS`` steps with its stdin, stdout and stderr on that terminal: the
+``train`` run in a fresh interpreter, but for the libraries a user's script imports first; its exit status goes into
+the report as ``terminal_status``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import pkgutil
 import sys
 import tempfile
@@ -125,7 +131,34 @@ def tiny_trainer(output_dir: str, steps: int, **overrides: Any):
     return DiffusionSDPOTrainer(pipeline, args=config, train_dataset=pairs, peft_config=lora_config())
 
 
-def settings_around_a_run(out: str, steps: int = 1) -> None:
+def train_on_a_terminal(terminal: int, steps: int) -> int:
+    """A tiny ``trainer.train()`` of ``steps`` steps in a forked process whose stdin, stdout and stderr are the
+    terminal ``terminal`` (a file descriptor, closed here once the process is forked); its exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            for standard in (0, 1, 2):
+                os.dup2(terminal, standard)
+            os.close(terminal)
+            with tempfile.TemporaryDirectory() as folder:
+                tiny_trainer(folder, steps=steps).train()
+            status = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(terminal)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def settings_around_a_run(out: str, steps: int = 1, terminal: int | None = None) -> None:
     # The libraries first, as a user's script imports them: what they set up themselves is theirs.
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
@@ -135,6 +168,8 @@ def settings_around_a_run(out: str, steps: int = 1) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
+    # its own process, ended before this one reads a setting
+    terminal_status = None if terminal is None else train_on_a_terminal(terminal, steps)
     before = library_settings()
     skipped = import_every_module()
     with tempfile.TemporaryDirectory() as folder:
@@ -146,13 +181,19 @@ def settings_around_a_run(out: str, steps: int = 1) -> None:
     after = library_settings()
     with open(out, "w") as file:
         json.dump(
-            {"changed": changed_settings(before, after), "skipped": skipped, "caller": [caller, caller_after]}, file
+            {
+                "changed": changed_settings(before, after),
+                "skipped": skipped,
+                "caller": [caller, caller_after],
+                "terminal_status": terminal_status,
+            },
+            file,
         )
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "settings":
-        settings_around_a_run(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+        settings_around_a_run(*sys.argv[2:3], *map(int, sys.argv[3:5]))
     else:
         with tempfile.TemporaryDirectory() as folder:
             tiny_trainer(folder, steps=int(sys.argv[2])).train()

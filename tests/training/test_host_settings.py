@@ -29,14 +29,16 @@ ROOT = Path(__file__).resolve().parents[2]
 FINISHED_BAR = r"\r100%\|[^|\r\n]*\| {steps}/{steps} \[\d\d:\d\d<00:00, +\d+(\.\d+)?(it/s|s/it)\]"
 
 
-def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
-    """``args`` with stdin, stdout and stderr on a pseudo-terminal of 120 columns; its exit status and output."""
+def open_terminal() -> tuple[int, int]:
+    """A pseudo-terminal of 120 columns: its leader and follower file descriptors."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    process = subprocess.Popen(
-        args, stdin=follower, stdout=follower, stderr=follower, cwd=cwd, env=worker_environment(), close_fds=True
-    )
-    os.close(follower)
+    return leader, follower
+
+
+def read_terminal(leader: int, process: subprocess.Popen, timeout: float) -> str:
+    """What ``process`` (or any process holding the follower) writes to the terminal of ``leader`` until the last
+    follower closes or ``process`` ends; ``leader`` is closed then."""
     output, deadline = bytearray(), time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([leader], [], [], 1.0)
@@ -52,35 +54,48 @@ def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[i
             break
         output += chunk
     os.close(leader)
-    return process.wait(timeout=60), output.decode(errors="replace")
+    return output.decode(errors="replace")
 
 
-def run_to_file(args: list[str], cwd: Path, log: Path) -> tuple[int, str]:
-    with open(log, "w") as out:
-        status = subprocess.run(
-            args, cwd=cwd, env=worker_environment(), stdout=out, stderr=subprocess.STDOUT, timeout=600
-        ).returncode
-    return status, log.read_text()
+def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
+    """``args`` with stdin, stdout and stderr on a pseudo-terminal of 120 columns; its exit status and output."""
+    leader, follower = open_terminal()
+    process = subprocess.Popen(
+        args, stdin=follower, stdout=follower, stderr=follower, cwd=cwd, env=worker_environment(), close_fds=True
+    )
+    os.close(follower)
+    output = read_terminal(leader, process, timeout)
+    return process.wait(timeout=60), output
 
 
 @pytest.fixture(scope="module")
-def settings_run(tmp_path_factory) -> tuple[int, str, Path]:
-    """One fresh interpreter for the two tests below: the libraries' settings read, every module of the package
-    imported, a tiny trainer built and trained 3 steps, the settings read again; its output written to a file. Its
-    exit status, its output and the report's path."""
+def settings_run(tmp_path_factory) -> tuple[int, str, dict, str]:
+    """One fresh interpreter for the three tests below: the libraries imported, a tiny trainer trained 3 steps in a
+    process forked from it with its stdin, stdout and stderr on a terminal of 120 columns (that process ended), the
+    libraries' settings read, every module of the package imported, a tiny trainer built and trained 3 steps, the
+    settings read again; its own output written to a file. Its exit status, its output, the report and what the
+    forked run wrote to the terminal."""
     folder = tmp_path_factory.mktemp("settings")
     out = folder / "settings.json"
-    command = [sys.executable, "-m", "tests.helpers.host_settings", "settings", str(out), "3"]
-    status, text = run_to_file(command, ROOT, folder / "settings.log")
-    return status, text, out
+    leader, follower = open_terminal()
+    command = [sys.executable, "-m", "tests.helpers.host_settings", "settings", str(out), "3", str(follower)]
+    with open(folder / "settings.log", "w") as log:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=worker_environment(), stdout=log, stderr=subprocess.STDOUT, pass_fds=(follower,)
+        )
+    os.close(follower)
+    terminal = read_terminal(leader, process, timeout=600)
+    status = process.wait(timeout=600)
+    text = (folder / "settings.log").read_text()
+    report = json.loads(out.read_text()) if out.exists() else {}
+    return status, text, report, terminal
 
 
 def test_importing_every_module_and_training_change_no_setting_of_another_library(settings_run):
     """In a fresh interpreter: the libraries' switches, verbosities and loggers (levels, filters, handlers) before,
     then every module of the package imported, a tiny trainer built and trained, and the same after."""
-    status, text, out = settings_run
+    status, text, report, _ = settings_run
     assert status == 0, text[-4000:]
-    report = json.loads(out.read_text())
     assert report["changed"] == [], report["changed"]
     # only modules of optional extras that are not installed are left out of the walk
     assert all("(trl_diffusion_sdpo" not in skipped for skipped in report["skipped"]), report["skipped"]
@@ -88,14 +103,17 @@ def test_importing_every_module_and_training_change_no_setting_of_another_librar
     assert before == after == {"disable_tqdm": False, "dataloader_num_workers": 0, "learning_rate": 1e-3}
 
 
-def test_the_trainers_bar_shows_its_rate_and_time_left_on_a_terminal(tmp_path):
-    status, text = run_in_terminal([sys.executable, "-m", "tests.helpers.host_settings", "train", "3"], ROOT)
+def test_the_trainers_bar_shows_its_rate_and_time_left_on_a_terminal(settings_run):
+    """The run forked once the libraries are imported, as a fresh interpreter's is after a user's script imports
+    them, its stdin, stdout and stderr on the terminal."""
+    status, text, report, terminal = settings_run
     assert status == 0, text[-4000:]
-    assert re.search(FINISHED_BAR.format(steps=3), text), text[-4000:]
+    assert report["terminal_status"] == 0, terminal[-4000:]
+    assert re.search(FINISHED_BAR.format(steps=3), terminal), terminal[-4000:]
 
 
 def test_written_to_a_file_each_log_is_a_line_and_nothing_is_redrawn(settings_run):
-    status, text, _ = settings_run  # the 3-step run above, its output written to a file
+    status, text, _, _ = settings_run  # the 3-step run above, its output written to a file
     assert status == 0, text[-4000:]
     assert "\r" not in text and "\x1b[A" not in text, text[-4000:]
     assert len([line for line in text.splitlines() if line.startswith("{'loss':")]) == 3, text[-4000:]
