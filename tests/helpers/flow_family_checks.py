@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -107,12 +108,62 @@ def check_lora_training_moves_only_the_adapters_and_starts_at_log_2(case: FlowCa
     assert all(torch.equal(p, encoder[n]) for n, p in pipe.text_encoder.named_parameters())
 
 
+@dataclass
+class LoraRun:
+    """A LoRA training of ``max_steps`` from a saved tiny pipeline (``local``), its adapters saved to ``out``: what
+    :class:`FlowFamilyTrainingChecks`' LoRA, reload and cache checks read from one training."""
+
+    trainer: DiffusionSDPOTrainer
+    local: Path
+    out: Path
+
+
+# The uncached run of check_cached_run_gives_the_uncached_losses: every draw the same with or without the cache.
+CACHE_COMPARABLE = {"random_flip": False, "proportion_empty_prompts": 0.0}
+
+
+def train_lora_from_a_saved_pipeline(case: FlowCase, make_pipe, make_config, pairs, root: Path) -> LoraRun:
+    make_pipe().save_pretrained(root / "tiny")
+    out = root / "lora-out"
+    args = case.config(make_config, output_dir=str(out), **CACHE_COMPARABLE)
+    trainer = DiffusionSDPOTrainer(str(root / "tiny"), args=args, train_dataset=pairs, peft_config=case.lora())
+    trainer.train()
+    trainer.save_model()
+    return LoraRun(trainer, root / "tiny", out)
+
+
+def check_the_lora_run_moved_only_the_adapters_and_started_at_log_2(case: FlowCase, run: LoraRun) -> None:
+    """:func:`check_lora_training_moves_only_the_adapters_and_starts_at_log_2` on ``run``: the base weights and the
+    text encoder's are still the saved pipeline's."""
+    trainer, original = run.trainer, case.pipeline_class.from_pretrained(run.local)
+    first = trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the reference is the policy: u = 0
+    assert first["implicit_acc"] == 0.5
+    state = dict(trainer.pipeline.transformer.named_parameters())
+    moved = [n for n, p in state.items() if "lora_B" in n and p.requires_grad]
+    assert moved and any(state[n].abs().sum() > 0 for n in moved)  # lora_B starts at zero: it trained
+    for name, before in original.transformer.named_parameters():  # base weights keep their names under base_layer
+        after = state.get(
+            name, state.get(name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias"))
+        )
+        assert torch.equal(after, before), name
+    encoder = dict(original.text_encoder.named_parameters())
+    assert all(torch.equal(p, encoder[n]) for n, p in trainer.pipeline.text_encoder.named_parameters())
+
+
 def check_lora_reloads_with_load_lora_weights(case: FlowCase, local, make_config, pairs, out) -> None:
     trainer = DiffusionSDPOTrainer(
         str(local), args=case.config(make_config, output_dir=str(out)), train_dataset=pairs, peft_config=case.lora()
     )
     trainer.train()
     trainer.save_model()
+    check_the_lora_run_reloads_with_load_lora_weights(case, LoraRun(trainer, Path(local), Path(out)))
+
+
+def check_the_lora_run_reloads_with_load_lora_weights(case: FlowCase, run: LoraRun) -> None:
+    """The adapters ``run`` saved load into a fresh pipeline through the pipeline's loader and reproduce the trained
+    predictions; the model card names the family and the loader."""
+    trainer, local, out = run.trainer, run.local, run.out
     shape = case.sample_shape
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     fresh = case.pipeline_class.from_pretrained(local)
@@ -187,22 +238,26 @@ def check_safeguard_space(case: FlowCase, pipe, make_config, pairs, space: str) 
         assert all("safeguard/output_lambda_mean" in h for h in logs)
 
 
-def check_cached_run_gives_the_uncached_losses(case: FlowCase, make_pipe, make_config, pairs, cache_dir) -> None:
+def check_cached_run_gives_the_uncached_losses(
+    case: FlowCase, make_pipe, make_config, pairs, cache_dir, uncached: LoraRun | None = None
+) -> None:
+    """A LoRA run on the latent cache logs the losses of the same run without it; ``uncached``: that run already
+    made (:func:`train_lora_from_a_saved_pipeline`, from the pipeline ``make_pipe()`` builds)."""
     losses = []
     for cache in (False, True):
-        trainer = DiffusionSDPOTrainer(
-            make_pipe(),
-            args=case.config(
-                make_config,
-                cache_latents=cache,
-                latent_cache_dir=str(cache_dir),
-                random_flip=False,
-                proportion_empty_prompts=0.0,
-            ),
-            train_dataset=pairs,
-            peft_config=case.lora(),
-        )
-        trainer.train()
+        if not cache and uncached is not None:
+            trainer = uncached.trainer
+        else:
+            trainer = DiffusionSDPOTrainer(
+                make_pipe(),
+                args=case.config(
+                    make_config, cache_latents=cache, latent_cache_dir=str(cache_dir), **CACHE_COMPARABLE
+                ),
+                train_dataset=pairs,
+                peft_config=case.lora(),
+            )
+            trainer.train()
+        assert trainer.args.cache_latents is cache
         losses.append([h["mse/policy_winner"] for h in trainer.state.log_history if "mse/policy_winner" in h])
     assert len(losses[0]) == 2
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -334,14 +389,23 @@ class FlowFamilyTrainingChecks:
     family_name: ClassVar[str]
     dpo_rises: ClassVar[bool] = True  # whether plain DPO raises the winner term on the exactness batch
 
-    def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(self, make_pipe, make_config, pairs) -> None:
-        check_lora_training_moves_only_the_adapters_and_starts_at_log_2(self.case, make_pipe(), make_config, pairs)
+    @pytest.fixture(scope="class")
+    def runs(self) -> dict[str, Any]:
+        """Trainings several of the class's tests read, each made by the first test that needs it."""
+        return {}
 
-    def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(self, make_pipe, make_config, pairs, tmp_path):
-        make_pipe().save_pretrained(tmp_path / "tiny")
-        check_lora_reloads_with_load_lora_weights(
-            self.case, tmp_path / "tiny", make_config, pairs, tmp_path / "lora-out"
-        )
+    @pytest.fixture
+    def lora_run(self, runs, make_pipe, make_config, pairs, tmp_path) -> LoraRun:
+        """One LoRA training for the LoRA, reload and cache tests (:func:`train_lora_from_a_saved_pipeline`)."""
+        if "lora" not in runs:
+            runs["lora"] = train_lora_from_a_saved_pipeline(self.case, make_pipe, make_config, pairs, tmp_path)
+        return runs["lora"]
+
+    def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(self, lora_run) -> None:
+        check_the_lora_run_moved_only_the_adapters_and_started_at_log_2(self.case, lora_run)
+
+    def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(self, lora_run) -> None:
+        check_the_lora_run_reloads_with_load_lora_weights(self.case, lora_run)
 
     def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
         self, make_pipe, make_config, pairs, tmp_path
@@ -358,9 +422,11 @@ class FlowFamilyTrainingChecks:
         check_safeguard_space(self.case, make_pipe(), make_config, pairs, space)
 
     def test_cached_latents_and_prompt_embeddings_give_the_uncached_losses(
-        self, make_pipe, make_config, pairs, tmp_path
+        self, make_pipe, make_config, pairs, tmp_path, lora_run
     ):
-        check_cached_run_gives_the_uncached_losses(self.case, make_pipe, make_config, pairs, tmp_path / "cache")
+        check_cached_run_gives_the_uncached_losses(
+            self.case, make_pipe, make_config, pairs, tmp_path / "cache", uncached=lora_run
+        )
 
     def test_the_shipped_config_trains_from_local_folders(self, make_pipe, pairs, tmp_path) -> None:
         check_the_shipped_config_trains_from_local_folders(self.case, self.config_name, make_pipe(), pairs, tmp_path)
