@@ -392,6 +392,9 @@ def test_the_train_command_trains_wan_lora_yaml_from_local_folders(make_wan, vid
     assert any("attn2.to_k" in k for k in keys) and any("attn1.to_q" in k for k in keys)  # self- and cross-attention
 
 
+# by default: test_flow_families.py's test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer
+# (the same check of tests/helpers/winner_term_check.py on a flow transformer)
+@pytest.mark.slow
 def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_wan_transformer() -> None:
     """The first-order check of ``tests/helpers/winner_term_check.py`` on video latents ``[16, 2, 4, 4]`` through
     the Wan family's call: after a small step along the parameter-space rule's gradient the winner term never rises
