@@ -4,6 +4,7 @@ state, an alarm scripted by step, and exact comparisons of weights and optimizer
 from __future__ import annotations
 
 import copy
+import shutil
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +38,18 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.at_end[state.global_step] = self._take(kwargs["optimizer"])
+
+
+class CopyOutputAt(TrainerCallback):
+    """Copies the run's output folder to ``target`` right after the save at optimizer step ``step``: the folder an
+    interruption of the run there leaves, while the run itself goes on uninterrupted."""
+
+    def __init__(self, step: int, target) -> None:
+        self.step, self.target = step, target
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            shutil.copytree(args.output_dir, self.target)
 
 
 class ScriptedAlarm(ProbeAlarmRule):

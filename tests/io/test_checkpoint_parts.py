@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from tests.checkpoint_kill_worker import build_trainer
 from tests.helpers.common import StopAt
-from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
+from tests.helpers.rewind import CopyOutputAt, ScriptedAlarm, equal, trained_weights
 from trl_diffusion_sdpo.callbacks.rewind import REWIND_FOLDER
 from trl_diffusion_sdpo.io.checkpoints import MANIFEST_NAME, checkpoint_problem
 
@@ -72,25 +71,13 @@ def _rewind_run(make_trainer, make_pickapic, output_dir, lora: bool, callbacks=(
     trainer = make_trainer(
         lora=lora, train_dataset=make_pickapic(ROWS), callbacks=list(callbacks), max_steps=5, probe_steps=1,
         probe_pairs=HELD, on_pathology="rewind", save_strategy="steps", save_steps=3, output_dir=str(output_dir),
-        safeguard_space="none",
+        safeguard_space="none", probe_noise_draws=2,  # the figures unread: the alarm is scripted
     )  # fmt: skip
     # Healthy at 1 and 2, unhealthy at 3 (the checkpoint's step: one unhealthy probe so far, the snapshot step 2's)
     # and 4: the alarm fires at 4, back to step 2.
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
     trainer.train(resume_from_checkpoint=resume)
     return trainer
-
-
-class CopyOutputAt(TrainerCallback):
-    """Copies the run's output folder to ``target`` right after the save at optimizer step ``step``: the folder an
-    interruption there leaves."""
-
-    def __init__(self, step: int, target) -> None:
-        self.step, self.target = step, target
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            shutil.copytree(args.output_dir, self.target)
 
 
 def test_the_rewinds_snapshot_is_part_of_its_checkpoint_listed_and_checked_by_the_manifest(

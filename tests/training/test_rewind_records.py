@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.common import StopAt
-from tests.helpers.rewind import HandDriven, ScriptedAlarm, equal, trained_weights
+from tests.helpers.rewind import CopyOutputAt, HandDriven, ScriptedAlarm, equal, trained_weights
 from trl_diffusion_sdpo.callbacks.health import PathologyRule, config_in_force, remedies
 from trl_diffusion_sdpo.callbacks.probe import PROBE_METRICS, HeldOutProbe
 from trl_diffusion_sdpo.callbacks.rewind import MemorySnapshot, RewindAction
@@ -25,6 +24,7 @@ from trl_diffusion_sdpo.online.probe_pairs import random_states_kept
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
 DPO = {"safeguard_space": "none"}  # Diffusion-DPO (the package defaults to the safeguard)
 SUMMARY_LOGGER = "trl_diffusion_sdpo.io.run_summary"
+SCRIPTED = {"probe_noise_draws": 2}  # where the alarm is scripted, the probe's figures are unread: two draws do
 
 
 def _logged_rewinds(trainer_state: dict) -> list[tuple[int, int]]:
@@ -59,7 +59,7 @@ def test_a_rewound_runs_card_and_end_summary_name_each_rewind_and_the_safeguard_
     out = tmp_path / "rewound"
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=8, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
-        save_strategy="steps", save_steps=6, output_dir=str(out), rewind_max_times=1, **DPO,
+        save_strategy="steps", save_steps=6, output_dir=str(out), rewind_max_times=1, **SCRIPTED, **DPO,
     )  # fmt: skip
     # Healthy at 1, unhealthy at 2 and 3: back to 1, the safeguard on; healthy at 4, unhealthy at 5 and 6: back to 4,
     # and, the ladder's one rung spent, the run stops at 6.
@@ -89,7 +89,7 @@ def test_a_quiet_rewind_runs_card_says_no_rewind_happened_and_a_run_without_the_
 ):
     quiet = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=2, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
-        output_dir=str(tmp_path / "quiet"), **DPO,
+        output_dir=str(tmp_path / "quiet"), **SCRIPTED, **DPO,
     )  # fmt: skip
     quiet.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     with caplog.at_level("INFO", logger=SUMMARY_LOGGER):
@@ -112,7 +112,7 @@ def test_a_resumed_run_lists_the_rewinds_before_its_resume_and_trains_on_with_th
         trainer = make_trainer(
             train_dataset=make_pickapic(ROWS), callbacks=list(callbacks), max_steps=6, probe_steps=1,
             probe_pairs=HELD, on_pathology="rewind", save_strategy="steps", save_steps=4, output_dir=str(output_dir),
-            **DPO,
+            **SCRIPTED, **DPO,
         )  # fmt: skip
         # Unhealthy at 2 and 3: back to step 1 at 3 and the safeguard on; the checkpoint is step 4's, after it.
         trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
@@ -120,8 +120,8 @@ def test_a_resumed_run_lists_the_rewinds_before_its_resume_and_trains_on_with_th
         trainer.create_model_card()
         return trainer
 
-    straight = run(tmp_path / "straight")
-    run(tmp_path / "resumed", callbacks=[StopAt(4)])
+    # The run interrupted after step 4 is the uninterrupted one up to there: its output folder right after that save.
+    straight = run(tmp_path / "straight", callbacks=[CopyOutputAt(4, tmp_path / "resumed")])
     checkpoint = tmp_path / "resumed" / "checkpoint-4"
     resumed = run(tmp_path / "resumed", resume=str(checkpoint))
     # Steps 5 and 6 trained with the safeguard the uninterrupted run had switched to before the checkpoint.
@@ -277,7 +277,7 @@ def test_a_warning_after_the_rewind_switched_the_safeguard_on_reads_it_in_use_an
     out = tmp_path / "out"
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=3, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
-        logging_steps=1, output_dir=str(out), **DPO,
+        logging_steps=1, output_dir=str(out), **SCRIPTED, **DPO,
     )  # fmt: skip
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})  # step 1: the safeguard on
     # the training logs' alarm made to fire once two logs carry delta/winner: at step 2, after the switch
