@@ -28,6 +28,7 @@ from functools import cache
 from pathlib import Path
 
 from tests.helpers.layering import PACKAGE, ROOT, module_name
+from tests.helpers.source_scans import parsed
 
 # :role:`target`, with an optional py: domain, as docs/_griffe_docstrings.py reads them
 ROLE = re.compile(r":(?:py:)?(?P<role>mod|func|class|meth|attr|data|exc|obj|const):`(?P<body>[^`]+)`")
@@ -216,7 +217,7 @@ class Index:
         self.root = root
         self.package = root.name
         self.paths = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
-        self.trees = {name: ast.parse(path.read_text(), filename=str(path)) for name, path in self.paths.items()}
+        self.trees = {name: parsed(path.read_text(), str(path)) for name, path in self.paths.items()}
         self.scopes = {
             name: scope_of(tree, name, self.paths[name].name == "__init__.py") for name, tree in self.trees.items()
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 
 from tests.helpers.layering import ROOT, module_name
+from tests.helpers.source_scans import parsed
 
 
 def imports_of(path, modules: set[str]) -> set[str]:
@@ -19,7 +20,7 @@ def imports_of(path, modules: set[str]) -> set[str]:
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(parsed(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

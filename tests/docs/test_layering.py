@@ -11,6 +11,7 @@ import ast
 from pathlib import Path
 
 from tests.helpers.layering import PACKAGE, ROOT, module_name
+from tests.helpers.source_scans import parsed
 
 # Bottom to top: a layer may import the layers before it in this tuple, never one after it.
 ORDER: tuple[str, ...] = (
@@ -52,7 +53,7 @@ def imported_modules(path: Path) -> set[str]:
     name = module_name(path, ROOT)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(parsed(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -18,6 +18,7 @@ import tokenize
 from pathlib import Path
 
 from tests.helpers.layering import PACKAGE, ROOT
+from tests.helpers.source_scans import parsed
 
 # Comment directives for tools, which say nothing of why an import is lazy.
 DIRECTIVES = re.compile(
@@ -30,7 +31,7 @@ REASON_WORDS = 3
 def function_level_package_imports(source: str) -> list[ast.Import | ast.ImportFrom]:
     """The statements of ``source`` that import this package inside a function body (nested ones included)."""
     found: dict[int, ast.Import | ast.ImportFrom] = {}
-    for function in ast.walk(ast.parse(source)):
+    for function in ast.walk(parsed(source)):
         if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         for node in ast.walk(function):

@@ -15,6 +15,7 @@ import ast
 from pathlib import Path
 
 import trl_diffusion_sdpo
+from tests.helpers.source_scans import parsed
 
 PACKAGE = Path(trl_diffusion_sdpo.__file__).parent
 LIBRARIES = {
@@ -93,7 +94,7 @@ def _written_attributes(tree: ast.Module) -> list[tuple[int, ast.Attribute]]:
 
 def other_libraries_state_written(package: Path) -> list[tuple[str, int, str]]:
     """``(module, line, attribute name)`` of each write the module docstring describes."""
-    trees = {path: ast.parse(path.read_text(encoding="utf-8")) for path in sorted(package.rglob("*.py"))}
+    trees = {path: parsed(path.read_text(encoding="utf-8"), str(path)) for path in sorted(package.rglob("*.py"))}
     ours = _package_names(trees)
     found = []
     for path, tree in trees.items():

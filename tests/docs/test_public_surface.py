@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.source_scans import private_trainer_reads_in
+from tests.helpers.source_scans import parsed, private_trainer_reads_in
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "trl_diffusion_sdpo"
@@ -94,7 +94,7 @@ def callback_lookups_in(source: str) -> tuple[list[str], list[str]]:
                 readers.append(function or "<module>")
             visit(child, inner, name)
 
-    visit(ast.parse(source), [], None)
+    visit(parsed(source), [], None)
     return binders, readers
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.docs_pages import RESULT_FILE, _expand, result_folders
+from tests.helpers.source_scans import parsed
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -166,7 +167,7 @@ def benchmark_imports(source: str) -> list[str]:
     """Where a module's source imports from ``benchmarks/``: an ``import benchmarks...`` statement, or a call that puts
     a ``benchmarks`` folder on ``sys.path`` or loads a file from it."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parsed(source)):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.split(".")[0] == "benchmarks"]
         elif (

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.common import CHECKOUT, worker_environment
+from tests.helpers.source_scans import parsed
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = [ROOT / "tests", ROOT / "rewards" / "tests", ROOT / "benchmarks" / "tests"]
@@ -21,7 +22,7 @@ def imported_test_modules(source: str, test_modules: frozenset[str] = frozenset(
     """The test modules (``test_*``) and ``conftest`` modules a module's source imports, at any depth; and the string
     constants that name one of ``test_modules`` (module names, bare or dotted), which ``importlib`` would import."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parsed(source)):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -1,9 +1,25 @@
-"""Reads of the source that the suite's rules and benchmarks/tools/reviewer_figures.py share: a private attribute of
-the trainer read from another module, and ``is_online`` read at all."""
+"""Reads of the source that the suite's rules and benchmarks/tools/reviewer_figures.py share: a module's source
+parsed, a private attribute of the trainer read from another module, and ``is_online`` read at all."""
 
 from __future__ import annotations
 
 import ast
+from functools import cache
+
+
+@cache
+def _parsed(source: str) -> ast.Module:
+    return ast.parse(source)
+
+
+def parsed(source: str, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse(source)``, parsed once per process for each text: the suite's rules walk the same modules, each its
+    own way. The tree is shared between callers, so no caller may change it. A syntax error names ``filename``."""
+    try:
+        return _parsed(source)
+    except SyntaxError:
+        ast.parse(source, filename=filename)  # raises the same error, naming the file
+        raise
 
 
 def is_private(name: str) -> bool:
@@ -35,7 +51,7 @@ def _getattr_name(node: ast.AST) -> tuple[ast.expr, str] | None:
 def private_trainer_reads_in(source: str) -> list[tuple[int, str]]:
     """``(line, attribute)`` of each read of a private attribute of the trainer in ``source``."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parsed(source)):
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and is_private(node.attr):
             if _is_trainer(node.value):
                 found.append((node.lineno, node.attr))
@@ -47,7 +63,7 @@ def private_trainer_reads_in(source: str) -> list[tuple[int, str]]:
 def is_online_reads_in(source: str) -> list[int]:
     """Lines of each read of ``is_online`` in ``source``: ``x.is_online`` (loaded) or ``getattr(x, "is_online")``."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parsed(source)):
         if isinstance(node, ast.Attribute) and node.attr == "is_online" and isinstance(node.ctx, ast.Load):
             found.append(node.lineno)
         elif (named := _getattr_name(node)) is not None and named[1] == "is_online":
