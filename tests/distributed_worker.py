@@ -37,7 +37,8 @@ from diffusers import UNet2DConditionModel
 from torch.distributed.tensor import DTensor
 
 from trl_diffusion_sdpo.cli.train import main as train_command
-from trl_diffusion_sdpo.engines.collectives import is_partitioned, load_pipeline, zero_stage
+from trl_diffusion_sdpo.engines.base import is_partitioned
+from trl_diffusion_sdpo.engines.collectives import load_pipeline, zero_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # tests.helpers: the RecordingDataset, FSDP on CPU processes
