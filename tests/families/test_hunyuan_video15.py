@@ -42,6 +42,12 @@ def make_pipe(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def shared_pipe(tmp_path_factory) -> HunyuanVideo15Pipeline:
+    """One tiny pipeline for the tests that only read it (they call it and its encoders, never train or change it)."""
+    return build_tiny_hunyuan_video15_pipeline(seed=0, tokenizer_dir=str(tmp_path_factory.mktemp("hv-tok")))
+
+
 @pytest.fixture
 def pairs() -> Dataset:
     return Dataset.from_list(video_rows(4))
@@ -68,8 +74,8 @@ def captured_transformer_call(pipe: HunyuanVideo15Pipeline, run) -> tuple[dict, 
 # --------------------------------------------------------------------------------------------- what the family does
 
 
-def test_the_family_is_picked_with_its_defaults(make_pipe) -> None:
-    pipe = make_pipe()
+def test_the_family_is_picked_with_its_defaults(shared_pipe) -> None:
+    pipe = shared_pipe
     family = family_for_pipeline(pipe)
     assert isinstance(family, HunyuanVideo15Family) and family.video and family.denoiser is pipe.transformer
     assert set(family.frozen_modules()) == {"vae", "text_encoder", "text_encoder_2"}
@@ -80,8 +86,8 @@ def test_the_family_is_picked_with_its_defaults(make_pipe) -> None:
         HunyuanVideo15Family(pipe, max_sequence_length=1001)
 
 
-def test_prompt_encoding_equals_the_pipelines_encode_prompt(make_pipe) -> None:
-    pipe = make_pipe()
+def test_prompt_encoding_equals_the_pipelines_encode_prompt(shared_pipe) -> None:
+    pipe = shared_pipe
     family = family_for_pipeline(pipe)  # the pipeline's 1000 tokens
     ours = family.encode_prompts(family.prompt_tokenizer()(PROMPTS))
     theirs, mask, glyph, glyph_mask = pipe.encode_prompt(PROMPTS, device="cpu", batch_size=len(PROMPTS))
@@ -104,8 +110,8 @@ def test_prompt_encoding_equals_the_pipelines_encode_prompt(make_pipe) -> None:
     torch.testing.assert_close(cut["encoder_hidden_states_2"], conditioning["encoder_hidden_states_2"][1:])
 
 
-def test_the_template_prefix_is_dropped_as_the_pipeline_drops_it(make_pipe) -> None:
-    pipe = make_pipe()
+def test_the_template_prefix_is_dropped_as_the_pipeline_drops_it(shared_pipe) -> None:
+    pipe = shared_pipe
     family = family_for_pipeline(pipe, max_sequence_length=SEQ)
     tokens = family.prompt_tokenizer()(["ab"])["input_ids"][0]
     assert len(tokens) == pipe.prompt_template_encode_start_idx + SEQ
@@ -114,8 +120,8 @@ def test_the_template_prefix_is_dropped_as_the_pipeline_drops_it(make_pipe) -> N
     assert pipe.tokenizer.decode(tokens[: pipe.prompt_template_encode_start_idx]).endswith("<|im_start|>user\n")
 
 
-def test_latents_are_scaled_as_the_pipeline_decodes_them(make_pipe) -> None:
-    pipe = make_pipe()
+def test_latents_are_scaled_as_the_pipeline_decodes_them(shared_pipe) -> None:
+    pipe = shared_pipe
     family = family_for_pipeline(pipe, max_sequence_length=SEQ)
     pixels = torch.rand((2, 3, FRAMES, SIZE, SIZE), generator=torch.Generator().manual_seed(0)) * 2 - 1
     # The VAE clip by clip (diffusers 0.42's fails on a batch of two: huggingface/diffusers#13133), then one draw.
@@ -130,8 +136,8 @@ def test_latents_are_scaled_as_the_pipeline_decodes_them(make_pipe) -> None:
     assert prepared.shape == latents.shape  # the layout the pipeline samples in
 
 
-def test_the_call_passes_what_the_pipelines_own_call_passes(make_pipe) -> None:
-    pipe = make_pipe()
+def test_the_call_passes_what_the_pipelines_own_call_passes(shared_pipe) -> None:
+    pipe = shared_pipe
     family = family_for_pipeline(pipe)
     prompt = PROMPTS[0]
     theirs, their_out = captured_transformer_call(
@@ -158,10 +164,10 @@ def test_the_call_passes_what_the_pipelines_own_call_passes(make_pipe) -> None:
     torch.testing.assert_close(our_out, their_out)
 
 
-def test_a_shorter_prompt_length_gives_the_same_prediction(make_pipe) -> None:
+def test_a_shorter_prompt_length_gives_the_same_prediction(shared_pipe) -> None:
     """The masked rows past a prompt never reach the latents: cutting them away (``max_sequence_length``) leaves the
     prediction of a prompt that fits as it was."""
-    pipe = make_pipe()
+    pipe = shared_pipe
     whole, short = family_for_pipeline(pipe), family_for_pipeline(pipe, max_sequence_length=SEQ)
     outputs = [flow_transformer_outputs(pipe.transformer, family, sample_shape=SHAPE) for family in (whole, short)]
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)

@@ -122,14 +122,12 @@ class LoraRun:
 CACHE_COMPARABLE = {"random_flip": False, "proportion_empty_prompts": 0.0}
 
 
-def train_lora_from_a_saved_pipeline(case: FlowCase, make_pipe, make_config, pairs, root: Path) -> LoraRun:
-    make_pipe().save_pretrained(root / "tiny")
-    out = root / "lora-out"
+def train_lora_from_a_saved_pipeline(case: FlowCase, local: Path, make_config, pairs, out: Path) -> LoraRun:
     args = case.config(make_config, output_dir=str(out), **CACHE_COMPARABLE)
-    trainer = DiffusionSDPOTrainer(str(root / "tiny"), args=args, train_dataset=pairs, peft_config=case.lora())
+    trainer = DiffusionSDPOTrainer(str(local), args=args, train_dataset=pairs, peft_config=case.lora())
     trainer.train()
     trainer.save_model()
-    return LoraRun(trainer, root / "tiny", out)
+    return LoraRun(trainer, local, out)
 
 
 def check_the_lora_run_moved_only_the_adapters_and_started_at_log_2(case: FlowCase, run: LoraRun) -> None:
@@ -395,10 +393,20 @@ class FlowFamilyTrainingChecks:
         return {}
 
     @pytest.fixture
-    def lora_run(self, runs, make_pipe, make_config, pairs, tmp_path) -> LoraRun:
+    def saved_pipeline(self, runs, make_pipe, tmp_path) -> Path:
+        """``make_pipe()`` saved once for the class: the folder the LoRA and full-tuning runs load."""
+        if "saved" not in runs:
+            make_pipe().save_pretrained(tmp_path / "tiny")
+            runs["saved"] = tmp_path / "tiny"
+        return runs["saved"]
+
+    @pytest.fixture
+    def lora_run(self, runs, saved_pipeline, make_config, pairs, tmp_path) -> LoraRun:
         """One LoRA training for the LoRA, reload and cache tests (:func:`train_lora_from_a_saved_pipeline`)."""
         if "lora" not in runs:
-            runs["lora"] = train_lora_from_a_saved_pipeline(self.case, make_pipe, make_config, pairs, tmp_path)
+            runs["lora"] = train_lora_from_a_saved_pipeline(
+                self.case, saved_pipeline, make_config, pairs, tmp_path / "lora-out"
+            )
         return runs["lora"]
 
     def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(self, lora_run) -> None:
@@ -408,11 +416,10 @@ class FlowFamilyTrainingChecks:
         check_the_lora_run_reloads_with_load_lora_weights(self.case, lora_run)
 
     def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-        self, make_pipe, make_config, pairs, tmp_path
+        self, saved_pipeline, make_config, pairs, tmp_path
     ) -> None:
-        make_pipe().save_pretrained(tmp_path / "tiny")
         check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline(
-            self.case, tmp_path / "tiny", make_config, pairs, tmp_path / "full-out"
+            self.case, saved_pipeline, make_config, pairs, tmp_path / "full-out"
         )
 
     # the output space by default: the parameter case computes the output rule's lambda on the family's predictions
