@@ -111,7 +111,7 @@ def _worker(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    pieces.PIECE_ELEMENTS = PIECE  # this process's own import of the module
+    pieces.PIECE_ELEMENTS = PIECE  # this process's own copy of the module
     try:
 
         def average(tensors: list[torch.Tensor]) -> None:  # the global scope's in-place mean over processes
@@ -155,7 +155,10 @@ def test_on_two_processes_every_piece_of_the_winners_gradient_is_averaged() -> N
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    # Forked, the processes start with this one's imports: spawned, each imports torch, diffusers (through the
+    # store's layer taps) and the package afresh, ~10 s of a 2-core machine. Where a GPU is, autograd's device threads
+    # (started by any earlier backward in this process) leave a forked child unable to run a backward: spawn there.
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(rank, port, queue)) for rank in range(2)]
     for p in procs:
