@@ -48,12 +48,14 @@ def noisy_red_minus_blue(prompts, images, **columns) -> list[float]:
 
 def online_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, reward=noisy_red_minus_blue, lora=True,
                    callbacks=None, **overrides) -> OnlineDiffusionSDPOTrainer:  # fmt: skip
+    """An online run of 3 steps; its probe, where it has one, noises its pairs twice (several draws, the figures
+    unread: the alarm is scripted or never acts)."""
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
     train = prompts if isinstance(prompts, IterableDataset) else Dataset.from_dict({"prompt": list(prompts)})
     return OnlineDiffusionSDPOTrainer(
         pipe,
         None,
-        online_config(tmp_path, **{"max_steps": 3, **DPO, **overrides}),
+        online_config(tmp_path, **{"max_steps": 3, "probe_noise_draws": 2, **DPO, **overrides}),
         train,
         None if eval_prompts is None else Dataset.from_dict({"prompt": list(eval_prompts)}),
         reward_funcs=[reward],

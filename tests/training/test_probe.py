@@ -16,6 +16,7 @@ from trl_diffusion_sdpo.engines.base import trainable_parameters
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
 DPO = {"safeguard_space": "none"}  # Diffusion-DPO (the package defaults to the safeguard)
+TWO = {"probe_noise_draws": 2}  # where the probe's figures are unread (the alarm scripted or never acting)
 
 
 @pytest.mark.parametrize(  # full tuning by default: test_a_rewind_restores_the_last_healthy_steps_weights_...
@@ -29,7 +30,7 @@ def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_t
     plain = make_trainer(lora=lora, train_dataset=kept, max_steps=4, **DPO)
     plain.train()
     expected = trained_weights(plain)
-    probed = make_trainer(lora=lora, train_dataset=data, max_steps=4, probe_steps=1, probe_pairs=HELD, **DPO)
+    probed = make_trainer(lora=lora, train_dataset=data, max_steps=4, probe_steps=1, probe_pairs=HELD, **TWO, **DPO)
     probed.train()
     assert equal(trained_weights(probed), expected)
     logged = [entry for entry in probed.state.log_history if "probe/delta_winner" in entry]
@@ -42,6 +43,7 @@ def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_t
         probe_steps=1,
         probe_pairs=HELD,
         on_pathology="rewind",
+        **TWO,
         **DPO,
     )
     quiet.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
@@ -105,6 +107,7 @@ def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(ma
         probe_steps=1,
         probe_pairs=HELD,
         on_pathology="rewind",
+        **TWO,
         **DPO,
     )
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
@@ -136,6 +139,7 @@ def test_a_safeguarded_run_stops_after_its_rewind_with_the_healthy_weights(make_
         rewind_max_times=0,  # no rung to train on: the rewind stops (the ladder: test_rewind_ladder.py)
         safeguard_space="output",
         safeguard_mu=0.5,
+        **TWO,
     )
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps={3})

@@ -22,6 +22,7 @@ from trl_diffusion_sdpo.config import DiffusionSDPOConfig
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
 DPO = {"safeguard_space": "none"}
+TWO = {"probe_noise_draws": 2}  # the probe's figures unread: the alarm is scripted
 SUMMARY_LOGGER = "trl_diffusion_sdpo.io.run_summary"
 START = "ends on the weights it started from"
 
@@ -52,7 +53,7 @@ def test_each_rewind_that_trains_on_lowers_the_schedules_rate_and_the_run_goes_o
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=steps, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
         learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=0, logging_steps=1, rewind_max_times=2,
-        rewind_lr_factor=factor, output_dir=str(tmp_path / "out"), **DPO,
+        rewind_lr_factor=factor, output_dir=str(tmp_path / "out"), **DPO, **TWO,
     )  # fmt: skip
     # Healthy at 1 and 4, unhealthy at 2-3 and 5-6: the alarm fires at 3 (back to 1) and at 6 (back to 4).
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3, 5, 6})
@@ -96,7 +97,7 @@ def test_a_run_whose_ladder_ends_at_the_start_says_so_and_flags_its_metrics(
 ):
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=6, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
-        rewind_max_times=1, output_dir=str(tmp_path / "out"), **DPO,
+        rewind_max_times=1, output_dir=str(tmp_path / "out"), **DPO, **TWO,
     )  # fmt: skip
     # Never a restore point: the alarm fires at 1 (back to the start, trains on) and at 2 (back to the start, stops).
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=1, unhealthy_steps=set(range(1, 7)))
@@ -118,7 +119,7 @@ def test_a_run_whose_ladder_ends_at_the_start_says_so_and_flags_its_metrics(
 def test_a_run_stopping_on_a_later_restore_point_is_not_flagged(make_trainer, make_pickapic):
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
-        rewind_max_times=0, **DPO,
+        rewind_max_times=0, **DPO, **TWO,
     )  # fmt: skip
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
     output = trainer.train()

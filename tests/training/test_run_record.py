@@ -32,7 +32,7 @@ def test_the_card_and_the_end_summary_record_every_warning_and_alarm(
     )
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=6, warmup_steps=4, probe_steps=1, probe_pairs=HELD,
-        output_dir=str(tmp_path), **DPO,
+        output_dir=str(tmp_path), probe_noise_draws=2, **DPO,  # the figures unread: the alarm is scripted
     )  # fmt: skip
     assert trainer.args.on_pathology == "warn"
     # the probe's alarm: unhealthy at 4 and 6 (one probe enough: it fires at each), healthy for the alarm at 5 but
@@ -73,7 +73,7 @@ def test_health_probe_alarm_is_in_every_log_after_a_probe(make_trainer, make_pic
     # logs every 2 steps, a probe every step: the alarm fires at step 3, between two logs, and is logged there
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=6, logging_steps=2, probe_steps=1, probe_pairs=HELD,
-        on_pathology=on_pathology, **DPO,
+        on_pathology=on_pathology, probe_noise_draws=2, **DPO,  # the figures unread: the alarm is scripted
     )  # fmt: skip
     rule = ScriptedAlarm(patience=1, unhealthy_steps={3})
     trainer.probe_alarm.signal.rule = rule
