@@ -58,8 +58,10 @@ class ServerProcess:
 
 
 @contextmanager
-def reward_server(scorer: str = "colour") -> Iterator[ServerProcess]:
-    server = ServerProcess(scorer).start()
+def reward_server(scorer: str = "colour", wait: bool = True) -> Iterator[ServerProcess]:
+    """The server, killed on exit; ``wait=False``: started but not waited for (call ``wait_ready`` before scoring),
+    so the caller's own set-up runs while the server's process imports."""
+    server = ServerProcess(scorer).start(wait=wait)
     try:
         yield server
     finally:

@@ -53,10 +53,11 @@ def assert_served_scores_are_the_scorers(generations) -> None:
 
 
 def test_online_training_scores_with_the_served_reward_and_stops_with_a_checkpoint_when_the_server_dies(tmp_path):
-    with reward_server("colour") as server:
+    with reward_server("colour", wait=False) as server:  # the trainer is built while the server starts
         trainer = make_trainer(
             tmp_path, reward=server.url, max_steps=3, reward_retries=2, reward_timeout=30.0, save_strategy="steps"
         )
+        server.wait_ready()
         trainer.args.save_steps = 100  # no scheduled save: the checkpoint below is the failure's
         weights = WeightsPerStep(trainer)
         trainer.add_callback(weights)
