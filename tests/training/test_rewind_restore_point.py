@@ -10,8 +10,7 @@ import logging
 
 import torch
 
-from tests.helpers.common import StopAt
-from tests.helpers.rewind import HandDriven, Recorder, ScriptedAlarm, equal, trained_weights
+from tests.helpers.rewind import CopyOutputAt, HandDriven, Recorder, ScriptedAlarm, equal, trained_weights
 from trl_diffusion_sdpo.callbacks import AlarmCallback, ProbeCallback, ProbeSignal, RewindAction, hold_back_rows
 from trl_diffusion_sdpo.callbacks.rewind import RESTORE_Z, MemorySnapshot, ProbeAlarmRule, RewindRecord
 from trl_diffusion_sdpo.engines.base import trainable_parameters
@@ -84,6 +83,7 @@ def test_a_runs_rewind_and_warning_name_the_step_the_probe_called_healthy(make_t
         probe_pairs=HELD,
         probe_alarm_z=7.0,
         probe_alarm_rise=-100.0,  # every rise counts: the scripted z alone decides
+        probe_noise_draws=2,  # the figures that decide are scripted
         **DPO,
     )
     recorder = Recorder()
@@ -114,7 +114,7 @@ def test_an_alarm_subclass_keeps_the_rewinds_state_across_a_resume(make_trainer,
     def run(output_dir, callbacks=(), resume=None):
         trainer = make_trainer(
             train_dataset=train, max_steps=5, on_pathology="safeguard", save_strategy="steps", save_steps=3,
-            output_dir=str(output_dir), **DPO,
+            output_dir=str(output_dir), probe_noise_draws=2, **DPO,  # the figures unread: the alarm is scripted
         )  # fmt: skip
         probe = ProbeCallback.held_out(every=1, pairs=held, trainer=trainer)
         rule = ScriptedAlarm(patience=1, unhealthy_steps={2})  # rewinds at step 2, to 1
@@ -124,8 +124,8 @@ def test_an_alarm_subclass_keeps_the_rewinds_state_across_a_resume(make_trainer,
         trainer.train(resume_from_checkpoint=resume)
         return trainer, rewind
 
-    straight, straight_rewind = run(tmp_path / "straight")
-    run(tmp_path / "resumed", callbacks=[StopAt(3)])
+    # The run interrupted after step 3 is the uninterrupted one up to there: its output folder right after that save.
+    straight, straight_rewind = run(tmp_path / "straight", callbacks=[CopyOutputAt(3, tmp_path / "resumed")])
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
     assert saved["MyAlarm"]["attributes"]["rewinds"] == [[2, 1]]  # transformers' key: the subclass's name

@@ -75,6 +75,7 @@ def test_the_rewind_snapshot_in_a_checkpoint_holds_no_pickle_but_the_optimizers(
         max_steps=2,
         probe_steps=1,
         probe_pairs=2,
+        probe_noise_draws=2,  # the figures unread: the alarm is scripted
         on_pathology="rewind",
         safeguard_space="none",
         ema_decay=0.9,
