@@ -232,10 +232,12 @@ class TestFluxKontextTraining(FlowFamilyTrainingChecks):
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         super().test_validation_grids_sample_with_the_pipeline(make_pipe, make_config, pairs, tmp_path)
 
-    def test_the_shipped_config_trains_from_local_folders(self, make_pipe, pairs, tmp_path) -> None:
+    def test_the_shipped_config_trains_from_local_folders(self, saved_pipeline, pairs, tmp_path) -> None:
         # The YAML reads EditReward-Data's column names: the local pairs name their source as it does.
         pairs = pairs.rename_column("source_image", "source_img")
-        check_the_shipped_config_trains_from_local_folders(self.case, self.config_name, make_pipe(), pairs, tmp_path)
+        check_the_shipped_config_trains_from_local_folders(
+            self.case, self.config_name, saved_pipeline, pairs, tmp_path
+        )
 
 
 @pytest.mark.slow  # by default: test_flow_families.py's test_lora_saved_by_the_trainer_reloads_... (FLUX.1's format)

@@ -333,11 +333,13 @@ class _EditingChecks(FlowFamilyTrainingChecks):
         # the edit pipelines need an image: the grid edits validation_source_images
         check_validation_grids_sample_with_the_pipeline(self.case, make_pipe(), make_config, pairs, tmp_path, True)
 
-    def test_the_shipped_config_trains_from_local_folders(self, make_pipe, pairs, tmp_path) -> None:
+    def test_the_shipped_config_trains_from_local_folders(self, saved_pipeline, pairs, tmp_path) -> None:
         # The YAML reads EditReward-Data's column names: a single source is named as it names it.
         if "source_image" in pairs.column_names:
             pairs = pairs.rename_column("source_image", "source_img")
-        check_the_shipped_config_trains_from_local_folders(self.case, self.config_name, make_pipe(), pairs, tmp_path)
+        check_the_shipped_config_trains_from_local_folders(
+            self.case, self.config_name, saved_pipeline, pairs, tmp_path
+        )
 
 
 class TestQwenImageEditTraining(_EditingChecks):

@@ -264,7 +264,7 @@ def check_cached_run_gives_the_uncached_losses(
 def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_name: str, pipe, pairs, tmp_path):
     """The ``train`` command with ``examples/configs/<config_name>.yaml`` on a local tiny pipeline and local pairs
     (sizes overridden for the CPU; gradient checkpointing kept from the YAML): the LoRA file holds adapters on the
-    family's default targets."""
+    family's default targets. ``pipe``: the pipeline, or the folder it is saved in."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -288,7 +288,10 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
         label = original.get("label_0", "label_0")
         pairs = pairs.rename_columns(names).add_column(label, ["leftvote"] * len(pairs))
     pipe_dir, data_dir, out = tmp_path / "pipe", tmp_path / "pairs", tmp_path / "out"
-    pipe.save_pretrained(pipe_dir)
+    if isinstance(pipe, (str, Path)):
+        pipe_dir = Path(pipe)
+    else:
+        pipe.save_pretrained(pipe_dir)
     pairs.save_to_disk(str(data_dir))
     main(
         ["--config", str(config_path), "--model_name_or_path", str(pipe_dir), "--dataset_name", str(data_dir),
@@ -435,8 +438,10 @@ class FlowFamilyTrainingChecks:
             self.case, make_pipe, make_config, pairs, tmp_path / "cache", uncached=lora_run
         )
 
-    def test_the_shipped_config_trains_from_local_folders(self, make_pipe, pairs, tmp_path) -> None:
-        check_the_shipped_config_trains_from_local_folders(self.case, self.config_name, make_pipe(), pairs, tmp_path)
+    def test_the_shipped_config_trains_from_local_folders(self, saved_pipeline, pairs, tmp_path) -> None:
+        check_the_shipped_config_trains_from_local_folders(
+            self.case, self.config_name, saved_pipeline, pairs, tmp_path
+        )
 
     def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(self, make_pipe, make_config, pairs) -> None:
         check_bf16_lora_trains_float32_adapters(self.case, make_pipe(), make_config, pairs)
