@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -373,9 +374,11 @@ def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, f
 
 @pytest.fixture(scope="module")
 def two_iterations(tmp_path_factory) -> tuple[OnlineDiffusionSDPOTrainer, list]:
-    """The 4-step run with ``num_iterations=2``, trained once per module (the resume test below compares with it),
-    and the generation and prompts each sampling started."""
-    trainer = make_trainer(tmp_path_factory.mktemp("two-iterations"), num_iterations=2, max_steps=4)
+    """The 4-step run with ``num_iterations=2``, trained once per module and saved at every step (the resume test
+    below resumes from its checkpoint and compares with it), and the generation and prompts each sampling started."""
+    trainer = make_trainer(
+        tmp_path_factory.mktemp("two-iterations"), num_iterations=2, max_steps=4, save_strategy="steps", save_steps=1
+    )
     stage, calls = trainer.generation, []
 
     class CountingStage:
@@ -472,8 +475,7 @@ def test_a_resume_inside_a_num_iterations_window_trains_on_the_generation_it_had
     """num_iterations=2: checkpoint-1 is saved inside window 0. Resumed from it, the run reads window 0's pairs from
     the checkpoint (the stage samples window 1 only) and ends with the uninterrupted run's weights and metrics."""
     whole, _ = two_iterations
-    first = make_trainer(tmp_path / "b", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=1)
-    first.train()
+    shutil.copytree(whole.args.output_dir, tmp_path / "b" / "out")  # its checkpoints, resumed in a folder of its own
     checkpoint = tmp_path / "b" / "out" / "checkpoint-1"
     assert (checkpoint / "online_generation-0.safetensors").exists()
     assert not (tmp_path / "b" / "out" / "checkpoint-2" / "online_generation-0.safetensors").exists()  # window end
