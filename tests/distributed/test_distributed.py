@@ -2,8 +2,9 @@
 
 Each case launches the train command with the shipped accelerate config (``accelerate launch
 --num_processes 2 --mixed_precision no``) through ``tests/distributed_worker.py``, and compares it with the same
-script on one process with the same global batch and seed. The tiny UNet is widened (128 channels) so that some of
-its tensors exceed ZeRO-3's persistence threshold and really are partitioned; the worker reports how many were.
+script on one process (the worker's jobs run in the pytest process) with the same global batch and seed. The tiny UNet
+is widened (128 channels) so that some of its tensors exceed ZeRO-3's persistence threshold and really are
+partitioned; the worker reports how many were.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.helpers.distributed import (
     _free_port,
     _launch,
     _weights,
+    assert_one_pass_like_one_process,
     random_stream_rows,
     run,
     tiny_assets,
@@ -53,8 +55,9 @@ def sdxl_assets(assets) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------------ running trainings
 # Interpreter start-up and imports (a launcher and two workers importing torch, diffusers, transformers and DeepSpeed:
 # ~15 s of a quiet 2-core machine per launch) cost more than a 3-step training of these tiny models, so trainings run
-# one after the other in the same processes (distributed_worker.py --jobs): one plain process computes every
-# one-process reference, and one two-process launch serves every accelerate configuration. The launch is a real
+# one after the other in the same processes (distributed_worker.py --jobs): this pytest process computes every
+# one-process reference (helpers.distributed.train_here: no interpreter of its own), and one two-process launch serves
+# every accelerate configuration. The launch is a real
 # `accelerate launch --config_file` of the first configuration; each training of another configuration carries the
 # ACCELERATE_* / FSDP_* environment that `accelerate launch` builds from its shipped yaml (accelerate's own launch
 # code computes it, _launch_environment), and the worker swaps it in before that training. A training is keyed by its
@@ -124,11 +127,14 @@ EMPTY_STEP = (
 # Every training of the default suite, grouped by launch (see Run.group); within a group, in this order (ZeRO-3, whose
 # registration with transformers the worker undoes after each training, last). One case per mechanism: DDP, ZeRO-2
 # and FSDP2 against one process, a sharded reduction with an accumulation window (ZeRO-2, parameter space), the
-# global parameter space under DDP, and the stream guards (ties, empty steps, a random stream).
+# global parameter space under DDP, the update space in one pass on ZeRO-2's optimizer partitions (the default case
+# of test_one_pass_engines.py's matrix, trained here to share this launch), and the stream guards (ties, empty steps,
+# a random stream).
 RUNS: dict[str, Run] = {
     # one plain process: the references
     "single-lora": Run("sd15", None, True),
     "single-parameter-lora": Run("sd15", None, True, PARAMETER),
+    "single-update-lora": Run("sd15", None, True, UPDATE),
     "single-parameter-lora-accumulated": Run(
         "sd15", None, True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "2")
     ),
@@ -154,13 +160,13 @@ RUNS: dict[str, Run] = {
     "deepspeed_zero2-parameter-lora-accumulated": Run(
         "sd15", "deepspeed_zero2.yaml", True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "1")
     ),
+    "deepspeed_zero2-update-lora": Run("sd15", "deepspeed_zero2.yaml", True, UPDATE),
 }
 # The slow tests' trainings, launched the same way (a group of their own, in this order: ZeRO-2's full-tuning run
 # saves checkpoint-2, which the next run resumes from; ZeRO-3 last).
 SLOW_RUNS: dict[str, Run] = {
     "single-full": Run("sd15", None, False),
     "sdxl-single-full": Run("sdxl", None, False, BETA_500),
-    "single-update-lora": Run("sd15", None, True, UPDATE),
     "bf16-single-beta500": Run("sd15", None, True, ("--bf16", "true", "--use_cpu", "true", *BETA_500)),
     "multi_gpu-full": Run("sd15", "multi_gpu.yaml", False),
     "poisoned-multi_gpu": Run("sd15", "multi_gpu.yaml", False, POISON, poison_step=2),
@@ -191,8 +197,20 @@ SLOW_RUNS: dict[str, Run] = {
 
 
 @pytest.fixture(scope="module")
-def runs(assets, sdxl_assets) -> Runs:
-    return Runs({"sd15": assets, "sdxl": sdxl_assets})
+def runs(request, assets) -> Runs:
+    return Runs(_Assets(request, assets))
+
+
+class _Assets(dict):
+    """The assets by kind: the SD ones, and the SDXL ones built when a training first needs them (the slow tier's)."""
+
+    def __init__(self, request, assets: dict) -> None:
+        super().__init__(sd15=assets)
+        self.request = request
+
+    def __missing__(self, kind: str) -> dict:
+        self[kind] = self.request.getfixturevalue(f"{kind}_assets")
+        return self[kind]
 
 
 def _named_run(runs: Runs, assets: dict, name: str, config: str | None, lora: bool, *extra: str) -> dict:
@@ -516,7 +534,7 @@ def test_parameter_space_global_scope_on_two_processes_trains_like_one(runs):
     )
 
 
-@pytest.mark.slow  # the update space on two processes: test_one_pass_engines.py's default cases
+@pytest.mark.slow  # by default: test_the_update_space_in_one_pass_under_zero2_trains_like_one_process
 def test_update_space_on_two_processes_trains_like_one(runs):
     """The update space under DDP: the engine averages g_w and h_l over processes, so every process searches the
     same lambda on the same AdamW update as one process with the same global batch; one all-reduced step."""
@@ -529,6 +547,17 @@ def test_update_space_on_two_processes_trains_like_one(runs):
     assert report["process_weight_spread"] == 0.0
     assert report["reference_max_abs_change"] == 0.0
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+def test_the_update_space_in_one_pass_under_zero2_trains_like_one_process(runs, assets):
+    """The update space's one pass on ZeRO-2 (LoRA): both branches averaged over processes, AdamW's moments read on
+    each process's flat float32 partition (DeepSpeed's ``_hp_mapping``) and every sum added up over processes; the
+    lambdas, losses, gradient norms and weights of one process. The default case of test_one_pass_engines.py's
+    matrix (every engine, space, scope and family: the slow tier), trained in this file's launch."""
+    single, report = runs["single-update-lora"], runs["deepspeed_zero2-update-lora"]
+    assert_one_pass_like_one_process(
+        single, report, "deepspeed_zero2.yaml", "update-lora", lora=True, pipeline=assets["pipeline"]
+    )
 
 
 @pytest.mark.slow  # compiles in each process; one process's compiled step: test_compiled_exact_rule.py

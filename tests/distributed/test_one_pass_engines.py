@@ -13,8 +13,11 @@ The update space under FSDP2 works on each process's shards of the averaged ``g_
 of the optimizer's state: ``OptimizerUpdate`` adds up every sum it forms over the processes (the clip coefficient's,
 AdamW's weight decay, SGD's four, ``D(lambda)`` at each evaluation), so every process searches the same ``D``; it is
 tested with AdamW in one pass and with SGD in per-branch passes (:data:`SGD_SETTINGS`). Launched as
-``test_distributed.py`` launches its trainings: the one-process references in one launch, the two-process trainings
-in another. One case stays in the default suite (:data:`DEFAULT_SUITE`); the rest are slow tests.
+``test_distributed.py`` launches its trainings: the one-process references in the pytest process, the two-process
+trainings in one launch. Every case here is a slow test: the default suite's case, the update space on ZeRO-2 with
+LoRA (:data:`DEFAULT_SUITE`), is trained in test_distributed.py's launch and checked there by the same assertions
+(``test_the_update_space_in_one_pass_under_zero2_trains_like_one_process``); here it keeps a launch of its own, so
+that the one test runs alone in a few minutes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ import torch
 from datasets import Dataset
 
 from tests.helpers.common import pickapic_rows
-from tests.helpers.distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
+from tests.helpers.distributed import (
+    _REPORTS,
+    STEPS,
+    Run,
+    _launch,
+    _weights,
+    assert_one_pass_like_one_process,
+    tiny_assets,
+)
 from tests.helpers.flow_distributed import FAMILIES, FLOW_ARGS, family_assets
 from trl_diffusion_sdpo.safeguards.crossing import RESOLUTION
 
@@ -72,11 +83,10 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
         for tuning in ("lora", "full")
     },
 }
-GRAD_NORM_REL = 2e-3  # see _check; the update space with full tuning: GRAD_NORM_REL_UPDATE_FULL
-GRAD_NORM_REL_UPDATE_FULL = 5e-3
-# the default suite's training (engine, setting): the update space on ZeRO-2's optimizer partitions; the rest: -m
-# slow. The parameter space's one pass under ZeRO-2 (with accumulation) and FSDP2 (on a random stream) is in
-# test_distributed.py's default trainings.
+# the default suite's training (engine, setting): the update space on ZeRO-2's optimizer partitions, trained and
+# checked in test_distributed.py's default launch (the same training: its assets, script arguments and worker); here a
+# launch group of its own (-m slow), the rest another. The parameter space's one pass under ZeRO-2 (with accumulation)
+# and FSDP2 (on a random stream) is in test_distributed.py's default trainings too.
 DEFAULT_SUITE = {("deepspeed_zero2.yaml", "update-lora")}
 SGD_SETTINGS = ("update-sgd-lora", "update-sgd-full")  # FSDP2 only: test_fsdp2_update_space_under_sgd_...
 ONE_PASS_SETTINGS = tuple(name for name in SETTINGS if name not in SGD_SETTINGS)
@@ -152,61 +162,16 @@ def _job(root: Path, engine: str | None, name: str) -> tuple[dict, str, Run]:
 
 
 def _check(root: Path, engine: str, name: str) -> None:
-    """Lambdas, losses, gradient norms and weights of one process; the one pass ran (no per-branch passes).
-
-    Tolerances, against what was measured (max over the cases and steps). The logged losses and the cotangents come
-    from errors summed over two pairs per process instead of four, a rounding difference that beta 5000 amplifies, and
-    the weights drift apart by rounding from there. The parameter space's lambda (a ratio of two sums over the
-    gradients) differs by at most 1.1e-5 absolute with LoRA (tolerance 1e-4 relative) and 1.7e-6 with full tuning
-    (1e-3, as test_distributed.py's engines); the per-pair scope's by 5.4e-6. The update space's lambda lies within
-    max_lambda / 4096 (2.4e-4; :data:`~trl_diffusion_sdpo.safeguards.crossing.RESOLUTION`) below a crossing of D with
-    its target, which rounding moves by up to a step (tolerance 1e-3). Losses: 2.4e-4 relative with LoRA (1e-3); with
-    full tuning 1.5e-4 in the parameter space and 2.9e-3 in the update space (5e-3), where AdamW turns the step's
-    lambda difference in near-zero gradient entries into +-lr moves. The logged gradient norms (what the optimizer saw,
-    after the engine's reduction): 3.6e-4 relative (tolerance 2e-3), except the update space with full tuning, whose
-    weights drift as its losses do: 2.2e-3 (5e-3). Either catches a gradient off by the number of processes (which
-    AdamW's normalisation would hide from the weights): a factor 2. Weights: the difference's norm against how far the
-    weights moved, 5.7e-4 with LoRA and 5.8e-3 with full tuning (tolerance 2e-2)."""
+    """The one pass under ``engine`` against one process (tolerances: ``assert_one_pass_like_one_process``)."""
     kind, _, lora = SETTINGS[name]
     slow = (engine, name) not in DEFAULT_SUITE
     single, report = _report(root, None, name, slow), _report(root, engine, name, slow)
-    assert report["num_processes"] == 2
-    assert report["zero_stage"] == {ZERO1: 1, ZERO2: 2, ZERO3: 3, FSDP2: None}[engine]
-    assert report["global_step"] == STEPS == len(single["lambdas"]) == len(report["lambdas"])
-    assert report["two_pass_reason"] is None and report["branch_store"] == "NoneType"  # one pass, no fallback
-    assert any(lam < 1.0 for lam in single["lambdas"])  # the margin binds: a wrong lambda would show
-    if "pair" not in name and "accumulated" not in name:
-        # one micro-batch per process and step: every process found the global micro-batch's lambda, bit for bit (with
-        # full tuning a lambda from one process's shards alone can agree with it to 1e-4, within the tolerance below)
-        assert report["lambda_spreads"] == [0.0] * STEPS
-    if "update" in name:
-        assert report["lambdas"] == pytest.approx(single["lambdas"], abs=1e-3)
-    else:
-        assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-4 if lora else 1e-3)
-    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3 if lora else 5e-3)
-    # the gradient the optimizer saw has one process's scale (AdamW would hide a factor: it normalises it away)
-    norms = [[h["grad_norm"] for h in r["log_history"] if "grad_norm" in h] for r in (report, single)]
-    rel = GRAD_NORM_REL_UPDATE_FULL if "update" in name and not lora else GRAD_NORM_REL
-    assert len(norms[0]) == STEPS and norms[0] == pytest.approx(norms[1], rel=rel)
-    if engine == FSDP2:  # every trained weight is a shard
-        assert report["policy_sharded"] == report["policy_parameters"]
-        # every process entered the same collectives: the same search (its passes, each one all-reduce) on each
-        assert report["collectives_match"], report["first_collective_mismatch"]
-    elif engine == ZERO3:  # the widened UNet's large tensors are partitioned (SDXL's all stay whole)
-        assert report["policy_partitioned"] > 0 or kind != "sd15"
-    else:  # every process stepped the same whole weights
-        assert report["process_weight_spread"] < 1e-6
-    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
-    start, denoiser = _assets(root, kind)["pipeline"], "transformer" if kind in FAMILIES else "unet"
-    expected = _weights(Path(single["model_dir"]), lora, denoiser)
-    trained = _weights(Path(report["model_dir"]), lora, denoiser)
-    original = {} if lora else _weights(start, False, denoiser)
-    keys = [k for k in expected if not lora or ".lora.up." in k or ".lora_B." in k]  # B matrices start at zero
-    moved = torch.cat([(expected[k] - original.get(k, 0)).reshape(-1) for k in keys]).norm()
-    difference = torch.cat([(trained[k] - expected[k]).reshape(-1) for k in keys]).norm()
-    assert difference < 2e-2 * moved, (difference, moved)
+    pipeline = _assets(root, kind)["pipeline"]
+    assert_one_pass_like_one_process(single, report, engine, name, lora, pipeline, family=kind)
 
 
+# by default: test_distributed.py::test_the_update_space_in_one_pass_under_zero2_trains_like_one_process
+@pytest.mark.slow  # by default: the same training and assertions in test_distributed.py (above)
 @pytest.mark.parametrize(
     "engine,name",
     _one_pass_cases(slow=False),

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -141,6 +146,55 @@ def _launch_environment(run: Run, processes: int) -> dict[str, str]:
     return {name: value for name, value in env.items() if name.startswith(("ACCELERATE_", "FSDP_"))}
 
 
+def _rank_environment(rank: int, processes: int, port: int) -> dict[str, str]:
+    """The variables torchrun (``accelerate launch``'s launcher on one machine) gives process ``rank``, with process 0
+    serving the process group's store (torchrun's agent serves it under a launch)."""
+    return {
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank), "ROLE_NAME": "default",
+        "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "ROLE_WORLD_SIZE": str(processes),
+        "GROUP_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "none",
+        "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }  # fmt: skip
+
+
+def run_as_launched(
+    script: list[str], config: str, logs: Path, timeout: float, processes: int = 2
+) -> tuple[int | None, str, str]:
+    """``script`` (a worker and its arguments) on ``processes`` processes started here as ``accelerate launch
+    --config_file <config>`` starts them: the engine's variables computed by accelerate's own launch code
+    (:func:`_launch_environment`) and torchrun's rank variables, without the launcher's own interpreter (~4 s of
+    imports on a 2-core machine; test_distributed.py's launches keep ``accelerate launch`` itself covered). As torchrun
+    does, a failed process ends the others. Returns the exit status (the first failure's, ``None`` past ``timeout``
+    seconds, else 0) and every process's stdout and stderr, in rank order (kept under ``logs``)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {**worker_environment(), **_launch_environment(Run("", config, True), processes)}
+    procs = []
+    for rank in range(processes):
+        with open(logs / f"rank-{rank}.out", "w") as out, open(logs / f"rank-{rank}.err", "w") as err:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *script], cwd=ROOT, env={**env, **_rank_environment(rank, processes, port)},
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                )
+            )  # fmt: skip
+    deadline, status = time.monotonic() + timeout, 0
+    try:
+        while status == 0 and any(proc.poll() is None for proc in procs):
+            failed = [proc.returncode for proc in procs if proc.returncode not in (None, 0)]
+            status = failed[0] if failed else None if time.monotonic() > deadline else 0
+            time.sleep(0.1)
+        if status == 0:
+            status = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # with anything it started
+            proc.wait()
+    read = lambda suffix: "".join((logs / f"rank-{r}.{suffix}").read_text() for r in range(processes))  # noqa: E731
+    return status, read("out"), read("err")
+
+
 def _script_arguments(assets: dict, name: str, run: Run, processes: int) -> list[str]:
     out = assets["root"] / name
     return [
@@ -156,9 +210,20 @@ def _script_arguments(assets: dict, name: str, run: Run, processes: int) -> list
     ]  # fmt: skip
 
 
+def train_here(worker: Path, jobs_file: Path, names: str) -> None:
+    """A worker's ``--jobs`` (``distributed_worker.py``'s or ``online_worker.py``'s) run in this process, as one plain
+    process runs them: the one-process references cost their trainings, not a fresh interpreter's imports (~12 s of a
+    2-core machine). A failure is an ``AssertionError`` naming the trainings, as a failed launch's."""
+    module = importlib.import_module(f"tests.{worker.stem}")
+    try:
+        module.main(["--jobs", str(jobs_file)])
+    except Exception as error:
+        raise AssertionError(f"{names} failed in this process:\n{traceback.format_exc()[-6000:]}") from error
+
+
 def _launch(jobs: list[tuple[dict, str, Run]], processes: int = 2) -> None:
     """Run ``jobs`` (assets, name, run; all on one process or all on ``processes``) in one launch of the first job's
-    configuration and store their reports."""
+    configuration (one plain process: in this one, :func:`train_here`) and store their reports."""
     first = jobs[0][2]
     processes = 1 if first.config is None else processes
     jobs_file = jobs[0][0]["root"] / f"jobs-{jobs[0][1]}.json"
@@ -177,13 +242,16 @@ def _launch(jobs: list[tuple[dict, str, Run]], processes: int = 2) -> None:
         ):  # fmt: skip
             worker_jobs[-1]["env"] = _launch_environment(run, processes)
     jobs_file.write_text(json.dumps(worker_jobs, indent=1))
-    command = [sys.executable, str(WORKER), "--jobs", str(jobs_file)]
-    if first.config is not None:
-        command[1:1] = ["-m", "accelerate.commands.launch", *first.launch_arguments(processes)]
-    env = worker_environment()
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300 + 300 * len(jobs))
     names = ", ".join(name for _, name, _ in jobs)
-    assert proc.returncode == 0, f"{names} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if first.config is None:
+        train_here(WORKER, jobs_file, names)
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", *first.launch_arguments(processes)]
+        command += [str(WORKER), "--jobs", str(jobs_file)]
+        env = worker_environment()
+        timeout = 300 + 300 * len(jobs)
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{names} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     for assets, name, run in jobs:
         report = json.loads((assets["root"] / name / "result.json").read_text())
         report["model_dir"] = str(assets["root"] / name / "model")
@@ -232,3 +300,62 @@ def _assert_resumed_like_straight(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def assert_one_pass_like_one_process(
+    single: dict, report: dict, engine: str, setting: str, lora: bool, pipeline: Path, family: str = "sd15"
+) -> None:
+    """The exact safeguard's one pass on two processes under ``engine`` (an accelerate config's file name) against one
+    process with the same global batch (``setting``: the space's name, ``-lora``/``-full``, ``-accumulated``; the
+    run's tiny ``pipeline`` folder, of ``family``: ``"sd15"`` the widened SD, ``"sdxl"``, or a flow family's name):
+    lambdas, losses, gradient norms and weights of one process; the one pass ran (no per-branch passes).
+
+    Tolerances, against what was measured (max over test_one_pass_engines.py's cases and steps). The logged losses and
+    the cotangents come from errors summed over two pairs per process instead of four, a rounding difference that beta
+    5000 amplifies, and the weights drift apart by rounding from there. The parameter space's lambda (a ratio of two
+    sums over the gradients) differs by at most 1.1e-5 absolute with LoRA (tolerance 1e-4 relative) and 1.7e-6 with
+    full tuning (1e-3, as test_distributed.py's engines); the per-pair scope's by 5.4e-6. The update space's lambda
+    lies within max_lambda / 4096 (2.4e-4; :data:`~trl_diffusion_sdpo.safeguards.crossing.RESOLUTION`) below a crossing
+    of D with its target, which rounding moves by up to a step (tolerance 1e-3). Losses: 2.4e-4 relative with LoRA
+    (1e-3); with full tuning 1.5e-4 in the parameter space and 2.9e-3 in the update space (5e-3), where AdamW turns the
+    step's lambda difference in near-zero gradient entries into +-lr moves. The logged gradient norms (what the
+    optimizer saw, after the engine's reduction): 3.6e-4 relative (tolerance 2e-3), except the update space with full
+    tuning, whose weights drift as its losses do: 2.2e-3 (5e-3). Either catches a gradient off by the number of
+    processes (which AdamW's normalisation would hide from the weights): a factor 2. Weights: the difference's norm
+    against how far the weights moved, 5.7e-4 with LoRA and 5.8e-3 with full tuning (tolerance 2e-2)."""
+    stages = {"deepspeed_zero1.yaml": 1, "deepspeed_zero2.yaml": 2, "deepspeed_zero3.yaml": 3, "fsdp2.yaml": None}
+    assert report["num_processes"] == 2
+    assert report["zero_stage"] == stages[engine]
+    assert report["global_step"] == STEPS == len(single["lambdas"]) == len(report["lambdas"])
+    assert report["two_pass_reason"] is None and report["branch_store"] == "NoneType"  # one pass, no fallback
+    assert any(lam < 1.0 for lam in single["lambdas"])  # the margin binds: a wrong lambda would show
+    if "pair" not in setting and "accumulated" not in setting:
+        # one micro-batch per process and step: every process found the global micro-batch's lambda, bit for bit (with
+        # full tuning a lambda from one process's shards alone can agree with it to 1e-4, within the tolerance below)
+        assert report["lambda_spreads"] == [0.0] * STEPS
+    if "update" in setting:
+        assert report["lambdas"] == pytest.approx(single["lambdas"], abs=1e-3)
+    else:
+        assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-4 if lora else 1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3 if lora else 5e-3)
+    # the gradient the optimizer saw has one process's scale (AdamW would hide a factor: it normalises it away)
+    norms = [[h["grad_norm"] for h in r["log_history"] if "grad_norm" in h] for r in (report, single)]
+    rel = 5e-3 if "update" in setting and not lora else 2e-3
+    assert len(norms[0]) == STEPS and norms[0] == pytest.approx(norms[1], rel=rel)
+    if engine == "fsdp2.yaml":  # every trained weight is a shard
+        assert report["policy_sharded"] == report["policy_parameters"]
+        # every process entered the same collectives: the same search (its passes, each one all-reduce) on each
+        assert report["collectives_match"], report["first_collective_mismatch"]
+    elif engine == "deepspeed_zero3.yaml":  # the widened UNet's large tensors are partitioned (SDXL's all stay whole)
+        assert report["policy_partitioned"] > 0 or family != "sd15"
+    else:  # every process stepped the same whole weights
+        assert report["process_weight_spread"] < 1e-6
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+    denoiser = "unet" if family in ("sd15", "sdxl") else "transformer"
+    expected = _weights(Path(single["model_dir"]), lora, denoiser)
+    trained = _weights(Path(report["model_dir"]), lora, denoiser)
+    original = {} if lora else _weights(pipeline, False, denoiser)
+    keys = [k for k in expected if not lora or ".lora.up." in k or ".lora_B." in k]  # B matrices start at zero
+    moved = torch.cat([(expected[k] - original.get(k, 0)).reshape(-1) for k in keys]).norm()
+    difference = torch.cat([(trained[k] - expected[k]).reshape(-1) for k in keys]).norm()
+    assert difference < 2e-2 * moved, (difference, moved)
