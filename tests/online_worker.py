@@ -8,7 +8,8 @@ whose engine machinery this reuses): each names its ``result`` file, the saved `
 folders, the ``output_dir``, the ``config`` (``OnlineDiffusionSDPOConfig`` keyword arguments), the ``reward`` (a
 function of this module, :data:`REWARDS`) and optionally ``env`` (another accelerate config's ``ACCELERATE_*`` and
 ``FSDP_*`` variables) and ``edit_area_scale`` (:func:`_scaled_edit_areas`). Every job trains LoRA adapters (r = 4)
-and saves them.
+and saves them. A job of ``rewind_out`` alone is ``online_rewind_worker.py``'s run instead (the held-out probe and a
+rewind on every process), writing its reports into that folder.
 
 The main process writes the report: every process's generations (prompts, global rows, rewards, pairs, and whether
 the denoiser was sharded while it sampled), each process's part of the trainable weights before training and after
@@ -256,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     launch_environment = {n: v for n, v in os.environ.items() if n.startswith(("ACCELERATE_", "FSDP_"))}
     for job in jobs:
         _use_environment(job.get("env", launch_environment))
+        if "rewind_out" in job:
+            from tests.online_rewind_worker import main as rewind_run
+
+            rewind_run(job["rewind_out"])
+            gc.collect()
+            continue
         with _scaled_edit_areas(job.get("edit_area_scale")):
             trainer, recorded = train(job)
         report(trainer, recorded, job["result"])

@@ -6,11 +6,11 @@ Every image's noise is seeded by ``(seed, generation, global row, sample)``, so 
 batch each must sample, score and pair exactly what one process does, and then train as it does. Under ZeRO-3 and
 FSDP2 the policy samples through its sharded weights (every layer gathered on the fly, both processes taking part).
 
-Trainings run through ``tests/online_worker.py --jobs`` (the ``distributed_worker.py`` machinery): one plain process
+Trainings run through ``tests/online_worker.py --jobs`` (the ``distributed_worker.py`` machinery): the pytest process
 trains the one-process references, one two-process launch of ``multi_gpu.yaml`` trains DDP, ZeRO-2, FSDP2 and ZeRO-3
-in turn (the environment ``accelerate launch`` builds from each shipped yaml swapped in per training): about 65 s for
-the default tier on a 2-core CPU. The tiny SD pipeline is widened (128 channels) so that ZeRO-3 really partitions some
-of its weights.
+in turn (the environment ``accelerate launch`` builds from each shipped yaml swapped in per training), and, in the
+default tier's launch, the held-out probe's online rewind on two processes (``online_rewind_worker.py``'s run). The
+tiny SD pipeline is widened (128 channels) so that ZeRO-3 really partitions some of its weights.
 
 The slow tier trains every other family's tiny pipeline under DDP against one process (:data:`FAMILY_CASES`), a
 group of families per launch.
@@ -25,12 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -38,8 +33,8 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from tests.helpers.common import cpu_launch_fields, worker_environment
-from tests.helpers.distributed import CONFIGS, Run, _launch_environment
+from tests.helpers.common import cpu_launch_fields
+from tests.helpers.distributed import CONFIGS, Run, _launch_environment, run_as_launched, train_here
 from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -124,6 +119,7 @@ class OnlineRun:
     pipeline: str = "pipeline"  # the saved pipeline's folder (a family's: built when first needed)
     seconds: int = 60  # the most the training may take on a loaded 2-core CPU (a launch's timeout adds them up)
     edit_area_scale: float | None = None  # online_worker.py's: the Qwen-Image-Edit pipelines' source areas scaled
+    rewind: bool = False  # online_rewind_worker.py's run instead (its own settings): a report per process
 
     @property
     def processes(self) -> int:
@@ -143,7 +139,7 @@ def _extra(*configs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 TIE_DATA = ("ties", "redness_unless_flat")
 
-# Every training, grouped by launch: one plain process (the references), then one two-process launch of
+# Every training, grouped by launch: the pytest process (the references), then one two-process launch of
 # multi_gpu.yaml that trains DDP, ZeRO-2, FSDP2 and ZeRO-3 in turn (ZeRO-3, whose registration with transformers the
 # worker undoes after each training, last). ZeRO-3 trains the output space only here (its parameter space, global
 # scope only, is tested offline: test_zero3_parameter_space.py). The default suite trains DDP in the output space,
@@ -244,6 +240,11 @@ for _family, _case in FAMILY_CASES.items():
         )
 
 
+# The held-out probe and on_pathology="rewind" online on two processes (online_rewind_worker.py's run, on the shipped
+# demo base): a training of the default suite's two-process launch, after the others
+RUNS["ddp-probe-rewind"] = OnlineRun("multi_gpu.yaml", rewind=True)
+
+
 def _even_prompts() -> list[str]:
     """Eight of the demo's captions of one byte length (the tiny Qwen tokenizers' one token a byte)."""
     captions = [c.text for c in all_captions()]
@@ -283,12 +284,16 @@ _FAILED: dict[tuple[int, str], str] = {}  # launch group -> why it failed: its o
 
 
 def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
-    """Train ``runs`` (all on one process, or all on two) in one launch of the first one's accelerate config."""
+    """Train ``runs`` (all on one process, in this one; or all on two, started as ``accelerate launch`` of the first
+    one's accelerate config starts them) in turn."""
     root = assets["root"]
     first = next(iter(runs.values()))
-    launch = Run("", first.config, True)  # test_distributed's launch arguments for this config
     jobs = []
     for name, spec in runs.items():
+        if spec.rewind:
+            (root / name).mkdir(exist_ok=True)
+            jobs.append({"rewind_out": str(root / name)})
+            continue
         if spec.pipeline != "pipeline":
             _family_assets(root, spec.pipeline)
         job = {
@@ -306,24 +311,26 @@ def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
         jobs.append(job)
     jobs_file = root / f"jobs-{next(iter(runs))}.json"
     jobs_file.write_text(json.dumps(jobs, indent=1))
-    command = [sys.executable, str(WORKER), "--jobs", str(jobs_file)]
-    if first.config is not None:
-        command[1:1] = ["-m", "accelerate.commands.launch", *launch.launch_arguments(first.processes)]
-    env = worker_environment()
-    # ~5 s an SD training on a quiet machine; a process left waiting in a collective fails the launch at the timeout
-    timeout = 120 + sum(spec.seconds for spec in runs.values())
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's workers too, which would outlive it
-        stdout, stderr = proc.communicate()
-        stderr += f"\ntimed out after {timeout} s"
-    assert proc.returncode == 0, f"{', '.join(runs)} failed:\n{stdout[-3000:]}\n{stderr[-8000:]}"
-    for name in runs:
+    if first.config is None:  # the one-process references: in this process, as test_distributed.py's
+        train_here(WORKER, jobs_file, ", ".join(runs))
+    else:
+        _launch_two_processes(runs, first.config, jobs_file)
+    for name, spec in runs.items():
+        if spec.rewind:
+            _REPORTS[name] = {"ranks": [json.loads((root / name / f"rank-{i}.json").read_text()) for i in (0, 1)]}
+            continue
         report = json.loads((root / name / "result.json").read_text())
         report["model_dir"] = str(root / name / "model")
         _REPORTS[name] = report
+
+
+def _launch_two_processes(runs: dict[str, OnlineRun], config: str, jobs_file: Path) -> None:
+    """The two-process trainings, started as ``accelerate launch --config_file <config>`` starts them."""
+    # ~5 s an SD training on a quiet machine; a process left waiting in a collective fails the launch at the timeout
+    timeout = 120 + sum(spec.seconds for spec in runs.values())
+    command = [str(WORKER), "--jobs", str(jobs_file)]
+    status, stdout, stderr = run_as_launched(command, config, jobs_file.with_suffix(".logs"), timeout)
+    assert status == 0, f"{', '.join(runs)} failed ({status}):\n{stdout[-3000:]}\n{stderr[-8000:]}"
 
 
 class Runs:
@@ -568,3 +575,17 @@ def test_every_family_samples_pairs_and_trains_on_two_processes_like_one(runs, f
     )
     assert moved > 10 * LEARNING_RATE and difference < 2e-2 * moved, (float(difference), float(moved))
     _assert_in_step(report)
+
+
+def test_an_online_run_probes_every_processs_share_of_the_same_pairs_and_rewinds_alike(runs):
+    """``on_pathology="rewind"`` online on two processes (the offline run: test_rewind_processes.py, slow): every
+    process probes its own share of the held-out pairs and reads the figures reduced over both, and every process
+    rewinds at the same step to the same healthy weights."""
+    reports = runs["ddp-probe-rewind"]["ranks"]
+    # Each process holds one of the two held-out pairs, and both read the figures reduced over the two.
+    assert reports[0]["share"] != reports[1]["share"]
+    assert reports[0]["readings"] == reports[1]["readings"] and len(reports[0]["readings"]) == 1
+    # The alarm fires at step 1 on both, back to step 0, and the online run stops with the initial weights.
+    assert reports[0]["rewinds"] == reports[1]["rewinds"] == [[1, 0]]
+    assert reports[0]["steps"] == reports[1]["steps"] == 1
+    assert reports[0]["trained"] == reports[1]["trained"] == reports[0]["initial"] == reports[1]["initial"]

@@ -35,7 +35,7 @@ def _two_processes(worker: Path, out: Path) -> list[dict]:
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
 
-@pytest.mark.slow  # by default: the online run below rewinds both processes alike
+@pytest.mark.slow  # by default: test_online_distributed.py's online run rewinds both processes alike
 def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
     reports = _two_processes(WORKER, tmp_path)
     # The alarm fires at step 1 (back to step 0, the safeguard on) and at step 2 (back to step 0, and stop).
@@ -45,6 +45,7 @@ def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
     assert reports[0]["trained"] == reports[1]["trained"] == reports[0]["initial"] == reports[1]["initial"]
 
 
+@pytest.mark.slow  # by default: test_online_distributed.py's test of the same name (this worker, in its launch)
 def test_an_online_run_probes_every_processs_share_of_the_same_pairs_and_rewinds_alike(tmp_path):
     reports = _two_processes(ONLINE_WORKER, tmp_path)
     # Each process holds one of the two held-out pairs, and both read the figures reduced over the two.
