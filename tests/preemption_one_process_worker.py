@@ -1,6 +1,6 @@
-"""Train the tiny LoRA run of ``checkpoint_kill_worker.py`` on one of several processes under ``accelerate launch``;
-process ``--signal-rank`` sends itself ``SIGTERM`` at the start of optimizer step ``--signal-step`` (run as a
-subprocess by ``tests/io/test_preemption_on_one_process.py``).
+"""Train the tiny LoRA run of ``checkpoint_kill_worker.py`` on one of several processes (``accelerate launch``'s, or
+started with the environment it gives them); process ``--signal-rank`` sends itself ``SIGTERM`` at the start of
+optimizer step ``--signal-step`` (run as a subprocess by ``tests/io/test_preemption_on_one_process.py``).
 
     accelerate launch ... tests/preemption_one_process_worker.py OUTPUT_DIR --tokenizer-dir DIR --results DIR
 

@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers.common import CHECKOUT, worker_environment
+from tests.helpers.common import CHECKOUT
+from tests.helpers.distributed import run_as_launched
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 WORKER = CHECKOUT / "tests" / "preemption_one_process_worker.py"
-MULTI_GPU = CHECKOUT / "examples" / "accelerate_configs" / "multi_gpu.yaml"
 PREEMPTED = 75  # the exit status of a preempted run (docs/reliability.md)
-# A worker gives up (ends itself) after GIVE_UP seconds; the test waits a little longer for the launcher. A clean run
-# takes well under a minute of each process's time.
+# A worker gives up (ends itself) after GIVE_UP seconds; the test waits a little longer for both. A clean run takes
+# well under a minute of each process's time.
 GIVE_UP = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_signal_to_one_of_two_processes_stops_both_after_the_step_it_came_in(tmp_path: Path) -> None:
@@ -33,19 +24,18 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_step_it_came_in(t
     results.mkdir()
     build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tok))  # written once, before two processes read it
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU), "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", str(_free_port()),
         str(WORKER), str(out), "--tokenizer-dir", str(tok), "--results", str(results),
         "--signal-step", "2", "--signal-rank", "1", "--max-steps", "4", "--give-up", str(GIVE_UP),
     ]  # fmt: skip
-    proc = subprocess.run(command, env=worker_environment(), capture_output=True, text=True, timeout=GIVE_UP + 120)
-    output = proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.returncode == 0, output
+    # both processes as `accelerate launch --config_file multi_gpu.yaml` starts them (its environment, no launcher)
+    status, stdout, stderr = run_as_launched(command, "multi_gpu.yaml", tmp_path / "logs", timeout=GIVE_UP + 120)
+    output = stdout[-3000:] + stderr[-5000:]
+    assert status == 0, output
     reports = {int(p.stem): json.loads(p.read_text()) for p in results.glob("*.json")}
     # process 1 received SIGTERM in step 2; process 0 learned it at the end of that step, and neither trained on
     assert reports == {rank: {"exit_code": PREEMPTED, "global_step": 2} for rank in (0, 1)}, output
     checkpoints = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint"))
     assert checkpoints == ["checkpoint-2"], checkpoints
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoint-2"))  # both processes saved
-    said = [line for line in proc.stderr.splitlines() if "Training preempted by" in line]
+    said = [line for line in stderr.splitlines() if "Training preempted by" in line]
     assert len(said) == 2 and all("after optimizer step 2" in line for line in said), said  # once per process
