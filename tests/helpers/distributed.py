@@ -148,7 +148,7 @@ def _launch_environment(run: Run, processes: int) -> dict[str, str]:
 
 def _rank_environment(rank: int, processes: int, port: int) -> dict[str, str]:
     """The variables torchrun (``accelerate launch``'s launcher on one machine) gives process ``rank``, with process 0
-    serving the process group's store (torchrun's agent serves it under a launch)."""
+    serving the process group's store (under a launch, torchrun's elastic launcher serves it)."""
     return {
         "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank), "ROLE_NAME": "default",
         "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "ROLE_WORLD_SIZE": str(processes),

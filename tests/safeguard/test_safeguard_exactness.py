@@ -17,8 +17,9 @@ def _check(report: dict, start: str, binding: bool = True) -> None:
         assert rules["parameter"]["lambda_min"] < 1.0
 
 
-# The same guarantee runs by default on flow transformers (test_flow_families.py's and test_wan.py's
-# test_exact_safeguard_keeps_the_winner_term_from_rising_...), from the same tests/helpers/winner_term_check.py.
+# The same guarantee runs by default on a flow transformer (test_flow_families.py's
+# test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer; test_wan.py's is slow), from the
+# same tests/helpers/winner_term_check.py.
 @pytest.mark.slow
 def test_winner_term_never_rises_beyond_second_order_from_a_dpo_drifted_policy():
     # 50 batches by default (Diffusion-DPO's step raises the winner term on 2 of them); the slow test runs 100 per mu
