@@ -182,6 +182,17 @@ def _train_in_a_fork_until_killed(out: str, tok: str, stage: str, limit: int, ti
         time.sleep(0.05)
 
 
+class _CheckpointsAtTrainBegin(TrainerCallback):
+    """Each ``checkpoint-N`` in the output folder when training begins, with what is wrong with it ("" if nothing)."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.problems = out, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        names = [n for n in os.listdir(self.out) if n.startswith("checkpoint-")]
+        self.problems = {n: checkpoint_problem(os.path.join(self.out, n)) for n in names}
+
+
 def _kill_then_resume(
     stage: str, tmp_path, uninterrupted, expected_resume_step: int, caplog, build=build_trainer, limit: int = 2
 ):
@@ -192,9 +203,13 @@ def _kill_then_resume(
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the run was not killed ({status})"
     assert not os.path.isdir(os.path.join(out, "checkpoint-4"))
     trainer = build(out, tok) if build is not build_trainer else build(out, tok, save_total_limit=limit)
+    at_start = _CheckpointsAtTrainBegin(out)
+    trainer.add_callback(at_start)
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         trainer.train(resume_from_checkpoint=True)
     assert f"Resuming from {os.path.join(out, f'checkpoint-{expected_resume_step}')}" in caplog.text
+    # before the resumed run saves again, the interrupted save is finished or gone: no unfinished checkpoint-N left
+    assert at_start.problems and all(problem == "" for problem in at_start.problems.values()), at_start.problems
     assert trainer.state.global_step == 4
     resumed = lora_state(trainer)
     for key, value in uninterrupted.items():
