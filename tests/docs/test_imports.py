@@ -1,8 +1,7 @@
 """Importing the package and asking the command line for help load nothing heavy and print nothing on stderr.
 
 Each check runs a fresh interpreter (this one has long imported torch) and reads back which modules it loaded; the
-help of train and cache and the plain runs' checks, each in a process forked from one fresh interpreter once the
-imports they begin with are made.
+plain runs' checks, each in a process forked from one fresh interpreter once a user's script has made its imports.
 """
 
 from __future__ import annotations
@@ -88,6 +87,26 @@ def test_top_level_help_and_light_subcommands_load_no_library_and_print_nothing(
     assert stderr == ""
     assert top_level(modules, LIBRARIES) == []
     assert loaded(modules, HEAVY_FOR_HELP + ("trl_diffusion_sdpo.demo.run", "trl_diffusion_sdpo.demo.pretrain")) == []
+
+
+def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothing():
+    # Their parsers read the training config, a transformers TrainingArguments: transformers is loaded, its
+    # pipelines and image processors are not.
+    code = """
+        import contextlib, io
+        from trl_diffusion_sdpo.cli.main import main
+        for argv in (["train", "--help"], ["cache", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+                main(argv)
+            assert "--safeguard_mu" in out.getvalue() and "--learning_rate" in out.getvalue(), argv
+    """
+    modules, stderr = run_fresh(code)
+    assert stderr == ""
+    assert "transformers.training_args" in modules
+    assert loaded(modules, HEAVY_FOR_HELP + ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.data")) == []
+    # TRL's get_peft_config (trl.trainer.utils) is imported when training starts: it loads pandas, datasets and rich
+    assert "trl.trainer.utils" not in modules
+    assert top_level(modules, ("pandas", "datasets", "rich", "matplotlib")) == []
 
 
 # The reward-model ports (a distribution of their own), the core's CLIP scorers and the figures: evaluation's, never
@@ -241,78 +260,52 @@ PLAIN_RUN = """
     trainer.train()
     trainer.save_model()
 """
-# Processes as fresh interpreters are once their first imports are done: one interpreter makes each stage's imports in
-# turn and after each forks one process per job of that stage (a job's code run after the imports), each writing the
-# modules it left loaded and its stderr. A stage's imports are those its jobs make first (or modules whose imports
-# those make), so the imports cost a fresh interpreter's seconds once for all the jobs, and each job's process loads
-# what a fresh interpreter running the imports and then the job would. What the imports print on stderr is kept
-# apart, per stage.
-FORKED_STAGES = """
+# A run's process, as a fresh interpreter is once the script's imports are done: one interpreter imports them, then
+# forks one process per job (a job's code run after them), each writing the modules it left loaded. The import costs
+# a fresh interpreter's seconds once for all the jobs; each job's process is the one a fresh interpreter running the
+# imports and then that job would be.
+FORKED_JOBS = """
     import json, os, sys
-
-    def run_job(code, argv, report):
-        with open(report + ".stderr", "w") as err:
-            os.dup2(err.fileno(), 2)
-        status = 1
-        try:
-            sys.argv[1:] = argv
-            exec(code, globals())
-            with open(report, "w") as file:
-                json.dump(sorted(sys.modules), file)
-            status = 0
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-
-    for imports, jobs, imports_stderr in json.loads(sys.argv[1]):
+    IMPORTS
+    for code, argv, report in json.loads(sys.argv[1]):
+        sys.stdout.flush()
         sys.stderr.flush()
-        kept = os.dup(2)
-        with open(imports_stderr, "w") as err:
-            os.dup2(err.fileno(), 2)
-        exec(imports, globals())
-        sys.stderr.flush()
-        os.dup2(kept, 2)
-        os.close(kept)
-        for code, argv, report in jobs:
-            sys.stdout.flush()
-            pid = os.fork()
-            if pid == 0:
-                run_job(code, argv, report)
-            _, status = os.waitpid(pid, 0)
-            if status != 0:
-                with open(report + ".stderr") as err:
-                    sys.exit(f"the job writing {report} failed (wait status {status}):\n{err.read()[-4000:]}")
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                sys.argv[1:] = argv
+                exec(code, globals())
+                with open(report, "w") as file:
+                    json.dump(sorted(sys.modules), file)
+                status = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            sys.exit(f"the job writing {report} failed (wait status {status})")
 """
 
 
-def run_forked(stages: list[tuple[str, list[tuple[str, list[str]]]]], folder: Path) -> list[list[tuple[list, str]]]:
-    """Each stage's imports made in turn in one fresh interpreter, and after them each of the stage's jobs (code, its
-    ``sys.argv[1:]``) run in a process of its own forked from it: per stage, per job, the modules the job left loaded
-    and what the stage's imports and then the job wrote on stderr."""
-    listed = []
-    for s, (imports, jobs) in enumerate(stages):
-        reports = [str(folder / f"modules-{s}-{j}.json") for j in range(len(jobs))]
-        work = [(textwrap.dedent(code), argv, report) for (code, argv), report in zip(jobs, reports, strict=True)]
-        listed.append((textwrap.dedent(imports), work, str(folder / f"imports-{s}.stderr")))
+def run_forked(imports: str, jobs: list[tuple[str, list[str]]], folder: Path) -> list[list[str]]:
+    """Each of ``jobs`` (code, its ``sys.argv[1:]``) run in its own process forked from one fresh interpreter that
+    ran ``imports``: the modules each left loaded, in the order of ``jobs``."""
+    reports = [str(folder / f"modules-{i}.json") for i in range(len(jobs))]
+    listed = [(textwrap.dedent(code), argv, report) for (code, argv), report in zip(jobs, reports, strict=True)]
+    script = textwrap.dedent(FORKED_JOBS).replace("IMPORTS\n", textwrap.dedent(imports).lstrip("\n"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORKED_STAGES), json.dumps(listed)], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", script, json.dumps(listed)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    found = []
-    for _, work, imports_stderr in listed:
-        imports_said = Path(imports_stderr).read_text()
-        found.append(
-            [(json.loads(Path(report).read_text()), imports_said + Path(report + ".stderr").read_text())
-             for _, _, report in work]
-        )  # fmt: skip
-    return found
+    return [json.loads(Path(report).read_text()) for report in reports]
 
 
 # The safeguard spaces whose runs the tests below make. The lines such a run loads are a figure, not a test's limit:
@@ -363,35 +356,19 @@ TAKE_A_BUILT_IN_NAME = """
 """
 
 
-# Their parsers read the training config, a transformers TrainingArguments: the help loads transformers.training_args
-# (its test checks it), which its stage imports first.
-TRAIN_AND_CACHE_HELP = """
-    import contextlib, io
-    from trl_diffusion_sdpo.cli.main import main
-    for argv in (["train", "--help"], ["cache", "--help"]):
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
-            main(argv)
-        assert "--safeguard_mu" in out.getvalue() and "--learning_rate" in out.getvalue(), argv
-"""
-
-
 @pytest.fixture(scope="module")
-def forked_runs(tiny_sd_pipeline_dir, tmp_path_factory) -> dict[str, tuple[list[str], str]]:
-    """Every module left loaded, and what was written on stderr, by ``train --help`` and ``cache --help`` after
-    transformers' training arguments are imported (``"train help"``), then, after the plain run's imports, by a plain
-    SD LoRA run with each safeguard space of :data:`RUN_SPACES` (keyed by the space) and by the family check
-    (``"family name"``): each job in a process of its own forked after its imports."""
+def forked_runs(tiny_sd_pipeline_dir, tmp_path_factory) -> dict[str, list[str]]:
+    """Every module left loaded by a plain SD LoRA run with each safeguard space of :data:`RUN_SPACES` (keyed by the
+    space) and by the family check (``"family name"``), each job in its own process forked after the script's
+    imports."""
     folder = tmp_path_factory.mktemp("runs")
-    runs = [
+    jobs = [
         (PLAIN_RUN.replace("SAFEGUARD_SPACE", repr(space)), [str(tiny_sd_pipeline_dir), str(folder / f"run-{space}")])
         for space in RUN_SPACES
     ]
-    stages = [
-        ("import transformers.training_args", [(TRAIN_AND_CACHE_HELP, [])]),
-        (PLAIN_RUN_IMPORTS, [*runs, (TAKE_A_BUILT_IN_NAME, [])]),
-    ]
-    help_jobs, run_jobs = run_forked(stages, folder)
-    return dict(zip(["train help", *RUN_SPACES, "family name"], [*help_jobs, *run_jobs], strict=True))
+    jobs.append((TAKE_A_BUILT_IN_NAME, []))
+    found = run_forked(PLAIN_RUN_IMPORTS, jobs, folder)
+    return dict(zip([*RUN_SPACES, "family name"], found, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +378,7 @@ def run_modules(forked_runs) -> Callable[..., Any]:
     libraries' too (each run made once per module of tests)."""
 
     def modules_of(safeguard_space: str, every: bool = False) -> dict[str, int] | list[str]:
-        modules = forked_runs[safeguard_space][0]
+        modules = forked_runs[safeguard_space]
         return modules if every else module_lines(modules)
 
     return modules_of
@@ -411,18 +388,6 @@ def run_modules(forked_runs) -> Callable[..., Any]:
 def plain_run_modules(run_modules) -> dict[str, int]:
     """The package's modules a plain Diffusion-DPO SD LoRA run leaves loaded, with their lines."""
     return run_modules("none")
-
-
-def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothing(forked_runs):
-    """``TRAIN_AND_CACHE_HELP``: transformers is loaded, its pipelines and image processors are not; nothing is
-    printed on stderr, by the help or the training arguments' import before it."""
-    modules, stderr = forked_runs["train help"]
-    assert stderr == ""
-    assert "transformers.training_args" in modules
-    assert loaded(modules, HEAVY_FOR_HELP + ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.data")) == []
-    # TRL's get_peft_config (trl.trainer.utils) is imported when training starts: it loads pandas, datasets and rich
-    assert "trl.trainer.utils" not in modules
-    assert top_level(modules, ("pandas", "datasets", "rich", "matplotlib")) == []
 
 
 def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run_modules):
@@ -560,5 +525,5 @@ def test_finding_a_flux_pipelines_family_imports_no_other_familys_module(tmp_pat
 def test_a_built_in_familys_name_is_taken_before_its_module_is_imported(forked_runs):
     """In a process that has imported the trainer but not the family's module (``TAKE_A_BUILT_IN_NAME``, its
     asserts), a user's family registered under a built-in family's name is refused, and the module stays unloaded."""
-    modules, _ = forked_runs["family name"]
-    assert "trl_diffusion_sdpo.families.sd" in modules and "trl_diffusion_sdpo.families.wan" not in modules
+    assert "trl_diffusion_sdpo.families.sd" in forked_runs["family name"]
+    assert "trl_diffusion_sdpo.families.wan" not in forked_runs["family name"]
