@@ -5,7 +5,10 @@ the host than Diffusion-DPO's, and holds one gradient-sized buffer beyond Diffus
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -62,8 +65,9 @@ def _breaks() -> int:
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo() -> Iterator[None]:
-    """Each test compiles anew and counts its own graph breaks; afterwards dynamo's caches and the fake tensors its
-    traces left are dropped, so that no later test's census of live tensors meets them."""
+    """Each test compiles anew and counts its own graph breaks (a compiled run shared between tests resets them
+    itself: :func:`_compiled_run`); afterwards dynamo's caches and the fake tensors its traces left are dropped, so
+    that no later test's census of live tensors meets them."""
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -174,50 +178,126 @@ def _step(make_trainer, steps: int = 2, **overrides) -> tuple[list[float], list[
         **overrides,
     )
     trainer.train()
-    lambdas = [log["safeguard/lambda_mean"] for log in trainer.state.log_history if "safeguard/lambda_mean" in log]
-    return lambdas, seen.grads, trainer
+    return _logged_lambdas(trainer), seen.grads, trainer
 
 
-def test_a_compiled_step_equals_the_eager_per_branch_step(make_trainer, fresh_dynamo, caplog):
+def _logged_lambdas(trainer) -> list[float]:
+    return [log["safeguard/lambda_mean"] for log in trainer.state.log_history if "safeguard/lambda_mean" in log]
+
+
+PASSES_LOGGER = "trl_diffusion_sdpo.safeguards.parameter"
+
+
+class _Said(logging.Handler):
+    """The messages logged at ``WARNING`` or above while it is attached to the root logger, with
+    :data:`PASSES_LOGGER` let down to ``WARNING``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        logger, root = logging.getLogger(PASSES_LOGGER), logging.getLogger()
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        root.addHandler(self)
+        try:
+            yield
+        finally:
+            root.removeHandler(self)
+            logger.setLevel(level)
+
+
+@dataclasses.dataclass
+class CompiledRun:
+    """What the tests below read of one compiled two-step run (:func:`_compiled_run`)."""
+
+    lambdas: list[float]  # the logged lambda_mean of each step
+    grads: list[list[torch.Tensor]]  # the trainable weights' gradients as the optimizer read them, at each step
+    said: list[str]  # the warnings logged, PASSES_LOGGER's among them
+    one_pass_built: bool  # whether the backward stage built the one pass, and its reason for the per-branch passes
+    two_pass_reason: str | None
+    unique_graphs: int
+    breaks: int
+    reads: list[str]  # the host reads of the second optimizer step (see _compiled_run)
+
+
+def _compiled_run(make_trainer, **overrides) -> CompiledRun:
+    """A compiled run of two optimizer steps (``safeguard_mu=0.5``, no empty prompts, a log at each step) from a fresh
+    dynamo, with the host reads of its second step counted (its first compiles and decides the passes), those inside
+    the passes too: autograd runs a backward with no torch-function mode on, so the passes that Trainer's backward
+    carries (:class:`~trl_diffusion_sdpo.safeguards.passes.PassesInStep`) re-enter the step's counter. The counter is
+    on from the first step, so that the step counted runs the graphs that step compiled (dynamo guards on the
+    torch-function modes: a counter switched on at the second step would compile the denoiser again there)."""
+    torch._dynamo.reset()
+    counters.clear()
+    seen, said = _AtOptimizerStep(), _Said()
+    counted = StepHostReads(lambda step: True)
+    trainer = make_trainer(
+        safeguard_mu=0.5,
+        max_steps=2,
+        proportion_empty_prompts=0.0,
+        callbacks=[seen, counted],
+        **overrides,
+        **COMPILED,
+    )
+    with said.attached(), counted.inside_carried_passes():
+        trainer.train()
+    stage = getattr(trainer.safeguard, "backward_stage", None)
+    return CompiledRun(
+        lambdas=_logged_lambdas(trainer),
+        grads=seen.grads,
+        said=said.messages,
+        one_pass_built=getattr(stage, "one_pass", None) is not None,
+        two_pass_reason=getattr(stage, "two_pass_reason", None),
+        unique_graphs=counters["stats"]["unique_graphs"],
+        breaks=_breaks(),
+        reads=counted.reads[1],
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled_runs() -> dict[str, CompiledRun]:
+    """The compiled runs by safeguard space, each made once per module by the first test that asks
+    (:func:`compiled_run`): the compiled-equals-eager test and the host-read test read the same parameter-space run."""
+    return {}
+
+
+def compiled_run(compiled_runs: dict, make_trainer, space: str) -> CompiledRun:
+    if space not in compiled_runs:
+        compiled_runs[space] = _compiled_run(make_trainer, safeguard_space=space)
+    return compiled_runs[space]
+
+
+def test_a_compiled_step_equals_the_eager_per_branch_step(make_trainer, compiled_runs, fresh_dynamo):
     """``torch_compile=True`` (backend ``aot_eager``) runs the per-branch passes through the compiled denoiser, says
     so once, and its ``lambda`` and gradients equal the eager per-branch passes' within 64 float32 ulps (the
     compiled graph may order a reduction differently); the optimizer steps keep the two runs together."""
     eager_lambdas, eager_grads, _ = _step(make_trainer, safeguard_passes="two")
-    with caplog.at_level("WARNING", logger="trl_diffusion_sdpo.safeguards.parameter"):
-        lambdas, grads, trainer = _step(make_trainer, **COMPILED)
-    said = [r.getMessage() for r in caplog.records if "compiled" in r.getMessage()]
+    run = compiled_run(compiled_runs, make_trainer, "parameter")
+    said = [message for message in run.said if "compiled" in message]
     assert len(said) == 1 and "per branch" in said[0], said
-    stage = trainer.safeguard.backward_stage
-    assert stage.one_pass is None and "compiled" in stage.two_pass_reason
-    assert counters["stats"]["unique_graphs"] >= 1 and _breaks() == 0  # the passes ran through the compiled module
-    assert len(lambdas) == len(eager_lambdas) == 2 and 0.0 < eager_lambdas[0] < 1.0  # the constraint binds
-    assert lambdas == pytest.approx(eager_lambdas, rel=1e-5)
-    print(f"compiled vs eager lambda: {lambdas} vs {eager_lambdas}")
-    worst = max(_ulps(a, b) for step, eager in zip(grads, eager_grads) for a, b in zip(step, eager))
+    assert not run.one_pass_built and "compiled" in run.two_pass_reason
+    assert run.unique_graphs >= 1 and run.breaks == 0  # the passes ran through the compiled module
+    assert len(run.lambdas) == len(eager_lambdas) == 2 and 0.0 < eager_lambdas[0] < 1.0  # the constraint binds
+    assert run.lambdas == pytest.approx(eager_lambdas, rel=1e-5)
+    print(f"compiled vs eager lambda: {run.lambdas} vs {eager_lambdas}")
+    worst = max(_ulps(a, b) for step, eager in zip(run.grads, eager_grads) for a, b in zip(step, eager))
     print(f"compiled vs eager per-branch gradients: {worst} ulps at most")
     assert worst <= 64
-
-
-def _compiled_step_reads(make_trainer, monkeypatch, **overrides) -> list[str]:
-    """The host reads of a compiled run's second optimizer step (its first compiles and decides the passes),
-    counting those inside the passes too: autograd runs a backward with no torch-function mode on, so the passes that
-    Trainer's backward carries (:class:`~trl_diffusion_sdpo.safeguards.passes.PassesInStep`) re-enter the step's
-    counter."""
-    counted = StepHostReads(lambda step: step == 1)
-    trainer = make_trainer(max_steps=2, logging_steps=1000, callbacks=[counted], **overrides, **COMPILED)
-    with counted.inside_carried_passes():
-        trainer.train()
-    return counted.reads[1]
 
 
 # The update space compiled in the slow tier: its search's reads are counted eagerly by default
 # (tests/safeguard/test_host_reads.py), and the compiled route it takes by
 # test_a_compiled_update_space_on_one_process_takes_the_per_branch_passes below.
 @pytest.mark.parametrize("space", ["parameter", pytest.param("update", marks=pytest.mark.slow)])
-def test_a_compiled_step_reads_nothing_more_back_to_the_host_than_diffusion_dpo(make_trainer, monkeypatch, space):
-    dpo = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space="none")
-    torch._dynamo.reset()
-    reads = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space=space)
+def test_a_compiled_step_reads_nothing_more_back_to_the_host_than_diffusion_dpo(make_trainer, compiled_runs, space):
+    dpo = compiled_run(compiled_runs, make_trainer, "none").reads
+    reads = compiled_run(compiled_runs, make_trainer, space).reads
     assert len(reads) <= len(dpo), (space, reads, dpo)
 
 
@@ -235,7 +315,7 @@ def test_the_counter_sees_a_read_inside_the_carried_passes(make_trainer, monkeyp
         return winner_sq
 
     monkeypatch.setattr(BranchGradientSplitter, "backward_winner", reading)
-    reads = _compiled_step_reads(make_trainer, monkeypatch, safeguard_space="parameter")
+    reads = _compiled_run(make_trainer, safeguard_space="parameter").reads
     assert any(read.startswith("item at " + __file__) for read in reads), reads
 
 
