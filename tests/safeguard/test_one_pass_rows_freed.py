@@ -6,7 +6,10 @@ The census (:func:`~trl_diffusion_sdpo.engines.memory.measure.live_tensor_bytes`
 the garbage collector tracks, each once, at the end of the second optimizer step (``on_step_end``: after the
 optimizer's step and ``zero_grad``), less the same census at the start of training; Diffusion-DPO's run gives the
 baseline (the weights' optimizer state, the trainer's own buffers). The second step is the first whose rows are laid
-out in the products' dtypes (bf16 for the convolutions and linear layers).
+out in the products' dtypes (bf16 for the convolutions and linear layers). Every census runs with every live object
+back under the collector (:func:`live_bytes`); in between, what was alive at the last census is frozen out of the
+collector's scans again, so that the collections a run makes (accelerate's at each ``train()``, the automatic ones)
+scan only what it made since, as the other tests' do.
 
 The update space's search keeps a workspace of run-sized buffers across steps (``UpdateSpaceRule.workspace``, bounded
 by its run size, ``CPU_CHUNK`` elements, not by the model's): on the tiny model it is several times the trainable
@@ -15,6 +18,10 @@ weights, so it is counted apart (the census once more without it) and the limit 
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+
+import pytest
 import torch
 from transformers import TrainerCallback
 
@@ -22,6 +29,23 @@ from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
 
 LIMIT = 0.10  # of the trainable weights' bytes
 STEPS = 2
+
+
+def live_bytes() -> int:
+    """:func:`live_tensor_bytes` of every live object: unfrozen for the census, frozen again after it."""
+    gc.unfreeze()
+    try:
+        return live_tensor_bytes()
+    finally:
+        gc.freeze()
+
+
+@pytest.fixture
+def frozen_between_censuses() -> Iterator[None]:
+    """:func:`live_bytes` freezes what is alive at each census: every object is back under the collector after the
+    test, so that what it leaves is collected."""
+    yield
+    gc.unfreeze()
 
 
 class Census(TrainerCallback):
@@ -33,16 +57,16 @@ class Census(TrainerCallback):
         self.start = self.end = self.workspace = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = live_tensor_bytes()
+        self.start = live_bytes()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step < state.max_steps:
             return
-        self.end = live_tensor_bytes() - self.start
+        self.end = live_bytes() - self.start
         rule = getattr(self.trainer_ref[0].safeguard, "rule", None)
         if rule is not None and hasattr(rule, "workspace"):
             rule.workspace = type(rule.workspace)()  # the search's buffers dropped: what they held is given back
-            self.workspace = self.end - (live_tensor_bytes() - self.start)
+            self.workspace = self.end - (live_bytes() - self.start)
 
 
 def held(make_trainer, make_pickapic, space: str) -> tuple[int, int, int, object]:
@@ -65,7 +89,7 @@ def held(make_trainer, make_pickapic, space: str) -> tuple[int, int, int, object
     return census.end, census.workspace, trainable, trainer
 
 
-def test_the_rows_do_not_outlive_the_step(make_trainer, make_pickapic, gc_unfrozen):
+def test_the_rows_do_not_outlive_the_step(make_trainer, make_pickapic, frozen_between_censuses):
     """Each exact space's live bytes at a step's end, less Diffusion-DPO's (and less the update space's search
     workspace), are at most :data:`LIMIT` of the trainable weights' bytes; the one pass ran, its rows in bf16."""
     dpo, _, trainable, _ = held(make_trainer, make_pickapic, "none")
