@@ -438,8 +438,9 @@ def test_a_plain_lora_run_loads_within_its_line_budget(plain_run_modules):
 # (loss_mask), and checkpoint writing and the states a checkpoint holds (save_strategy="no"); the checkpoints' checks
 # and recovery, the resume checks and the learning rate changed at resume (no resume_from_checkpoint, an output folder
 # without checkpoints), the held-out probe's alarm signal (no probe_steps), the refusals of TRL's names (none given),
-# the config's docstring writer (nothing reads the docstring) and the command line's choices for the machine (a run
-# from Python).
+# the config's docstring writer (nothing reads the docstring), the command line's choices for the machine (a run
+# from Python), full tuning's files (LoRA saved) and the hooks of a frozen module kept in another dtype (float32
+# throughout). The collectives of several processes: the plain run's engines, below.
 UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.ema",
     "trl_diffusion_sdpo.io.hub",
@@ -471,6 +472,8 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.learning_rate",
     "trl_diffusion_sdpo.callbacks.probe_signal",
     "trl_diffusion_sdpo.config.machine",
+    "trl_diffusion_sdpo.io.full_tuning",
+    "trl_diffusion_sdpo.families.own_dtype",
 )
 
 
