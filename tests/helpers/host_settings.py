@@ -21,6 +21,8 @@ import sys
 import tempfile
 from typing import Any
 
+from tests.helpers.forking import run_forked
+
 #: the libraries whose loggers (every logger under these names) the package must leave as it found them
 LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "datasets", "torch", "accelerate", "peft")
 #: the state of a logger nobody configured: what a logger first created by an import must still have
@@ -134,28 +136,17 @@ def tiny_trainer(output_dir: str, steps: int, **overrides: Any):
 def train_on_a_terminal(terminal: int, steps: int) -> int:
     """A tiny ``trainer.train()`` of ``steps`` steps in a forked process whose stdin, stdout and stderr are the
     terminal ``terminal`` (a file descriptor, closed here once the process is forked); its exit status."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            for standard in (0, 1, 2):
-                os.dup2(terminal, standard)
-            os.close(terminal)
-            with tempfile.TemporaryDirectory() as folder:
-                tiny_trainer(folder, steps=steps).train()
-            status = 0
-        except BaseException:
-            import traceback
 
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+    def on_the_terminal() -> None:
+        for standard in (0, 1, 2):
+            os.dup2(terminal, standard)
+        os.close(terminal)
+        with tempfile.TemporaryDirectory() as folder:
+            tiny_trainer(folder, steps=steps).train()
+
+    status = run_forked(on_the_terminal)
     os.close(terminal)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return os.waitstatus_to_exitcode(status)
 
 
 def settings_around_a_run(out: str, steps: int = 1, terminal: int | None = None) -> None:

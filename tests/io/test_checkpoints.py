@@ -17,14 +17,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
-import traceback
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from tests.checkpoint_kill_worker import STAGES, build_rewind_trainer, build_trainer, train_until_killed
+from tests.helpers.forking import run_forked
 from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
     MANIFEST_NAME,
@@ -157,29 +156,8 @@ def test_a_complete_checkpoint_left_in_its_staging_run_folder_is_published_under
 def _train_in_a_fork_until_killed(out: str, tok: str, stage: str, limit: int, timeout: float = 300) -> int:
     """The worker's run, killed at ``stage`` of its save at step 3, in a child forked from this process (its own
     process, so the kill ends it as abruptly as any; this process's imports and settings, one intra-op thread among
-    them); returns the child's wait status. A child still running after ``timeout`` seconds is killed."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            train_until_killed(out, tok, 3, stage, save_total_limit=limit)
-        except BaseException:
-            traceback.print_exc()
-            code = 2
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"the run at {out} was still running after {timeout} s")
-        time.sleep(0.05)
+    them); returns the child's wait status."""
+    return run_forked(lambda: train_until_killed(out, tok, 3, stage, save_total_limit=limit), timeout=timeout)
 
 
 class _CheckpointsAtTrainBegin(TrainerCallback):
