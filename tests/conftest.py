@@ -14,7 +14,15 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from tests.helpers.common import COLOURS, SIZES, THREADS_BEFORE, fast_config_values, lora_config, pickapic_rows
+from tests.helpers.common import (
+    COLOURS,
+    SIZES,
+    THREADS_BEFORE,
+    fast_config_values,
+    freeze_survivors,
+    lora_config,
+    pickapic_rows,
+)
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -23,13 +31,10 @@ torch.set_num_threads(1)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """What earlier tests and the imports left alive is frozen out of the collector's scans (``gc.freeze``): accelerate
-    collects garbage at every ``train()``, and a full collection over torch's, transformers' and diffusers' module
-    objects takes about half a second on two cores, far more than most tests. Garbage is collected first, so
-    nothing a test dropped is kept; a test that counts live objects through ``gc.get_objects`` asks for
-    :func:`gc_unfrozen`."""
-    gc.collect()
-    gc.freeze()
+    """What earlier tests and the imports left alive is frozen out of the collector's scans
+    (:func:`~tests.helpers.common.freeze_survivors`); a test that counts live objects through ``gc.get_objects`` asks
+    for :func:`gc_unfrozen`."""
+    freeze_survivors()
 
 
 @pytest.fixture

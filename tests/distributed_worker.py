@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
 import json
 import os
@@ -44,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # tests.helpers: the RecordingDataset, FSDP on CPU processes
 torch.set_num_threads(1)
 
+from tests.helpers.common import freeze_survivors  # noqa: E402
 from tests.helpers.fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
 
 
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         _skip_deepspeed_shm_op()
     launch_environment = {name: value for name, value in os.environ.items() if name.startswith(_ENGINE_PREFIXES)}
     for job in jobs:
+        freeze_survivors()  # the imports' and earlier trainings' objects: each train() collects garbage
         _use_environment(job.get("env", launch_environment))
         poison = job.get("poison_step")
         batches: list[list[int]] = []  # the row indices this process's dataloader fetched, batch by batch
@@ -287,7 +288,6 @@ def main(argv: list[str] | None = None) -> None:
             trainer = train_command(job["argv"])  # the train command, every family: what a launch runs
         report(trainer, job["result"], batches, collectives)
         del trainer
-        gc.collect()
         if "deepspeed" in sys.modules:  # ZeRO-3 registers its config with transformers; a new process has none
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ from tests.distributed_worker import (  # noqa: E402  (the shared engine machine
     _skip_deepspeed_shm_op,
     _use_environment,
     _uses,
+    freeze_survivors,
     lift_fsdp_cpu_gate,
 )
 
@@ -256,18 +256,17 @@ def main(argv: list[str] | None = None) -> None:
         _skip_deepspeed_shm_op()
     launch_environment = {n: v for n, v in os.environ.items() if n.startswith(("ACCELERATE_", "FSDP_"))}
     for job in jobs:
+        freeze_survivors()  # the imports' and earlier trainings' objects: each train() collects garbage
         _use_environment(job.get("env", launch_environment))
         if "rewind_out" in job:
             from tests.online_rewind_worker import main as rewind_run
 
             rewind_run(job["rewind_out"])
-            gc.collect()
             continue
         with _scaled_edit_areas(job.get("edit_area_scale")):
             trainer, recorded = train(job)
         report(trainer, recorded, job["result"])
         del trainer
-        gc.collect()
         if "deepspeed" in sys.modules:  # ZeRO-3 registers its config with transformers; a new process has none
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
