@@ -7,8 +7,9 @@ previous step's ``on_step_end`` to its own (:mod:`trl_diffusion_sdpo.testing.ope
 the backward with the per-layer taps, the safeguard's own work (the branches' cotangents, the inner products,
 ``lambda``, the combination, the update space's search) and the optimizer. Each count is checked in all and outside
 the backward pass. A Python loop over the weights, or one operation more per weight in the taps, adds 208 operations
-to full tuning's step of about 2,600: 8 %. Diffusion-DPO's row is plain Diffusion-DPO (``safeguard_space="none"``),
-not the offline default's output space.
+to full tuning's step of about 2,600: 8 %; full tuning's run alternates two such planted one passes too, each checked
+against the same Diffusion-DPO step as the clean ones. Diffusion-DPO's row is plain Diffusion-DPO
+(``safeguard_space="none"``), not the offline default's output space.
 """
 
 from __future__ import annotations
@@ -43,12 +44,21 @@ def _per_tensor_combination(self: OnePassBranchGradients, lam: torch.Tensor) -> 
     return [w.float() + h.float() * lam.float() for w, h in zip(winner, loser)]
 
 
-def operation_counts(
-    make_trainer, make_pickapic, lora: bool, names: list[str], planted: set[str] = frozenset()
-) -> dict[str, dict[str, int]]:
+def _always_via_deliver(self, index: int, dtype: torch.dtype, layer) -> None:
+    """Each tapped layer's per-group gradients formed apart and copied into the pieces' rows (one copy per weight in
+    the backward, as the taps did before they wrote in place): what the test must catch."""
+    return None
+
+
+# The planted safeguards a run may alternate with the clean ones: the one pass's combination as a loop over the
+# weights, and the taps' per-weight copy (``_Pass.target`` in place while that safeguard's steps run).
+PLANTED = ("parameter-loop", "parameter-copy")
+
+
+def operation_counts(make_trainer, make_pickapic, lora: bool, names: list[str]) -> dict[str, dict[str, int]]:
     """``{name: {"step": ..., "outside_backward": ...}}``: the aten operations of one whole non-logging optimizer step
-    for Diffusion-DPO (``"dpo"``) and the safeguards ``names``, alternating in one run; a name in ``planted`` runs the
-    per-tensor combination."""
+    for Diffusion-DPO (``"dpo"``) and the safeguards ``names``, alternating in one run; a name in :data:`PLANTED` runs
+    the one pass with its bug."""
     order = ["dpo", *names]
     trainer = make_trainer(
         lora=lora,
@@ -65,17 +75,22 @@ def operation_counts(
         for field, value in SAFEGUARDS[name.split("-")[0]].items():
             setattr(args, field, value)
         safeguards[name] = safeguard_for(args, trainer.engine, lora=lora, trainable_elements=trainable)
+    target = layer_taps._Pass.target
 
     def before_step(step: int) -> None:
         name = order[step % len(order)]
         trainer.safeguard = safeguards[name]
+        layer_taps._Pass.target = _always_via_deliver if name == "parameter-copy" else target
         store = getattr(getattr(safeguards[name], "backward_stage", None), "one_pass", None)
-        if name in planted and store is not None:
+        if name == "parameter-loop" and store is not None:
             store.combination = _per_tensor_combination.__get__(store)
 
     counter = StepOperations(lambda step: step >= len(order), before_step, whole_step=True)  # each one's second
     trainer.add_callback(counter)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        layer_taps._Pass.target = target
     for name in names:
         assert safeguards[name].backward_stage.two_pass_reason is None  # the one pass ran
     return {
@@ -89,23 +104,25 @@ def _within(counts: dict, name: str, limit: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def clean_runs() -> dict[bool, dict[str, dict[str, int]]]:
-    """The clean counts of Diffusion-DPO and both safeguards by tuning (``lora``), counted once per module by the
-    first test that asks (:func:`clean_counts`): the planted test below checks the clean step against the same run."""
+def runs() -> dict[bool, dict[str, dict[str, int]]]:
+    """The counts of one run by tuning (``lora``), made once per module by the first test that asks (:func:`counts`):
+    full tuning's run alternates the planted safeguards with the clean ones, so the planted tests below check the
+    clean step and the planted one against the same Diffusion-DPO step."""
     return {}
 
 
-def clean_counts(clean_runs: dict, make_trainer, make_pickapic, lora: bool) -> dict[str, dict[str, int]]:
-    if lora not in clean_runs:
-        clean_runs[lora] = operation_counts(make_trainer, make_pickapic, lora, ["parameter", "update"])
-    return clean_runs[lora]
+def counts(runs: dict, make_trainer, make_pickapic, lora: bool) -> dict[str, dict[str, int]]:
+    if lora not in runs:
+        names = ["parameter", "update"] if lora else ["parameter", "update", *PLANTED]
+        runs[lora] = operation_counts(make_trainer, make_pickapic, lora, names)
+    return runs[lora]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_safeguards_add_a_fixed_number_of_operations_per_step(make_trainer, make_pickapic, clean_runs, lora):
-    counts = clean_counts(clean_runs, make_trainer, make_pickapic, lora)
+def test_the_safeguards_add_a_fixed_number_of_operations_per_step(make_trainer, make_pickapic, runs, lora):
+    step = counts(runs, make_trainer, make_pickapic, lora)
     for name in ("parameter", "update"):
-        assert _within(counts, name, LIMITS[name][lora]), (name, counts)
+        assert _within(step, name, LIMITS[name][lora]), (name, step)
 
 
 # What a piece of the one pass's buffer adds: its inner products and combination (about 18 operations); the update
@@ -127,21 +144,18 @@ def test_a_buffer_in_pieces_adds_a_fixed_number_of_operations_per_piece(make_tra
         assert 0 < added <= 3 * PER_PIECE[name], (name, counts)  # the pieces are there: they cost something
 
 
-def test_a_per_tensor_loop_in_the_one_pass_is_caught(make_trainer, make_pickapic):
+def test_a_per_tensor_loop_in_the_one_pass_is_caught(make_trainer, make_pickapic, runs):
     """Planted: the one pass's combination as a Python loop over the weights. The clean one pass in the same run
     stays within its limit; the planted one exceeds it."""
-    counts = operation_counts(
-        make_trainer, make_pickapic, False, ["parameter", "parameter-planted"], planted={"parameter-planted"}
-    )
-    assert _within(counts, "parameter", LIMITS["parameter"][0]), counts
-    assert not _within(counts, "parameter-planted", LIMITS["parameter"][0]), counts
+    step = counts(runs, make_trainer, make_pickapic, False)
+    assert _within(step, "parameter", LIMITS["parameter"][0]), step
+    assert not _within(step, "parameter-loop", LIMITS["parameter"][0]), step
 
 
-def test_a_per_weight_copy_in_the_taps_is_caught(make_trainer, make_pickapic, clean_runs, monkeypatch):
+def test_a_per_weight_copy_in_the_taps_is_caught(make_trainer, make_pickapic, runs):
     """Planted: each tapped layer's per-group gradients formed apart and copied into the pieces' rows (one copy per
-    weight in the backward, as the taps did before they wrote in place). The whole step exceeds the limit."""
-    counts = clean_counts(clean_runs, make_trainer, make_pickapic, False)  # before the plant
-    assert _within(counts, "parameter", LIMITS["parameter"][0]), counts
-    monkeypatch.setattr(layer_taps._Pass, "target", lambda self, index, dtype, layer: None)  # always via deliver
-    counts = operation_counts(make_trainer, make_pickapic, False, ["parameter"])
-    assert not _within(counts, "parameter", LIMITS["parameter"][0]), counts
+    weight in the backward, as the taps did before they wrote in place). The clean one pass in the same run stays
+    within its limit; the planted one's whole step exceeds it."""
+    step = counts(runs, make_trainer, make_pickapic, False)
+    assert _within(step, "parameter", LIMITS["parameter"][0]), step
+    assert not _within(step, "parameter-copy", LIMITS["parameter"][0]), step

@@ -9,10 +9,10 @@ makes the casts Diffusion-DPO's makes and keeps no second copy of any weight, an
 linear or convolution layer (the launch a kept copy would save, at the memory of a copy of every tapped weight).
 
 The step counts (:func:`step_counts`) come from ``torch.profiler`` on the tiny SD UNet, full tuning (every linear,
-convolution and norm tapped), Diffusion-DPO and the one pass alternating in one bf16 run, as the operation-count test
-counts them: the operations that read a value back to the host (at every nesting level; on an accelerator each makes
-the host wait for the device) and the dtype casts (``aten::_to_copy``) outside the backward pass and the optimizer's
-step.
+convolution and norm tapped), Diffusion-DPO, the one pass and a planted one pass alternating in one bf16 run, as the
+operation-count test counts them: the operations that read a value back to the host (at every nesting level; on an
+accelerator each makes the host wait for the device) and the dtype casts (``aten::_to_copy``) outside the backward
+pass and the optimizer's step.
 """
 
 from __future__ import annotations
@@ -122,12 +122,23 @@ def _mark_forward(module: torch.nn.Module) -> None:
     module.register_forward_hook(leave)
 
 
+class _CastInTheForward:
+    """The linear layers' tap handed a cast of the weight in the forward (kept for the backward, a second copy beside
+    the one the layer's own forward cast under autocast): what the test must catch."""
+
+    @staticmethod
+    def apply(x, weight, *rest):
+        return layer_taps._LinearTap.apply(x, weight.to(x.dtype), *rest)
+
+
 def step_counts(make_trainer, make_pickapic) -> dict[str, dict[str, int]]:
-    """``{"dpo": ..., "parameter": ...}``: :func:`_count` of one whole non-logging bf16 optimizer step each (from the
-    previous step's ``on_step_end`` to its own), full tuning, alternating in one run (each one's second step)."""
+    """``{"dpo": ..., "parameter": ..., "parameter-cast": ...}``: :func:`_count` of one whole non-logging bf16
+    optimizer step each (from the previous step's ``on_step_end`` to its own), full tuning, alternating in one run
+    (each one's second step); ``"parameter-cast"`` is a second one pass whose taps are installed, in its first step,
+    with the linear layers' tap :class:`_CastInTheForward`."""
     from transformers import TrainerCallback
 
-    order = ["dpo", "parameter"]
+    order = ["dpo", "parameter", "parameter-cast"]
     trainer = make_trainer(
         lora=False,
         bf16=True,
@@ -140,15 +151,19 @@ def step_counts(make_trainer, make_pickapic) -> dict[str, dict[str, int]]:
     trainable = sum(p.numel() for p in trainer.family.denoiser.parameters() if p.requires_grad)
     args = copy.copy(trainer.args)
     args.safeguard_space = "parameter"
-    one_pass = safeguard_for(args, trainer.engine, lora=False, trainable_elements=trainable)
-    safeguards = {"dpo": trainer.safeguard, "parameter": one_pass}
+    safeguards = {"dpo": trainer.safeguard}
+    for name in order[1:]:
+        safeguards[name] = safeguard_for(args, trainer.engine, lora=False, trainable_elements=trainable)
+    linear = layer_taps._FUNCTIONS["linear"]
     counts: dict[str, dict[str, int]] = {}
 
     class Profiled(TrainerCallback):
         profile: torch.profiler.profile | None = None
 
         def begin(self, step: int) -> None:
-            trainer.safeguard = safeguards[order[step % len(order)]]
+            name = order[step % len(order)]
+            trainer.safeguard = safeguards[name]
+            layer_taps._FUNCTIONS["linear"] = _CastInTheForward if name == "parameter-cast" else linear
             if step >= len(order):
                 self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 self.profile.__enter__()
@@ -165,31 +180,41 @@ def step_counts(make_trainer, make_pickapic) -> dict[str, dict[str, int]]:
                 self.begin(state.global_step)
 
     trainer.add_callback(Profiled())
-    trainer.train()
-    assert one_pass.backward_stage.two_pass_reason is None  # the one pass ran
+    try:
+        trainer.train()
+    finally:
+        layer_taps._FUNCTIONS["linear"] = linear
+    for name in order[1:]:
+        assert safeguards[name].backward_stage.two_pass_reason is None  # the one pass ran
     return counts
 
 
-def test_the_tapped_bf16_step_adds_no_host_read_and_no_cast_in_the_forward(make_trainer, make_pickapic):
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict[str, dict[str, int]]]:
+    """The counts of one run (:func:`step_counts`), made once per module by the first test that asks (:func:`counts`):
+    the planted test below checks the clean one pass and the planted one against the same Diffusion-DPO step."""
+    return {}
+
+
+def counts(runs: dict, make_trainer, make_pickapic) -> dict[str, dict[str, int]]:
+    if "bf16" not in runs:
+        runs["bf16"] = step_counts(make_trainer, make_pickapic)
+    return runs["bf16"]
+
+
+def test_the_tapped_bf16_step_adds_no_host_read_and_no_cast_in_the_forward(make_trainer, make_pickapic, runs):
     """The one pass's whole bf16 step reads nothing more back to the host than Diffusion-DPO's, and its forward
     casts what Diffusion-DPO's does: autocast's casts inside each layer, the input's made by the pre-hook instead."""
-    counts = step_counts(make_trainer, make_pickapic)
-    dpo, one_pass = counts["dpo"], counts["parameter"]
+    step = counts(runs, make_trainer, make_pickapic)
+    dpo, one_pass = step["dpo"], step["parameter"]
     assert dpo["forward_casts"] > 0  # the counter sees autocast's casts
-    assert one_pass.get("host_syncs", 0) <= dpo.get("host_syncs", 0), counts
-    assert one_pass["forward_casts"] <= dpo["forward_casts"], counts
+    assert one_pass.get("host_syncs", 0) <= dpo.get("host_syncs", 0), step
+    assert one_pass["forward_casts"] <= dpo["forward_casts"], step
 
 
-def test_a_weight_cast_in_the_forward_of_the_taps_is_caught(make_trainer, make_pickapic, monkeypatch):
-    """Planted: the linear layers' tap handed a cast of the weight in the forward (kept for the backward, a second
-    copy beside the one the layer's own forward cast under autocast)."""
-    original = layer_taps._LinearTap
-
-    class CastInTheForward:
-        @staticmethod
-        def apply(x, weight, *rest):
-            return original.apply(x, weight.to(x.dtype), *rest)
-
-    monkeypatch.setitem(layer_taps._FUNCTIONS, "linear", CastInTheForward)
-    counts = step_counts(make_trainer, make_pickapic)
-    assert counts["parameter"]["forward_casts"] > counts["dpo"]["forward_casts"], counts
+def test_a_weight_cast_in_the_forward_of_the_taps_is_caught(make_trainer, make_pickapic, runs):
+    """Planted: the linear layers' tap handed a cast of the weight in the forward (:class:`_CastInTheForward`). The
+    clean one pass in the same run casts no more than Diffusion-DPO; the planted one casts more."""
+    step = counts(runs, make_trainer, make_pickapic)
+    assert step["parameter"]["forward_casts"] <= step["dpo"]["forward_casts"], step
+    assert step["parameter-cast"]["forward_casts"] > step["dpo"]["forward_casts"], step
