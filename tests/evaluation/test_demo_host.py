@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import fresh_forks
 from tests.helpers.common import worker_environment
 from trl_diffusion_sdpo.cli import demo as demo_cli
 from trl_diffusion_sdpo.config.messages import OutputExistsError
@@ -20,8 +21,9 @@ from trl_diffusion_sdpo.demo.recipe import DemoRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# In a fresh interpreter: the libraries imported as a user's script would, their settings read, the demo's Python
-# entry run (one method, one seed, a few steps), and the settings read again.
+# In a fresh process (the libraries' shared imports made first: tests.helpers.fresh_forks): the libraries imported
+# as a user's script would, their settings read, the demo's Python entry run (one method, one seed, a few steps), and
+# the settings read again.
 PYTHON_CALL = """
 import json, sys
 import accelerate, datasets, diffusers, huggingface_hub, matplotlib, peft, torch, transformers
@@ -40,7 +42,7 @@ if backend() != backend_before or "matplotlib.pyplot" in sys.modules:
 print(json.dumps({"status": status, "changed": changed}))
 """
 
-# In a fresh interpreter: the demo's two command entries, with the demo itself replaced by a recorder of the
+# In a fresh process (the same): the demo's two command entries, with the demo itself replaced by a recorder of the
 # libraries' switches at the moment it would start.
 COMMAND_CALLS = """
 import json, sys
@@ -59,14 +61,7 @@ print(json.dumps({"status": status, "seen": seen}))
 
 
 def _run_python(code: str, *args: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        env=worker_environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = fresh_forks.run(["-c", code, *args], timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

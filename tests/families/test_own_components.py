@@ -1,27 +1,19 @@
 """A pipeline folder whose ``model_index.json`` names one of the package's own modules as a component's library (the
 tiny Qwen-Image 2.1's text-only processor) loads through ``load_pipeline`` in a fresh process, where nothing has
-imported that module yet; a module of any other library the folder names is never imported."""
+imported that module yet (a child of an interpreter that imported only the libraries: ``tests.helpers.fresh_forks``);
+a module of any other library the folder names is never imported."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import fresh_forks
 from trl_diffusion_sdpo.families.loading import import_own_components
 from trl_diffusion_sdpo.testing import build_tiny_qwen_image21_pipeline
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _fresh(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={"PYTHONPATH": f"{ROOT}:{tmp_path}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +25,14 @@ def saved(tmp_path_factory) -> Path:
     return folder / "p"
 
 
-def test_a_folder_naming_the_packages_own_component_loads_in_a_fresh_process(saved, tmp_path):
+def test_a_folder_naming_the_packages_own_component_loads_in_a_fresh_process(saved):
     code = (
+        "import sys\n"
+        "assert not [m for m in sys.modules if m.startswith('trl_diffusion_sdpo')]\n"
         "from trl_diffusion_sdpo.engines.collectives import load_pipeline\n"
         f"print(type(load_pipeline({str(saved)!r})).__name__)"
     )
-    done = _fresh(code, tmp_path)
+    done = fresh_forks.run(["-c", code], timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "QwenImage21Pipeline"
 

@@ -22,6 +22,7 @@ from transformers import TrainerCallback, TrainerControl
 
 import trl_diffusion_sdpo
 from tests.checkpoint_kill_worker import build_trainer
+from tests.helpers import fresh_forks
 from tests.helpers.common import worker_environment
 from trl_diffusion_sdpo.callbacks.preemption import (
     INTERRUPTED_EXIT_CODE,
@@ -48,13 +49,11 @@ def run_and_signal(out: str, tok: str, sig: signal.Signals, signals: list[str] |
     """Start the worker, send ``sig`` while it is inside optimizer step 3, and wait for it to end. ``twice``: send it
     again once the worker has said it received the first (two signals sent at once may arrive as one), and never let
     the step go on."""
-    command = [sys.executable, WORKER, out, "--tokenizer-dir", tok, "--pause-step", "3"]
+    command = [WORKER, out, "--tokenizer-dir", tok, "--pause-step", "3"]
     if signals is not None:
         command += ["--signals", *signals]
-    env = worker_environment()
-    proc = subprocess.Popen(
-        command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # the worker's own process, `python WORKER` forked once the libraries are imported (tests.helpers.fresh_forks)
+    proc = fresh_forks.start_piped(command)
     try:
         for line in proc.stdout:
             if line.strip() == "PAUSED":

@@ -7,13 +7,12 @@ from __future__ import annotations
 import gc
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import fresh_forks
 from trl_diffusion_sdpo.cli.memory import run_estimate_memory
 from trl_diffusion_sdpo.engines.memory import GIB, USABLE_SHARE
 from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
@@ -97,7 +96,8 @@ def test_the_docs_advice_states_each_measured_error() -> None:
 
 
 # The census counts every live tensor of its process, so in the test's own process it would also count what earlier
-# tests leave to be freed (a compiled test's caches let go between two censuses): it runs in a fresh interpreter.
+# tests leave to be freed (a compiled test's caches let go between two censuses): it runs in a fresh process (one
+# forked once torch and the other libraries are imported, before anything else: tests.helpers.fresh_forks).
 CENSUS = """
 import json
 import torch
@@ -114,7 +114,7 @@ print(json.dumps(live_tensor_bytes() - before))
 
 
 def test_the_live_census_counts_real_storages_once_and_leaves_out_a_compilers_fake_tensors():
-    done = subprocess.run([sys.executable, "-c", CENSUS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = fresh_forks.run(["-c", CENSUS], timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == 4000
 

@@ -4,12 +4,12 @@ and on a machine without a CUDA GPU refused in one line before the model loads."
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import fresh_forks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,9 @@ def test_bitsandbytes_switch_on_a_cpu_is_refused_in_one_line_before_the_model_lo
     code = "import sys; from trl_diffusion_sdpo.cli.main import main; sys.exit(main())"
     argv = ["train", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(tmp_path / "no-data"),
             "--output_dir", str(tmp_path / "out"), switch, "--use_peft", "--use_cpu"]  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # a fresh process but for the libraries' imports, which print nothing (fresh_forks checks): its stderr is the
+    # command's
+    done = fresh_forks.run(["-c", code, *argv], timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert len(lines) == 1, lines

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.helpers import fresh_forks
 from tests.helpers.common import worker_environment
 
 pytest.importorskip("deepspeed")
@@ -65,9 +66,10 @@ def test_a_training_command_prints_no_accelerator_notice(tmp_path):
         Image.new("RGB", (32, 32), "red").save(folder / "chosen.png")
         Image.new("RGB", (32, 32), "blue").save(folder / "rejected.png")
         (folder / "prompt.txt").write_text("red square on white")
-    command = [sys.executable, "-m", "trl_diffusion_sdpo", "train", "--config", "examples/configs/tiny_cpu.yaml"]
+    command = ["-m", "trl_diffusion_sdpo", "train", "--config", "examples/configs/tiny_cpu.yaml"]
     command += ["--dataset_name", str(pairs), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
-    done = subprocess.run(command, cwd=ROOT, env=no_gpu_environment(), capture_output=True, text=True, timeout=600)
+    # a child of an interpreter that imported the libraries but not DeepSpeed (it checks so), with no GPU visible
+    done = fresh_forks.run(command, env=fresh_forks.environment(DS_ACCELERATOR=None), timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert "'train_runtime'" in output  # the trainer ran (DeepSpeed was imported with it)

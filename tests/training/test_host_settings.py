@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.helpers import fresh_forks
 from tests.helpers.common import worker_environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ def open_terminal() -> tuple[int, int]:
     return leader, follower
 
 
-def read_terminal(leader: int, process: subprocess.Popen, timeout: float) -> str:
+def read_terminal(leader: int, process: subprocess.Popen | fresh_forks.Job, timeout: float) -> str:
     """What ``process`` (or any process holding the follower) writes to the terminal of ``leader`` until the last
     follower closes or ``process`` ends; ``leader`` is closed then."""
     output, deadline = bytearray(), time.monotonic() + timeout
@@ -70,19 +71,18 @@ def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[i
 
 @pytest.fixture(scope="module")
 def settings_run(tmp_path_factory) -> tuple[int, str, dict, str]:
-    """One fresh interpreter for the three tests below: the libraries imported, a tiny trainer trained 3 steps in a
-    process forked from it with its stdin, stdout and stderr on a terminal of 120 columns (that process ended), the
-    libraries' settings read, every module of the package imported, a tiny trainer built and trained 3 steps, the
-    settings read again; its own output written to a file. Its exit status, its output, the report and what the
-    forked run wrote to the terminal."""
+    """One fresh process for the three tests below (forked once the libraries were imported, before anything of the
+    package: tests.helpers.fresh_forks): the libraries imported, a tiny trainer trained 3 steps in a process forked
+    from it with its stdin, stdout and stderr on a terminal of 120 columns (that process ended), the libraries'
+    settings read, every module of the package imported, a tiny trainer built and trained 3 steps, the settings read
+    again; its own output written to a file. Its exit status, its output, the report and what the forked run wrote to
+    the terminal."""
     folder = tmp_path_factory.mktemp("settings")
     out = folder / "settings.json"
     leader, follower = open_terminal()
-    command = [sys.executable, "-m", "tests.helpers.host_settings", "settings", str(out), "3", str(follower)]
+    command = ["-m", "tests.helpers.host_settings", "settings", str(out), "3", str(follower)]
     with open(folder / "settings.log", "w") as log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=worker_environment(), stdout=log, stderr=subprocess.STDOUT, pass_fds=(follower,)
-        )
+        process = fresh_forks.start(command, stdout=log.fileno(), stderr=log.fileno(), pass_fds=(follower,))
     os.close(follower)
     terminal = read_terminal(leader, process, timeout=600)
     status = process.wait(timeout=600)
