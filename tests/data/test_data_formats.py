@@ -466,7 +466,7 @@ def test_a_label_form_stream_gives_the_old_pairs_skips_and_reasons(labels, mappe
     from datasets import Dataset
 
     from tests.helpers.common import pickapic_rows
-    from trl_diffusion_sdpo.data.preparation import load_preference_dataset
+    from trl_diffusion_sdpo.data.formats import load_preference_dataset
 
     labels = STREAMED_LABELS[labels]
     rows = pickapic_rows(len(labels))

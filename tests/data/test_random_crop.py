@@ -14,8 +14,8 @@ from tests.helpers.common import StopAt, changed_keys, lora_config, snapshot
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.columns import PreferenceColumns
+from trl_diffusion_sdpo.data.random_crop import crop_pairs
 from trl_diffusion_sdpo.data.transforms import PairTransform
-from trl_diffusion_sdpo.step.stages import crop_pairs
 
 
 def ramp(width: int, height: int) -> Image.Image:

@@ -10,7 +10,7 @@ import logging
 from datasets import Dataset
 
 from tests.helpers.common import encode_image, pickapic_rows
-from trl_diffusion_sdpo.data.preparation import load_preference_dataset
+from trl_diffusion_sdpo.data.formats import load_preference_dataset
 
 
 def write_jsonl_pairs(folder, n: int, missing: set[int]) -> str:

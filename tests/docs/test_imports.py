@@ -440,7 +440,8 @@ def test_a_plain_lora_run_loads_within_its_line_budget(plain_run_modules):
 # without checkpoints), the held-out probe's alarm signal (no probe_steps), the refusals of TRL's names (none given),
 # the config's docstring writer (nothing reads the docstring), the command line's choices for the machine (a run
 # from Python), full tuning's files (LoRA saved) and the hooks of a frozen module kept in another dtype (float32
-# throughout). The collectives of several processes: the plain run's engines, below.
+# throughout); the random crop (random_crop) and the checks of an image given by a path (the rows hold PIL images).
+# The collectives of several processes: the plain run's engines, below.
 UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.ema",
     "trl_diffusion_sdpo.io.hub",
@@ -474,6 +475,8 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.config.machine",
     "trl_diffusion_sdpo.io.full_tuning",
     "trl_diffusion_sdpo.families.own_dtype",
+    "trl_diffusion_sdpo.data.random_crop",
+    "trl_diffusion_sdpo.data.image_files",
 )
 
 

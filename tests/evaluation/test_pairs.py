@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.helpers.common import lora_config
 from trl_diffusion_sdpo.cli.main import main
-from trl_diffusion_sdpo.data.preparation import load_preference_dataset
+from trl_diffusion_sdpo.data.formats import load_preference_dataset
 from trl_diffusion_sdpo.evaluation import GenerationSettings
 from trl_diffusion_sdpo.evaluation.pairs import make_pairs, margin_summary, select_pairs
 from trl_diffusion_sdpo.rewards.scorers import Scorer, register_scorer

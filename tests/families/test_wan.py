@@ -250,7 +250,7 @@ def test_both_videos_of_a_pair_are_resized_and_centre_cropped_the_same_way() -> 
 
 
 def test_a_random_crop_moves_every_frame_of_a_clip_and_both_clips_alike(make_wan, make_config, video_pairs) -> None:
-    from trl_diffusion_sdpo.step.stages import crop_pairs
+    from trl_diffusion_sdpo.data.random_crop import crop_pairs
 
     transform = VideoPairTransform(16, VideoClip(num_frames=2), random_crop=True)
     pairs = [

@@ -170,8 +170,9 @@ def test_the_cache_carries_the_mask_and_trains_as_the_uncached_run(make_trainer,
 def test_a_mask_is_flipped_and_cropped_with_its_image(make_pipeline):
     """The mask follows its image through the step's augmentations: a mask made from an image's first channel stays
     that channel's mask after a per-image flip and a per-image random crop."""
+    from trl_diffusion_sdpo.data.random_crop import crop_pairs
     from trl_diffusion_sdpo.families import family_for_pipeline
-    from trl_diffusion_sdpo.step.stages import crop_pairs, encode_batch
+    from trl_diffusion_sdpo.step.stages import encode_batch
 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(2, 2, 3, 40, 48, generator=generator) * 2 - 1

@@ -319,26 +319,11 @@ class AlarmCallback(TrainerCallback, ExportableState):
 
     def lines(self, last_step: int) -> list[str]:
         """The probe alarm's record, one sentence per firing (``last_step``: the run's step now), or one saying that it
-        never fired; nothing for the training logs' alarm (its flags are in ``state.log_history``)."""
+        never fired (:meth:`~.probe_signal.ProbeSignal.lines`); nothing for the training logs' alarm (its flags are in
+        ``state.log_history``)."""
         if self.signal.event != "step_end":
             return []
-        if hasattr(self.action, "record"):
-            return self.action.record().lines(last_step)
-        if not self.firings:
-            return [
-                f"The held-out probe's alarm ({self.signal.describe()}) never fired "
-                f"(on_pathology={self.action.action!r})."
-            ]
-        from .rewind import restore_point_note  # the rewind's module loads only in a run that probes
-
-        lines = []
-        for step, restore, z, done in self.firings:
-            text = f"Step {step}: the held-out probe's alarm fired ({self.signal.describe()})"
-            text += f"; {done}" if done else ""
-            note = restore_point_note(restore, z, self.signal.rule)
-            text += f"; on_pathology='rewind' would have gone back to step {restore}'s weights ({note})"
-            lines.append(text + ".")
-        return lines
+        return self.signal.lines(self.action, self.firings, last_step)
 
 
 class TrainingLogAlarm(AlarmCallback):

@@ -118,3 +118,23 @@ class ProbeSignal:
     def restore(self, saved: Mapping[str, Any]) -> None:
         self.healthy_step, self.alarm_statistic = saved["healthy_step"], float(saved["alarm_statistic"])
         self.healthy_z = saved.get("healthy_z")
+
+    def lines(self, action: Any, firings: list[list[Any]], last_step: int) -> list[str]:
+        """The record of an alarm on this signal (:meth:`~.alarm.AlarmCallback.lines`), one sentence per firing
+        (``firings``: the alarm's ``[step, restore point, its reading, what was done]``; ``last_step``: the run's step
+        now), or one saying that it never fired; a rewind (``action``, a :class:`~.rewind.RewindAction`) keeps its own
+        record."""
+        if hasattr(action, "record"):
+            return action.record().lines(last_step)
+        if not firings:
+            return [f"The held-out probe's alarm ({self.describe()}) never fired (on_pathology={action.action!r})."]
+        from .rewind import restore_point_note  # the rewind's module loads only in a run that probes
+
+        lines = []
+        for step, restore, z, done in firings:
+            text = f"Step {step}: the held-out probe's alarm fired ({self.describe()})"
+            text += f"; {done}" if done else ""
+            note = restore_point_note(restore, z, self.rule)
+            text += f"; on_pathology='rewind' would have gone back to step {restore}'s weights ({note})"
+            lines.append(text + ".")
+        return lines

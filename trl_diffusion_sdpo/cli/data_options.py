@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..data.columns import CAPTION, IMAGE_0, IMAGE_1, LABEL_0
+from ..data.formats import load_preference_dataset
 from ..data.masks import add_loss_masks
-from ..data.preparation import load_preference_dataset
 
 if TYPE_CHECKING:
     from trl import ScriptArguments

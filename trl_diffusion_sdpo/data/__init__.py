@@ -17,7 +17,13 @@ from ..config._lazy import lazy_attributes
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .collators import PreferenceCollator, pair_scores
     from .columns import PreferenceColumns, order_pair
-    from .formats import detect_format, hub_dataset_problem, load_preference_data, resolve_path
+    from .formats import (
+        detect_format,
+        hub_dataset_problem,
+        load_preference_data,
+        load_preference_dataset,
+        resolve_path,
+    )
     from .latent_cache import (
         CachedPreferenceCollator,
         LatentCache,
@@ -27,7 +33,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         cached_time_ids,
     )
     from .pickapic import as_trl_form, pickapic_to_trl
-    from .preparation import load_preference_dataset, prepare_preference_dataset
+    from .preparation import prepare_preference_dataset
     from .scoring import RewardFn, add_reward_scores
     from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
     from .transforms import PairTransform, load_image
@@ -53,7 +59,7 @@ _EXPORTS = {
     "cached_time_ids": ".latent_cache",
     "pickapic_to_trl": ".pickapic",
     "as_trl_form": ".pickapic",
-    "load_preference_dataset": ".preparation",
+    "load_preference_dataset": ".formats",
     "prepare_preference_dataset": ".preparation",
     "RewardFn": ".scoring",
     "add_reward_scores": ".scoring",

@@ -15,9 +15,14 @@ from ..config._lazy import import_target
 from .columns import ROW_INDEX_COLUMN, TIE_REASON, PreferenceColumns, order_pair
 from .transforms import PairTransform, load_image, mirrored_time_ids
 
-__all__ = ["PreferenceCollator", "pair_mask", "pair_scores"]
+__all__ = ["PreferenceCollator", "pair_scores"]
 
 logger = logging.getLogger(__name__)
+
+#: the zero-padding of resized pairs for the trainer's random crop (:mod:`.random_crop`, loaded with ``random_crop``)
+PADDED = "trl_diffusion_sdpo.data.random_crop:padded_pairs"
+#: each pair's loss mask (:mod:`.masks`, loaded by data with a mask column)
+PAIR_MASK = "trl_diffusion_sdpo.data.masks:pair_mask"
 
 
 @dataclass
@@ -29,7 +34,7 @@ class PreferenceCollator:
     Nothing random is drawn here. With a random crop (``train`` and the transform's ``random_crop``) the images are
     only resized: ``pixel_values [B, 2, 3, H, W]`` holds them zero-padded to the largest, ``crop_sizes [B, 2, 2]``
     their ``(height, width)``, and the trainer crops with keyed draws
-    (:func:`~trl_diffusion_sdpo.step.stages.crop_pairs`), so a resumed run crops exactly as the uninterrupted one.
+    (:func:`~.random_crop.crop_pairs`), so a resumed run crops exactly as the uninterrupted one.
     ``train=False`` gives the deterministic evaluation view: center crop.
 
     When ``columns`` have score columns (``loss_type="smpo"``) the batch also holds ``pair_scores [B, 2]`` float32,
@@ -42,9 +47,9 @@ class PreferenceCollator:
     ``tokenize(prompts, sources)`` with the decoded images.
 
     With a loss mask (``columns.masked``) the batch holds ``loss_mask [B, 2, 1, R, R]``: each pair's mask
-    (:func:`pair_mask`) in [0, 1], once per image, laid out as ``pixel_values`` (resized and zero-padded alike for the
-    trainer's crop, which then crops and flips it with its image). A row whose mask is empty or of the wrong size is
-    skipped as a bad row, naming why.
+    (:func:`~.masks.pair_mask`) in [0, 1], once per image, laid out as ``pixel_values`` (resized and zero-padded alike
+    for the trainer's crop, which then crops and flips it with its image). A row whose mask is empty or of the wrong
+    size is skipped as a bad row, naming why.
     """
 
     columns: PreferenceColumns
@@ -81,7 +86,9 @@ class PreferenceCollator:
                 load = self.transform.load  # images, or the clip of a video (VideoPairTransform)
                 winner, loser = _load_from(pair[0], winner_column, load), _load_from(pair[1], loser_column, load)
                 row_sources = self._sources(row, sources[0] if sources else None)
-                mask = pair_mask(row, winner, loser, self.columns, self.transform, self.crops_later)
+                mask = None
+                if self.columns.masked:  # the loss masks' module, loaded by data with a mask column
+                    mask = import_target(PAIR_MASK)(row, winner, loser, self.columns, self.transform, self.crops_later)
             except Exception as err:
                 position = row.get(ROW_INDEX_COLUMN)
                 where = f"streamed row {position}" if position is not None else "a bad row"
@@ -106,8 +113,8 @@ class PreferenceCollator:
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
             "skip_reasons": reasons,
         }
-        if self.crops_later:
-            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, self.transform.pixel_shape)
+        if self.crops_later:  # the random crop's module, loaded by a run that crops
+            batch["pixel_values"], batch["crop_sizes"] = import_target(PADDED)(pixels, self.transform.pixel_shape)
         else:
             batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0, 2, *self.transform.pixel_shape)
         if self.with_flipped:
@@ -116,7 +123,7 @@ class PreferenceCollator:
             batch["pair_scores"] = pair_scores(scores)
         if self.columns.masked:
             shape = (1, *self.transform.pixel_shape[1:])
-            stacked = _padded_pairs(masks, shape)[0] if self.crops_later else _stacked_pairs(masks, shape)
+            stacked = import_target(PADDED)(masks, shape)[0] if self.crops_later else _stacked_pairs(masks, shape)
             batch["loss_mask"] = stacked
         if self.columns.edits:
             batch["source_pixel_values"] = (
@@ -186,29 +193,6 @@ def pair_scores(scores: Sequence[tuple[float, float]] | torch.Tensor) -> torch.T
     return torch.as_tensor(scores, dtype=torch.float32).reshape(-1, 2)
 
 
-def pair_mask(
-    row: dict[str, Any],
-    winner: Image.Image,
-    loser: Image.Image,
-    columns: PreferenceColumns,
-    transform: PairTransform,
-    resized_only: bool = False,
-) -> torch.Tensor | None:
-    """A pair's loss mask ``[1, R, R]`` in [0, 1] as :meth:`PairTransform.mask` makes it (``resized_only``: for the
-    trainer's crop) from the row's mask column (``loss_mask``; one mask serves every frame of a video clip); ``None``
-    without a mask. A ``ValueError`` names the column and the reason where the images' sizes differ or the mask is
-    missing, of another size or empty."""
-    if not columns.masked:
-        return None
-    winners, losers = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (winner, loser))  # video: frames
-    mask = _load_from(row.get(columns.mask), columns.mask).convert("L")
-    problem = import_target("trl_diffusion_sdpo.data.masks:mask_problem")(winners[0].size, losers[0].size, mask)
-    column = columns.mask
-    if problem:
-        raise ValueError(f"column {column!r}: {problem}")
-    return transform.mask(mask, resized_only)
-
-
 def _stacked_pairs(pairs: list[list[torch.Tensor]], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.stack(pair) for pair in pairs]) if pairs else torch.empty(0, 2, *shape)
 
@@ -218,19 +202,3 @@ def _load_from(value: Any, column: str, load: Callable[[Any], Any] = load_image)
         return load(value)
     except Exception as err:  # PIL and PyAV raise many types for corrupt data
         raise ValueError(f"column {column!r}: {err}") from None
-
-
-def _padded_pairs(pairs: list[list[torch.Tensor]], pixel_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resized pairs (``[3, h, w]`` each, or ``[3, F, h, w]`` video clips) zero-padded into ``[B, 2, 3, H, W]`` (or
-    ``[B, 2, 3, F, H, W]``), and their sizes ``[B, 2, 2]``; ``pixel_shape`` is one cropped item's, for no pair."""
-    if not pairs:
-        return torch.empty(0, 2, *pixel_shape), torch.empty(0, 2, 2)
-    height = max(image.shape[-2] for pair in pairs for image in pair)
-    width = max(image.shape[-1] for pair in pairs for image in pair)
-    padded = torch.zeros(len(pairs), 2, *pairs[0][0].shape[:-2], height, width)
-    sizes = torch.zeros(len(pairs), 2, 2)
-    for i, pair in enumerate(pairs):
-        for k, image in enumerate(pair):
-            padded[i, k, ..., : image.shape[-2], : image.shape[-1]] = image
-            sizes[i, k, 0], sizes[i, k, 1] = image.shape[-2], image.shape[-1]
-    return padded, sizes

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
-from .validation import DataError, image_problem, image_size
+from .image_files import image_size
+from .validation import DataError, image_problem
 
 __all__ = ["SOURCE_ASPECT_TOLERANCE", "source_problem", "source_values", "with_source_column"]
 

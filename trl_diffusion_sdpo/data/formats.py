@@ -58,10 +58,11 @@ from ..config.checks import Choice
 from ..config.messages import file_syntax_error
 from .columns import SOURCE_COLUMN
 from .errors import DatasetNotFoundError
+from .image_files import _URL
 from .names import HUB_ID, TABLE_EXTENSIONS, hub_dataset_problem, looks_local, not_found_message
 from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
 from .pickapic import pickapic_to_trl
-from .validation import _URL, DataError
+from .validation import DataError
 
 __all__ = [
     "COLUMN_LAYOUTS",
@@ -71,6 +72,7 @@ __all__ = [
     "detect_format",
     "hub_dataset_problem",
     "load_preference_data",
+    "load_preference_dataset",
     "no_data_message",
     "pickapic_to_trl",
     "read_hpd",
@@ -565,3 +567,36 @@ def read_hpd(path: str, ranking_pairs: str = "all") -> Dataset:
         counts["prompts without a pair (all ranks equal)"],
     )
     return pairs
+
+
+def load_preference_dataset(
+    name_or_path: str,
+    split: str = "train",
+    streaming: bool = False,
+    max_rows: int | None = None,
+    config_name: str | None = None,
+    dataset_format: str = "auto",
+    ranking_pairs: str = "all",
+    dataset_columns: str = "trl",
+    pickapic_names: tuple[str, str, str, str] = ("caption", "jpg_0", "jpg_1", "label_0"),
+) -> Dataset | IterableDataset:
+    """Load a preference dataset from the Hub, a local data folder, a folder written by ``save_to_disk``, or the
+    file layouts of this module (pair folders, a JSONL/CSV of image paths, an image folder with metadata, HPDv3
+    annotations), detected unless ``dataset_format`` names one (``config_name``: the dataset configuration, as
+    ``load_dataset``'s ``name``; ``ranking_pairs``: how ranked HPD records become pairs; ``dataset_columns``:
+    ``"pickapic"`` maps Pick-a-Pic's ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (or the names in
+    ``pickapic_names``, ``(caption, image_0, image_1, label_0)``) onto TRL's ``prompt``, ``chosen``, ``rejected``,
+    :func:`~.pickapic.pickapic_to_trl`). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
+    (:data:`~.columns.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
+    and training ignores."""
+    return load_preference_data(
+        name_or_path,
+        format=dataset_format,
+        split=split,
+        streaming=streaming,
+        max_rows=max_rows,
+        config_name=config_name,
+        ranking_pairs=ranking_pairs,
+        columns=dataset_columns,
+        pickapic_names=pickapic_names,
+    )

@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from ..config._lazy import import_target
 from ..config.file_modes import follow_umask
 from ..families import ModelFamily, PromptEmbeddings
-from .collators import pair_mask, pair_scores
+from .collators import pair_scores
 from .columns import PreferenceColumns, order_pair
 from .progress import datasets_progress_bars
 from .transforms import PairTransform, image_conversion_digest
@@ -407,7 +407,11 @@ def build_latent_cache(
                 winner, loser = transform.load(pair[0]), transform.load(pair[1])
                 scores.append(pair[2])
                 if columns.masked:
-                    masks.append(pair_mask(row, winner, loser, columns, transform))
+                    masks.append(
+                        import_target("trl_diffusion_sdpo.data.masks:pair_mask")(
+                            row, winner, loser, columns, transform
+                        )
+                    )
                 if columns.edits:
                     values = import_target("trl_diffusion_sdpo.data.editing:source_values")(row, columns)
                     sources.append([transform.load(value) for value in values])

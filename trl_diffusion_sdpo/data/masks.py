@@ -15,18 +15,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 from ..config._lazy import import_target
 from ..config.checks import Range
+from .collators import _load_from
 from .columns import CHOSEN, IMAGE_0, IMAGE_1, MASK, REJECTED, PreferenceColumns
-from .transforms import difference_mask, load_image
-from .validation import DataError, image_problem, image_size
+from .image_files import image_size
+from .transforms import PairTransform, load_image
+from .validation import DataError, image_problem
 
 __all__ = [
     "AUTO_MASK_THRESHOLD",
     "add_loss_masks",
+    "difference_mask",
     "mask_problem",
+    "pair_mask",
     "pair_difference_mask",
     "row_mask_problem",
     "with_mask_column",
@@ -42,9 +47,19 @@ def _frames(value: Any) -> list[Image.Image]:
     return [load_image(v) for v in values]
 
 
+def difference_mask(first: Image.Image, second: Image.Image, threshold: float) -> Image.Image:
+    """The loss mask of an editing pair (:func:`~.masks.add_loss_masks`): an 8-bit grey image, white (255) where any
+    channel of the two RGB images differs by more than ``threshold`` of the full range (``|a - b| / 255 >
+    threshold``), black elsewhere. Both images must have one size."""
+    if first.size != second.size:
+        raise ValueError(f"auto_mask needs a pair's images of one size, got {first.size} and {second.size}")
+    difference = np.abs(np.asarray(first, dtype=np.int16) - np.asarray(second, dtype=np.int16)).max(axis=-1)
+    return Image.fromarray(np.where(difference > threshold * 255.0, 255, 0).astype(np.uint8), mode="L")
+
+
 def pair_difference_mask(first: Any, second: Any, threshold: float = AUTO_MASK_THRESHOLD) -> Image.Image:
     """White where any channel of the two images (or any frame of two clips) differs by more than ``threshold`` of
-    the full range (:func:`~.transforms.difference_mask`), black elsewhere; an 8-bit grey image."""
+    the full range (:func:`difference_mask`), black elsewhere; an 8-bit grey image."""
     frames = [np.asarray(difference_mask(a, b, threshold)) for a, b in zip(_frames(first), _frames(second))]
     return Image.fromarray(np.maximum.reduce(frames), mode="L")
 
@@ -131,3 +146,26 @@ def row_mask_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[s
     except Exception as err:  # checked to decode above
         return columns.mask or columns.first, f"cannot read the image: {err}"
     return columns.mask or columns.second, mask_problem(sizes[0], sizes[1], mask)
+
+
+def pair_mask(
+    row: dict[str, Any],
+    winner: Image.Image,
+    loser: Image.Image,
+    columns: PreferenceColumns,
+    transform: PairTransform,
+    resized_only: bool = False,
+) -> torch.Tensor | None:
+    """A pair's loss mask ``[1, R, R]`` in [0, 1] as :meth:`~.transforms.PairTransform.mask` makes it
+    (``resized_only``: for the trainer's crop) from the row's mask column (``loss_mask``; one mask serves every
+    frame of a video clip); ``None`` without a mask. A ``ValueError`` names the column and the reason where the
+    images' sizes differ or the mask is missing, of another size or empty."""
+    if not columns.masked:
+        return None
+    winners, losers = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (winner, loser))  # video: frames
+    mask = _load_from(row.get(columns.mask), columns.mask).convert("L")
+    problem = mask_problem(winners[0].size, losers[0].size, mask)
+    column = columns.mask
+    if problem:
+        raise ValueError(f"column {column!r}: {problem}")
+    return transform.mask(mask, resized_only)

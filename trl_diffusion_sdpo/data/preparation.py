@@ -1,4 +1,5 @@
-"""Preparing a preference dataset for training: loading it, validating every row, dropping ties and bad rows.
+"""Preparing a preference dataset for training: validating every row, dropping ties and bad rows (loading one by
+name or path: :func:`~.formats.load_preference_dataset`).
 
 Training reads one form, TRL's: ``prompt``, ``chosen``, ``rejected`` (images as encoded bytes, ``datasets.Image``
 values, PIL images or paths). Pick-a-Pic's label form (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``: 1 image 0
@@ -42,7 +43,7 @@ from .validation import (
     with_undecoded_images,
 )
 
-__all__ = ["load_preference_dataset", "prepare_preference_dataset"]
+__all__ = ["prepare_preference_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,37 +157,3 @@ def _prepare_iterable(
     dataset = dataset.map(lambda _, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
     report = DataReport(streamed=True, image_sizes_unknown="" if columns.clip else "a streamed dataset")
     return dataset, columns, report
-
-
-def load_preference_dataset(
-    name_or_path: str,
-    split: str = "train",
-    streaming: bool = False,
-    max_rows: int | None = None,
-    config_name: str | None = None,
-    dataset_format: str = "auto",
-    ranking_pairs: str = "all",
-    dataset_columns: str = "trl",
-    pickapic_names: tuple[str, str, str, str] = ("caption", "jpg_0", "jpg_1", "label_0"),
-) -> Dataset | IterableDataset:
-    """Load a preference dataset from the Hub, a local data folder, a folder written by ``save_to_disk``, or the
-    file layouts of :mod:`.formats` (pair folders, a JSONL/CSV of image paths, an image folder with metadata, HPDv3
-    annotations), detected unless ``dataset_format`` names one (``config_name``: the dataset configuration, as
-    ``load_dataset``'s ``name``; ``ranking_pairs``: how ranked HPD records become pairs; ``dataset_columns``:
-    ``"pickapic"`` maps Pick-a-Pic's ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (or the names in
-    ``pickapic_names``, ``(caption, image_0, image_1, label_0)``) onto TRL's ``prompt``, ``chosen``, ``rejected``,
-    :func:`~.pickapic.pickapic_to_trl`). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
-    (:data:`~.columns.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
-    and training ignores."""
-    # the file formats' module, imported when a dataset is loaded by name
-    return import_target("trl_diffusion_sdpo.data.formats:load_preference_data")(
-        name_or_path,
-        format=dataset_format,
-        split=split,
-        streaming=streaming,
-        max_rows=max_rows,
-        config_name=config_name,
-        ranking_pairs=ranking_pairs,
-        columns=dataset_columns,
-        pickapic_names=pickapic_names,
-    )

@@ -14,7 +14,6 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 __all__ = [
-    "difference_mask",
     "image_conversion_digest",
     "image_mode_problem",
     "image_pixels",
@@ -82,16 +81,6 @@ def image_pixels(image: Image.Image) -> torch.Tensor:
     return _PROCESSOR.preprocess(image)[0]
 
 
-def difference_mask(first: Image.Image, second: Image.Image, threshold: float) -> Image.Image:
-    """The loss mask of an editing pair (:func:`~.masks.add_loss_masks`): an 8-bit grey image, white (255) where any
-    channel of the two RGB images differs by more than ``threshold`` of the full range (``|a - b| / 255 >
-    threshold``), black elsewhere. Both images must have one size."""
-    if first.size != second.size:
-        raise ValueError(f"auto_mask needs a pair's images of one size, got {first.size} and {second.size}")
-    difference = np.abs(np.asarray(first, dtype=np.int16) - np.asarray(second, dtype=np.int16)).max(axis=-1)
-    return Image.fromarray(np.where(difference > threshold * 255.0, 255, 0).astype(np.uint8), mode="L")
-
-
 class PairTransform:
     """Resize the shorter side to ``resolution`` and crop a square: the same crop position for both images, or
     (``independent``, with ``random_crop``) a random position for each.
@@ -151,7 +140,7 @@ class PairTransform:
     def resized_pair(self, winner: Image.Image, loser: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
         """For a random crop drawn later by the trainer (keyed, so resume is exact): the two images resized but not
         cropped (``[3, h, w]`` each, in [-1, 1]) and their ``time_ids [2, 6]`` with crop offsets 0, to be filled in
-        by :func:`~trl_diffusion_sdpo.step.stages.crop_pairs`."""
+        by :func:`~trl_diffusion_sdpo.data.random_crop.crop_pairs`."""
         pixels, time_ids = [], []
         for image in (winner, loser):
             orig_w, orig_h = image.size

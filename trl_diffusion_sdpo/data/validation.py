@@ -12,11 +12,7 @@ sources (:mod:`.editing`), loss masks (:mod:`.masks`), video clips (:mod:`.video
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
-import os
-import re
-import stat
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +56,6 @@ __all__ = [
     "DataReport",
     "image_check",
     "image_problem",
-    "image_size",
     "resize_summary",
     "resolve_columns",
     "row_check",
@@ -70,10 +65,6 @@ __all__ = [
 
 # ``(width, height)`` of an image as decoded, before any resizing.
 ImageSize = tuple[int, int]
-
-
-# A value with a URL scheme (``http://``, ``s3://``...): never fetched (the readers turn ``file://`` into a path).
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass
@@ -234,35 +225,6 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     return dataclasses.replace(layout, score_0=scores[0], score_1=scores[1])
 
 
-def image_size(value: Any) -> tuple[int, int]:
-    """``(width, height)`` of an image value (path, bytes, ``{"path", "bytes"}`` or PIL image) from its header."""
-    if isinstance(value, Image.Image):
-        return value.size
-    if isinstance(value, dict):
-        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = io.BytesIO(bytes(value))
-    with Image.open(value) as image:
-        return image.size
-
-
-def _file_stat(path: str) -> tuple[os.stat_result | None, str]:
-    """``(stat, "")`` of the regular file at ``path``, or ``(None, why it cannot be opened)``: one ``stat`` call,
-    which on a network file system is a round trip per image."""
-    if _URL.match(path):
-        return None, (
-            f"{path!r} is a URL: images are never downloaded; download them first and give local paths (relative "
-            "to the annotation file, absolute, or file://)"
-        )
-    try:
-        result = os.stat(path)
-    except (OSError, ValueError):  # as os.path.isfile: missing, unreadable, or a path with a NUL byte
-        return None, f"No such file: {path}"
-    if not stat.S_ISREG(result.st_mode):
-        return None, f"No such file: {path}"
-    return result, ""
-
-
 def _decode_check(image: Image.Image) -> tuple[str, ImageSize | None]:
     """``("", size)`` if the opened ``image`` decodes, else ``(the reason, None)``; ``size`` is ``(width, height)``
     as the file stores it. JPEGs decode at 1/8 scale: fast, still complete (the size is read before, from the
@@ -274,30 +236,6 @@ def _decode_check(image: Image.Image) -> tuple[str, ImageSize | None]:
     return problem, None if problem else size
 
 
-# Files whose check is remembered, per process: more than HPDv3's 1.08M images, whose comparisons name each about
-# twice in no particular order (about 240 MB at a million entries, the path strings aside).
-REMEMBERED_IMAGE_FILES = 2_000_000
-
-
-# One tuple per distinct decoded size, which every remembered file of that size refers to: a remembered file then costs
-# about what its problem string alone did (tracemalloc over 3,000 files of one size: 181 bytes an entry against 179;
-# 349 with a (problem, size) pair of its own).
-_SHARED_SIZES: dict[ImageSize, ImageSize] = {}
-
-
-@functools.lru_cache(maxsize=REMEMBERED_IMAGE_FILES)
-def _image_file_check(path: str, mtime_ns: int, size: int) -> str | ImageSize:
-    """:func:`_decode_check` of the file at ``path``, remembered by path, modification time and size: an image
-    named by several rows is decoded once, and a file rewritten since is checked again. The problem, or the decoded
-    size when there is none."""
-    try:
-        with Image.open(path) as image:
-            problem, decoded = _decode_check(image)
-    except Exception as err:  # PIL raises many types for corrupt data
-        return f"cannot decode image: {err}"
-    return problem or _SHARED_SIZES.setdefault(decoded, decoded)
-
-
 def image_check(value: Any) -> tuple[str, ImageSize | None]:
     """``("", (width, height))`` if the image decodes, else ``(the reason, None)``; a file is decoded once while it
     is unchanged. The size is the image's as decoded, before any resizing: what the start summary counts
@@ -307,12 +245,8 @@ def image_check(value: Any) -> tuple[str, ImageSize | None]:
             problem = image_mode_problem(value)
             return problem, None if problem else value.size
         path = value["path"] if isinstance(value, dict) and value.get("bytes") is None else value
-        if isinstance(path, str) and path:
-            result, problem = _file_stat(path)
-            if problem:
-                return problem, None
-            checked = _image_file_check(path, result.st_mtime_ns, result.st_size)
-            return (checked, None) if isinstance(checked, str) else ("", checked)
+        if isinstance(path, str) and path:  # an image file: its checks load with the first image given by path
+            return import_target("trl_diffusion_sdpo.data.image_files:image_file_check")(path)
         if isinstance(value, dict) and value.get("bytes") is not None:
             return _decode_check(Image.open(io.BytesIO(value["bytes"])))
         if isinstance(value, (bytes, bytearray, memoryview)):

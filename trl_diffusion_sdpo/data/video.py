@@ -129,7 +129,7 @@ class VideoPairTransform:
     (:class:`~.transforms.PairTransform`), so the pair shares the crop. With ``random_crop`` the collator only
     resizes (:meth:`resized_pair`) and the trainer crops each clip with its keyed draws, every frame of a video at
     the same offset and both videos at the same relative position (each its own with ``independent_augmentation``;
-    :func:`~trl_diffusion_sdpo.step.stages.crop_pairs`). The flip is the trainer's too, over the width axis, which
+    :func:`~trl_diffusion_sdpo.data.random_crop.crop_pairs`). The flip is the trainer's too, over the width axis, which
     mirrors every frame at once.
     """
 

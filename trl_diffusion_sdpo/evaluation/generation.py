@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from ..config.checks import Choice
 from ..config.messages import advice
-from ..families.loading import cast_module, dtype_keyword, resolve_model_name
+from ..families.loading import dtype_keyword, resolve_model_name
+from ..families.preparation import cast_module
 from ..rewards.scorers.base import resolve_device
 from .progress import Progress, note
 from .prompts import EditPrompt

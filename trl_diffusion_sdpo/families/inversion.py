@@ -49,6 +49,7 @@ does with the preference weight), which this module does not copy.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,8 @@ from ..config.checks import Choice, Range
 from .noising import DDPMNoiser, Device, NoisedPair, Noiser, noising_mode, prediction_target, unet_noiser
 
 if TYPE_CHECKING:  # annotations only; .flow imports this module
+    from .base import ModelFamily, PromptEmbeddings
+
     FlowNoiser = Noiser  # the flow families' noiser (.flow.FlowNoiser), named without importing .flow
 
 __all__ = [
@@ -75,6 +78,7 @@ __all__ = [
     "inversion_settings",
     "unet_noiser",
     "renoise_inversion",
+    "select_prompts",
 ]
 
 NOISING_MODES = ("forward", "inversion")
@@ -209,6 +213,15 @@ def ddim_inverse_step(
     return alpha_to**0.5 * x0_hat + (1 - alpha_to) ** 0.5 * eps_hat
 
 
+def select_prompts(prompt_embeds: PromptEmbeddings, index: torch.Tensor) -> PromptEmbeddings:
+    """The rows ``index`` of every tensor field of ``prompt_embeds`` (a family's embeddings may carry more fields)."""
+    values = {
+        field.name: value[index] if isinstance(value := getattr(prompt_embeds, field.name), torch.Tensor) else value
+        for field in dataclasses.fields(prompt_embeds)
+    }
+    return type(prompt_embeds)(**values)
+
+
 class InversionNoiser(Noiser):
     """A family's forward noiser with ReNoise inversion on top: draws and the clean latents come from ``base``; the
     noised input comes from :meth:`invert` (the micro-batch stages call it with the inverting network)."""
@@ -231,6 +244,32 @@ class InversionNoiser(Noiser):
     ) -> NoisedPair:
         """Forward noising by the base (its ``latents`` and ``timesteps`` are the inversion's start and levels)."""
         return self.base.noise_pairs(mean, std, levels, noise, posterior_eps, vae_config)
+
+    def network(
+        self,
+        family: ModelFamily,
+        policy: torch.nn.Module,
+        reference: Callable[..., Tensor] | None,
+        prompt_embeds: PromptEmbeddings,
+        time_ids: Tensor | None,
+    ) -> RowPredictor:
+        """The network that inverts (:meth:`~trl_diffusion_sdpo.step.stages.MicroBatchStages.inverting_network`): rows
+        of the ``2B``-row batch (winners, then losers), each with its pair's prompt and its own time ids, without
+        autograd; ``policy`` (SmPO's code) or ``reference`` (its ``predict``), as :attr:`settings` say."""
+        batch = prompt_embeds.encoder_hidden_states.shape[0]
+        use_reference = self.settings.network == "reference"
+
+        def predict(sample: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            pairs = (rows % batch).to(prompt_embeds.encoder_hidden_states.device)
+            conditioning = family.denoiser_conditioning(
+                select_prompts(prompt_embeds, pairs), None if time_ids is None else time_ids[rows.to(time_ids.device)]
+            )
+            if use_reference:
+                return reference(sample, timestep, **conditioning)
+            with torch.no_grad():
+                return family.call_denoiser(policy, sample, timestep, conditioning)
+
+        return predict
 
     @abc.abstractmethod
     def invert(self, noised: NoisedPair, predict: RowPredictor, max_level: Tensor | float | None = None) -> NoisedPair:

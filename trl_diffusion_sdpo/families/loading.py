@@ -13,14 +13,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from types import MethodType
 from typing import Any
-
-import torch
-
-# The package's names: is_quantized, and cast_unquantized resolved on first use, so that the quantization module is
-# imported for a quantized model only.
-from .. import families
 
 __all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
@@ -59,20 +52,3 @@ def dtype_keyword(dtype: Any) -> dict[str, Any]:
 
     # The releases that accept dtype resolve it against the deprecated torch_dtype with this function.
     return {"dtype": dtype} if hasattr(diffusers.utils, "_resolve_dtype") else {"torch_dtype": dtype}
-
-
-def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
-    """``module.to(device, dtype)``. diffusers' ``ModelMixin.to`` warns, for any dtype, that the modules a model keeps
-    in float32 may be cast (``There are modules in ... that should be kept in float32: []``), also for a model that
-    keeps none; such a model is cast by ``torch.nn.Module.to`` instead, which does the same cast without the warning.
-    A model that keeps some (Wan) goes through its own ``to`` and the warning stands. A quantized model keeps its
-    quantized weights as they are (:func:`~.quantization.cast_unquantized`)."""
-    if families.is_quantized(module):
-        families.cast_unquantized(module, dtype, device)
-        return
-
-    to = module.to if getattr(module, "_keep_in_fp32_modules", None) else MethodType(torch.nn.Module.to, module)
-    if device is None:
-        to(dtype=dtype)
-    else:
-        to(device=device, dtype=dtype)

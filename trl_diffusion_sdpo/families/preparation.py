@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
+from types import MethodType
 from typing import Any
 
 import torch
@@ -23,10 +24,12 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from torch.utils.hooks import RemovableHandle
 
+# The package's names: is_quantized, and cast_unquantized resolved on first use, so that the quantization module is
+# imported for a quantized model only.
+from .. import families
 from . import ModelFamily
-from .loading import cast_module
 
-__all__ = ["compute_dtype", "place_frozen_modules", "prepare_denoiser", "training_arguments"]
+__all__ = ["cast_module", "compute_dtype", "place_frozen_modules", "prepare_denoiser", "training_arguments"]
 
 
 def compute_dtype(args) -> torch.dtype:
@@ -36,6 +39,23 @@ def compute_dtype(args) -> torch.dtype:
     if args.fp16:
         return torch.float16
     return torch.float32
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    """``module.to(device, dtype)``. diffusers' ``ModelMixin.to`` warns, for any dtype, that the modules a model keeps
+    in float32 may be cast (``There are modules in ... that should be kept in float32: []``), also for a model that
+    keeps none; such a model is cast by ``torch.nn.Module.to`` instead, which does the same cast without the warning.
+    A model that keeps some (Wan) goes through its own ``to`` and the warning stands. A quantized model keeps its
+    quantized weights as they are (:func:`~.quantization.cast_unquantized`)."""
+    if families.is_quantized(module):
+        families.cast_unquantized(module, dtype, device)
+        return
+
+    to = module.to if getattr(module, "_keep_in_fp32_modules", None) else MethodType(torch.nn.Module.to, module)
+    if device is None:
+        to(dtype=dtype)
+    else:
+        to(device=device, dtype=dtype)
 
 
 def freeze_frozen_modules(family: ModelFamily) -> None:

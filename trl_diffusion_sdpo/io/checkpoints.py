@@ -44,7 +44,7 @@ from .run_folder import (
     checkpoint_entries,
     earlier_run_files,
 )
-from .saving import has_saved_weights
+from .saving import TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
 
 __all__ = [
     "CheckpointError",
@@ -54,6 +54,7 @@ __all__ = [
     "earlier_run_files",
     "is_marked_complete",
     "recover_interrupted_saves",
+    "remove_earlier_checkpoints",
     "resolve_resume_checkpoint",
 ]
 
@@ -323,3 +324,19 @@ def _recover_in_place(folder: str) -> None:
     if checkpoint_problem(folder, verify_checksums=False) == UNFINISHED:
         logger.warning("Removing %s: its save was interrupted before the checkpoint was marked complete", folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_earlier_checkpoints(output_dir: str, earlier: list[str]) -> None:
+    """Before a run that overwrites starts: remove the earlier run's checkpoints (complete, staged or half-deleted),
+    which its resume and checkpoint rotation would otherwise take for its own; its weights, ``training_config.json``
+    and model card are replaced when this run saves."""
+    weights = (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER)
+    removed = [name for name in earlier if name not in weights and os.path.isdir(os.path.join(output_dir, name))]
+    for name in removed:
+        shutil.rmtree(os.path.join(output_dir, name))
+    logger.warning(
+        "Starting a new run in %s over another run's files (overwrite): removed its checkpoints (%s); its weights "
+        "and training_config.json are replaced when this run saves",
+        output_dir,
+        ", ".join(removed) or "none",
+    )

@@ -260,7 +260,7 @@ class RunFiles(TrainerCallback):
                 try:
                     earlier = check_new_run_folder(args.output_dir, resumed, overwrite)
                     if earlier:
-                        _remove_earlier_checkpoints(args.output_dir, earlier)
+                        checkpoints().remove_earlier_checkpoints(args.output_dir, earlier)
                 except Exception as err:  # raised below, after the other processes learn of it
                     lock.release()
                     lock, error = None, err
@@ -397,22 +397,6 @@ class RunFiles(TrainerCallback):
         """The run's model card and Hub pushes (:class:`~.hub.RunHub`): :mod:`.hub` is imported when the run first
         writes a card or reaches the Hub."""
         return run_io.RunHub(self.trainer)
-
-
-def _remove_earlier_checkpoints(output_dir: str, earlier: list[str]) -> None:
-    """Before a run that overwrites starts: remove the earlier run's checkpoints (complete, staged or half-deleted),
-    which its resume and checkpoint rotation would otherwise take for its own; its weights, ``training_config.json``
-    and model card are replaced when this run saves."""
-    weights = (saving.UNET_SUBFOLDER, saving.TRANSFORMER_SUBFOLDER)
-    removed = [name for name in earlier if name not in weights and os.path.isdir(os.path.join(output_dir, name))]
-    for name in removed:
-        shutil.rmtree(os.path.join(output_dir, name))
-    logger.warning(
-        "Starting a new run in %s over another run's files (overwrite): removed its checkpoints (%s); its weights "
-        "and training_config.json are replaced when this run saves",
-        output_dir,
-        ", ".join(removed) or "none",
-    )
 
 
 def checkpoints() -> ModuleType:

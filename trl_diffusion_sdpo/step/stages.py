@@ -2,7 +2,8 @@
 
 * batch: a collated batch (live pixels and token ids, or a batch of the latent cache) becomes VAE posterior moments,
   prompt embeddings and time ids (:func:`encode_batch`); flips select the mirrored view, per pair or per image;
-  random crops (:func:`crop_pairs`) and prompt dropout (:func:`drop_prompts`); a micro-batch that lost every row is
+  random crops (:func:`~trl_diffusion_sdpo.data.random_crop.crop_pairs`, loaded by a run with ``random_crop``)
+  and prompt dropout (:func:`drop_prompts`); a micro-batch that lost every row is
   left out or replayed (:class:`UsableBatches`).
 * noised pair: forward noising by the family's noiser, or, with an inverting noiser (``noising="inversion"``,
   SmPO's default), the ReNoise inversion of the clean latents by the policy or the reference
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import data as preference_data
+from ..config._lazy import import_target
 from ..families import ModelFamily, NoisedPair, PromptEmbeddings
 from ..objectives import (
     PreferencePredictions,
@@ -37,7 +39,6 @@ from .predictions import predict_pairs
 
 __all__ = [
     "Augmentation",
-    "crop_pairs",
     "drop_prompts",
     "encode_batch",
     "EncodedBatch",
@@ -47,7 +48,6 @@ __all__ = [
     "MicroBatchStages",
     "NoisedMicroBatch",
     "prompt_inputs",
-    "select_prompts",
     "UsableBatches",
     "where_rows",
 ]
@@ -130,49 +130,6 @@ def prompt_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in inputs.items() if k.startswith(("input_ids", "prompt_"))}
 
 
-def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolution: int) -> dict[str, torch.Tensor]:
-    """Random-crop a batch of resized pairs (``pixel_values [B, 2, 3, H, W]`` zero-padded, or video pairs
-    ``[B, 2, 3, F, H, W]``; ``crop_sizes [B, 2, 2]`` their ``(h, w)``) to ``resolution``, on the device with no host
-    read.
-
-    ``fractions [B, 2]`` (``(top, left)`` uniforms in [0, 1) shared by the pair) or ``[B, 2, 2]`` (one per image)
-    give the offsets as torchvision's ``RandomCrop`` draws them, each valid offset equally likely:
-    ``offset = min(floor(f * (size - res + 1)), size - res)``. Returns the inputs with the cropped ``pixel_values``,
-    ``time_ids`` holding the offsets, and ``time_ids_flipped`` (when present) the offsets in the mirrored view
-    (``width - res - left``). A ``loss_mask [B, 2, 1, H, W]`` is cropped with its image.
-    """
-    pixels, sizes = inputs["pixel_values"], inputs["crop_sizes"].to(inputs["pixel_values"].device)
-    masked = "loss_mask" in inputs
-    if masked:  # one more channel, cropped alike (for a video, every frame's)
-        mask = inputs["loss_mask"].to(pixels)
-        if pixels.dim() == 6:
-            mask = mask.unsqueeze(3).expand(-1, -1, -1, pixels.shape[3], -1, -1)
-        pixels = torch.cat([pixels, mask], dim=2)
-    leading = pixels.shape[2:-2]  # (3,) for images, (3, F) for video clips: every frame gets its video's crop
-    pixels = pixels.reshape(*pixels.shape[:2], -1, *pixels.shape[-2:])
-    batch, _, channels, height, width = pixels.shape
-    fractions = fractions.to(sizes).reshape(batch, -1, 2).expand(batch, 2, 2)
-    margin = sizes - resolution
-    offsets = torch.minimum(torch.floor(fractions * (margin + 1)), margin)  # [B, 2, (top, left)]
-    span = torch.arange(resolution, device=pixels.device)
-    rows = (offsets[..., 0].long().reshape(-1, 1) + span)[:, :, None]  # [2B, R, 1]
-    cols = (offsets[..., 1].long().reshape(-1, 1) + span)[:, None, :]  # [2B, 1, R]
-    images = torch.arange(2 * batch, device=pixels.device)[:, None, None]
-    flat = pixels.reshape(2 * batch, channels, height, width).permute(0, 2, 3, 1)  # [2B, H, W, C]
-    cropped = flat[images, rows, cols].permute(0, 3, 1, 2).reshape(batch, 2, *leading, resolution, resolution)
-    time_ids = inputs["time_ids"].clone()
-    time_ids[..., 2:4] = offsets.to(time_ids)
-    out = dict(inputs, pixel_values=cropped, time_ids=time_ids)
-    if masked:
-        out["pixel_values"], mask = cropped[:, :, :-1], cropped[:, :, -1:]
-        out["loss_mask"] = mask[:, :, :, 0] if mask.dim() == 6 else mask
-    if "time_ids_flipped" in inputs:
-        flipped = time_ids.clone()
-        flipped[..., 3] = (sizes[..., 1] - resolution - offsets[..., 1]).to(flipped)
-        out["time_ids_flipped"] = flipped
-    return out
-
-
 def drop_prompts(embeds: PromptEmbeddings, drop: torch.Tensor, empty: PromptEmbeddings) -> PromptEmbeddings:
     """Replace the prompt embeddings of the rows where ``drop`` is set by ``empty``'s (classifier-free dropout); an
     editing pair keeps its source latents (the instruction is dropped, not the image)."""
@@ -230,15 +187,6 @@ class UsableBatches:
 
 
 # ------------------------------------------------------------------ noised pair
-
-
-def select_prompts(prompt_embeds: PromptEmbeddings, index: torch.Tensor) -> PromptEmbeddings:
-    """The rows ``index`` of every tensor field of ``prompt_embeds`` (a family's embeddings may carry more fields)."""
-    values = {
-        field.name: value[index] if isinstance(value := getattr(prompt_embeds, field.name), torch.Tensor) else value
-        for field in dataclasses.fields(prompt_embeds)
-    }
-    return type(prompt_embeds)(**values)
 
 
 @dataclass(frozen=True)
@@ -364,7 +312,7 @@ class MicroBatchStages:
             cropping=aug.random_crop and train,
         )
         if "crop_sizes" in inputs:  # resized, not yet cropped, by the collator (random_crop)
-            inputs = crop_pairs(inputs, crop, aug.resolution)
+            inputs = import_target("trl_diffusion_sdpo.data.random_crop:crop_pairs")(inputs, crop, aug.resolution)
         encoded = encode_batch(inputs, self.family, flip if train and aug.random_flip else None, self.dtype)
         if train and aug.proportion_empty_prompts > 0:
             encoded.prompt_embeds = drop_prompts(
@@ -409,20 +357,7 @@ class MicroBatchStages:
         autograd; the policy (SmPO's code) or the reference, as the noiser's settings say."""
         if not getattr(self.noiser, "inverts", False):
             return None
-        family, batch = self.family, prompt_embeds.encoder_hidden_states.shape[0]
-        use_reference = self.noiser.settings.network == "reference"
-
-        def predict(sample: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            pairs = (rows % batch).to(prompt_embeds.encoder_hidden_states.device)
-            conditioning = family.denoiser_conditioning(
-                select_prompts(prompt_embeds, pairs), None if time_ids is None else time_ids[rows.to(time_ids.device)]
-            )
-            if use_reference:
-                return self.reference(sample, timestep, **conditioning)
-            with torch.no_grad():
-                return family.call_denoiser(policy, sample, timestep, conditioning)
-
-        return predict
+        return self.noiser.network(self.family, policy, self.reference, prompt_embeds, time_ids)
 
     def empty_prompt_embeds(self) -> PromptEmbeddings:
         """The empty prompt's embeddings (prompt dropout), encoded once."""
