@@ -9,17 +9,45 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
+from tests.helpers import fresh_forks
 from tests.helpers.common import worker_environment
 from tests.helpers.online import lora_weights, make_trainer
-from tests.helpers.served_rewards import reward_server
+from tests.helpers.served_rewards import ServerProcess
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
 from trl_diffusion_sdpo.rewards.functions import RemoteReward, RewardError
+
+
+class ForkedServer(ServerProcess):
+    """``trl-diffusion-sdpo reward-server`` in a process of its own, forked once the libraries are imported
+    (``tests.helpers.fresh_forks``) instead of a fresh interpreter: the trainer only talks to it over HTTP, and a kill
+    ends it alone."""
+
+    def start(self, wait: bool = True) -> ForkedServer:
+        command = ["-m", "trl_diffusion_sdpo", "reward-server", "--scorer", self.scorer]
+        command += ["--port", str(self.port), "--log-level", "warning"]
+        self.process = fresh_forks.start(command, stderr=2)
+        if wait:
+            self.wait_ready()
+        return self
+
+
+@contextmanager
+def reward_server(scorer: str = "colour", wait: bool = True) -> Iterator[ForkedServer]:
+    """The server, killed on exit; ``wait=False``: started but not waited for (call ``wait_ready`` before scoring),
+    so the caller's own set-up runs while the server's process imports."""
+    server = ForkedServer(scorer).start(wait=wait)
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 class WeightsPerStep(TrainerCallback):
