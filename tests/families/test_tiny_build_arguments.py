@@ -1,16 +1,19 @@
 """The shared keyword arguments of the tiny transformer builders (seed, tokenizer folder, max length): the builder's
 own max-length default, torch seeded before anything is built, the folder resolved once, an unknown keyword
-refused as a plain signature would refuse it."""
+refused as a plain signature would refuse it, and a build given no folder leaving nothing behind."""
 
 from __future__ import annotations
 
 import os
+import textwrap
 
 import pytest
 import torch
 
+from tests.helpers import fresh_forks
+from tests.helpers.forking import run_forked
 from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_qwen_image21_pipeline
-from trl_diffusion_sdpo.testing.components import BuildArguments
+from trl_diffusion_sdpo.testing.components import BuildArguments, _remove_process_folder, process_folder
 
 
 def test_start_seeds_torch_and_resolves_the_folder_once(tmp_path):
@@ -22,6 +25,35 @@ def test_start_seeds_torch_and_resolves_the_folder_once(tmp_path):
     assert build.tokenizer_dir is not None and os.path.isdir(build.tokenizer_dir)  # a fresh temporary folder
     given = BuildArguments.start({"tokenizer_dir": str(tmp_path), "max_length": 9}, max_length=16)
     assert (given.seed, given.tokenizer_dir, given.max_length) == (0, str(tmp_path), 9)
+
+
+def test_builds_given_no_folder_leave_nothing_behind_when_their_process_exits():
+    code = """
+        import os
+        from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd_pipeline
+        from trl_diffusion_sdpo.testing.components import process_folder
+        build_tiny_sd_pipeline(seed=0), build_tiny_flux_pipeline(seed=1)
+        print(process_folder(), len(os.listdir(process_folder())))
+    """
+    done = fresh_forks.run(["-c", textwrap.dedent(code)], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder, builds = done.stdout.split()
+    assert builds == "2" and os.path.basename(folder).startswith("tiny-tok-")
+    assert not os.path.exists(folder)  # removed at the exit
+
+
+def test_a_forked_child_neither_reuses_nor_removes_its_parents_folder():
+    parent, parent_pid = process_folder(), os.getpid()
+
+    def child() -> None:
+        own = process_folder()
+        assert own != parent and os.path.isdir(own)
+        _remove_process_folder(parent_pid)  # the exit function inherited from the parent
+        _remove_process_folder(os.getpid())  # its own, as its exit would (this child ends without exit functions)
+        assert not os.path.exists(own)
+
+    assert run_forked(child, timeout=60) == 0
+    assert os.path.isdir(parent)
 
 
 @pytest.mark.parametrize(

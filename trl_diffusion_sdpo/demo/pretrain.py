@@ -39,7 +39,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..config.file_modes import follow_umask
 from ..testing import write_char_tokenizer
-from ..testing.components import SD_NOISE_SCHEDULE
+from ..testing.components import SD_NOISE_SCHEDULE, tokenizer_folder
 from .shapes import Caption, all_captions, draw_shape
 
 __all__ = ["SHIPPED_BASE_DIR", "PretrainRecipe", "load_base", "load_or_pretrain", "recipe_hash"]
@@ -210,7 +210,7 @@ def load_or_pretrain(
 def build_untrained_pipeline(recipe: PretrainRecipe) -> StableDiffusionPipeline:
     """The architecture of the demo pipeline with freshly initialised weights."""
     torch.manual_seed(recipe.seed)
-    tokenizer = write_char_tokenizer(tempfile.mkdtemp(prefix="demo-tok-"), recipe.max_caption_length)
+    tokenizer = write_char_tokenizer(tokenizer_folder(None), recipe.max_caption_length)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

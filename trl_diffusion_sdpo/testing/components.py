@@ -3,7 +3,10 @@ text config."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -211,8 +214,28 @@ def ddpm_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 
 
 def tokenizer_folder(tokenizer_dir: str | None) -> str:
-    """Where a builder writes its tokenizers: ``tokenizer_dir``, or a fresh temporary folder."""
-    return tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
+    """Where a builder writes its tokenizers: ``tokenizer_dir``, or a fresh folder inside this process's temporary
+    folder (:func:`process_folder`), removed when the process exits."""
+    return tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-", dir=process_folder())
+
+
+_PROCESS_FOLDERS: dict[int, str] = {}  # process id -> its temporary folder
+
+
+def process_folder() -> str:
+    """This process's temporary folder for the tokenizers of builds given no folder: made at the first such build and
+    removed with everything in it when the process exits, so that a test suite building thousands of tiny pipelines
+    leaves nothing behind. A forked child makes a folder of its own and never removes its parent's."""
+    pid = os.getpid()
+    if pid not in _PROCESS_FOLDERS:
+        _PROCESS_FOLDERS[pid] = tempfile.mkdtemp(prefix="tiny-tok-")
+        atexit.register(_remove_process_folder, pid)
+    return _PROCESS_FOLDERS[pid]
+
+
+def _remove_process_folder(pid: int) -> None:
+    if os.getpid() == pid:  # the exit functions a forked child inherits run in the child too
+        shutil.rmtree(_PROCESS_FOLDERS[pid], ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
