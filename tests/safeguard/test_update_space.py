@@ -52,26 +52,34 @@ def _problem(kind: str, seed: int, warm_steps: int, conflict: float = 1.5):
 
 def _real_decreases(params, optimizer, g_w, h_l, lambdas, max_grad_norm: float) -> list[float]:
     """``-<g_w, Delta(lambda)>`` with ``Delta`` the change of the weights under a real float64 optimizer step from a
-    copy of ``optimizer``'s state, the gradient ``g_w + lambda h_l`` clipped by ``clip_grad_norm_``."""
+    copy of ``optimizer``'s state, the gradient ``g_w + lambda h_l`` clipped by ``clip_grad_norm_``. One copy of the
+    optimizer (its own weights and state, promoted to float64) steps once per lambda, its weights and state put back
+    to the copy's before each step."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     where = {id(p): (i, j) for i, group in enumerate(optimizer.param_groups) for j, p in enumerate(group["params"])}
+    opt = copy.deepcopy(optimizer)
+    params64 = [opt.param_groups[where[id(p)][0]]["params"][where[id(p)][1]] for p in params]
+    for p in params64:
+        p.data = p.data.double()
+        for key, value in opt.state.get(p, {}).items():
+            if key != "step" and torch.is_tensor(value):
+                opt.state[p][key] = value.double()
+    start = [
+        (p.detach().clone(), {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()})
+        for p, state in ((p, opt.state.get(p, {})) for p in params64)
+    ]
+    w64, h64 = [w.double() for w in g_w], [h.double() for h in h_l]
     out = []
     for lam in lambdas:
-        opt = copy.deepcopy(optimizer)  # its own copies of the weights and state, promoted to float64
-        params64 = [opt.param_groups[where[id(p)][0]]["params"][where[id(p)][1]] for p in params]
-        for p in params64:
-            p.data = p.data.double()
-            for key, value in opt.state.get(p, {}).items():
-                if key != "step" and torch.is_tensor(value):
-                    opt.state[p][key] = value.double()
-        for p, w, h in zip(params64, g_w, h_l):
-            p.grad = w.double() + lam * h.double()
+        for p, (before, state) in zip(params64, start):  # the copy's weights and state, as a fresh copy has them
+            p.data.copy_(before)
+            opt.state[p] = {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+        for p, w, h in zip(params64, w64, h64):
+            p.grad = w + lam * h
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params64, max_grad_norm)
-        before = [p.detach().clone() for p in params64]
         opt.step()
-        delta = [p.detach() - b for p, b in zip(params64, before)]
-        out.append(-sum(float((w.double() * d).sum()) for w, d in zip(g_w, delta)))
+        out.append(-sum(float((w * (p.detach() - b)).sum()) for w, p, (b, _) in zip(w64, params64, start)))
     return out
 
 
