@@ -109,10 +109,27 @@ def max_difference(a: list[list[Image.Image]], b: list[list[Image.Image]]) -> fl
     )
 
 
-def test_the_pairs_are_the_sampled_latents_of_the_best_and_worst_scored_images(tmp_path):
-    trainer = make_trainer(tmp_path)
+@pytest.fixture(scope="module")
+def sampling(tmp_path_factory) -> dict:
+    """One untrained trainer of the default config for the tests that only sample and score with its stage (each puts
+    back any setting it changes), and the stage's generation 0 of the first four prompts, made once."""
+    trainer = make_trainer(tmp_path_factory.mktemp("sampling"))
+    return {"trainer": trainer, "generated": trainer.generation({"prompt": PROMPTS[:4]}, generation=0, first_row=0)}
+
+
+@pytest.fixture
+def stage_settings_kept(sampling):
+    """The shared stage's settings put back after the test."""
+    stage = sampling["trainer"].generation
+    settings = stage.settings
+    yield
+    stage.settings = settings
+
+
+def test_the_pairs_are_the_sampled_latents_of_the_best_and_worst_scored_images(sampling):
+    trainer = sampling["trainer"]
     stage = trainer.generation
-    generated = stage({"prompt": PROMPTS[:4]}, generation=0, first_row=0)
+    generated = sampling["generated"]
     images = generated.images
     # the rewards are the function's on the decoded images, and each pair is (argmax, argmin) of its prompt
     rewards = torch.tensor([red_minus_blue(None, row) for row in images], dtype=torch.float64)
@@ -150,9 +167,8 @@ def test_encoded_pair_latents_are_the_vae_encoding_of_the_scored_images(tmp_path
         torch.testing.assert_close(generated.batch["latent_std"][0, side], posterior.std[0], rtol=1e-4, atol=1e-5)
 
 
-def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(tmp_path):
-    trainer = make_trainer(tmp_path)
-    stage = trainer.generation
+def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(sampling, stage_settings_kept):
+    stage = sampling["trainer"].generation
     whole, _ = stage.sample(PROMPTS[:4], 5, 0)
     first, _ = stage.sample(PROMPTS[:2], 5, 0)  # process 0 of two, two prompts each
     second, _ = stage.sample(PROMPTS[2:4], 5, 2)  # process 1: its prompts are rows 2 and 3 of the global batch
@@ -166,11 +182,14 @@ def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(tmp_p
 
 
 @pytest.mark.parametrize("generation_batch_size", [None, pytest.param(2, marks=pytest.mark.slow)])
-def test_samples_equal_an_unbatched_guided_sampler_run_image_by_image(tmp_path, generation_batch_size):
+def test_samples_equal_an_unbatched_guided_sampler_run_image_by_image(tmp_path, sampling, generation_batch_size):
     """The stage's final latents against DDIM written out per image, guidance's two branches as two forwards of
     prompts encoded one by one; the stage encodes each prompt once and runs both branches of every image of a call in
     one forward per sampler step (with 2 images a call, a prompt's 3 samples span two calls, passed one by one)."""
-    trainer = make_trainer(tmp_path, generation_batch_size=generation_batch_size)
+    if generation_batch_size is None:  # the default config's
+        trainer = sampling["trainer"]
+    else:
+        trainer = make_trainer(tmp_path, generation_batch_size=generation_batch_size)
     stage, pipe, settings = trainer.generation, trainer.pipeline, trainer.generation.settings
     prompts, k = PROMPTS[:2], settings.num_generations
     encoded_rows, denoiser_rows = [], []
@@ -195,6 +214,7 @@ def test_samples_equal_an_unbatched_guided_sampler_run_image_by_image(tmp_path, 
     scheduler.set_timesteps(settings.sample_steps)
     unet, g = trainer._policy(), settings.sample_guidance_scale
     shape = (1, *latents.shape[2:])
+    training = unet.training
     unet.eval()
     with torch.no_grad():
         unconditional = embed("")
@@ -208,6 +228,7 @@ def test_samples_equal_an_unbatched_guided_sampler_run_image_by_image(tmp_path, 
                     guided = unet(x, t, encoder_hidden_states=conditional).sample
                     x = scheduler.step(plain + g * (guided - plain), t, x).prev_sample
                 torch.testing.assert_close(latents[row, j], x[0], rtol=1e-4, atol=1e-4)
+    unet.train(training)
 
 
 def test_the_samples_come_from_the_policy_with_its_adapters_not_from_the_reference(tmp_path):
@@ -264,13 +285,12 @@ def test_each_micro_batch_of_an_accumulation_window_samples_its_own_generation(t
     assert len({p for _, p in calls}) == 4
 
 
-def test_reward_margin_leaves_prompts_whose_best_and_worst_are_closer_unpaired(tmp_path):
+def test_reward_margin_leaves_prompts_whose_best_and_worst_are_closer_unpaired(sampling, stage_settings_kept):
     """The stage's pairs against the rule computed here: a prompt is paired (best, worst) only where its rewards' range
     exceeds ``reward_margin``; the margin is put between the prompts' ranges so that it keeps some and drops some."""
-    trainer = make_trainer(tmp_path)
-    stage = trainer.generation
+    stage = sampling["trainer"].generation
     prompts = {"prompt": PROMPTS[:4]}
-    ranges = sorted(float(r.max() - r.min()) for r in stage(prompts, generation=0, first_row=0).rewards)
+    ranges = sorted(float(r.max() - r.min()) for r in sampling["generated"].rewards)  # generation 0 of these prompts
     assert ranges[0] < ranges[-1]
     margin = (ranges[0] + ranges[-1]) / 2
     stage.settings = type(stage.settings)(**{**stage.settings.__dict__, "reward_margin": margin})
@@ -375,7 +395,8 @@ def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, f
 @pytest.fixture(scope="module")
 def two_iterations(tmp_path_factory) -> tuple[OnlineDiffusionSDPOTrainer, list]:
     """The 4-step run with ``num_iterations=2``, trained once per module and saved at every step (the resume test
-    below resumes from its checkpoint and compares with it), and the generation and prompts each sampling started."""
+    below resumes from its checkpoint and compares with it, the refreshed-reference test copies its trained policy),
+    and the generation and prompts each sampling started."""
     trainer = make_trainer(
         tmp_path_factory.mktemp("two-iterations"), num_iterations=2, max_steps=4, save_strategy="steps", save_steps=1
     )
@@ -402,9 +423,8 @@ def test_num_iterations_trains_one_generation_for_several_optimizer_steps(two_it
     assert calls[0][1] != calls[1][1]  # each generation samples the next prompts
 
 
-def test_a_refreshed_lora_reference_predicts_what_the_policy_predicts(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=2)
-    trainer.train()
+def test_a_refreshed_lora_reference_predicts_what_the_policy_predicts(two_iterations):
+    trainer, _ = two_iterations  # a trained LoRA run; the refresh below copies its policy and changes nothing of it
     policy = trainer._policy()
     assert isinstance(trainer.reference, DisabledAdaptersReference)
     sample = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
