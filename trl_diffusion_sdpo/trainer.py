@@ -39,7 +39,6 @@ from . import families, objectives
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
 from .callbacks.alarm import AlarmCallback, TrainingLogAlarm, TrainingLogSignal
 from .callbacks.guards import PathologyAction
-from .callbacks.health import dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
 from .config._lazy import import_target
@@ -96,6 +95,9 @@ if TYPE_CHECKING:
     from .safeguards import Safeguard
 
 __all__ = ["DiffusionSDPOTrainer"]
+
+#: the safeguard an alarm switches on (its module loaded by a run whose ``on_pathology`` may switch one on)
+DORMANT_SAFEGUARD = "trl_diffusion_sdpo.callbacks.pathology_acts:dormant_safeguard"
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +404,9 @@ class DiffusionSDPOTrainer(Trainer):
         self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy, self._dtype)
-        self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
+        self._dormant_safeguard = None  # on_pathology="safeguard"'s (or a rewind's), built and checked now
+        if args.on_pathology in ("safeguard", "rewind"):  # the switch's module, loaded by a run that may switch
+            self._dormant_safeguard = import_target(DORMANT_SAFEGUARD)(args, self.engine)
         self._eval_metric_prefix: str | None = None
         self._passes: Any = None  # the exact rule's passes while Trainer's step runs (_training_step_in_passes)
         self._next_log: dict[str, float] = {}  # what callbacks handed log_next since the last training log

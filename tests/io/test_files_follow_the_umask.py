@@ -183,7 +183,8 @@ def test_a_published_checkpoint_holds_every_writers_files_with_the_umasks_mode(t
 
 def test_copying_a_checkpoints_weights_into_the_output_gives_the_copies_the_umasks_mode(tmp_path, umask):
     """An older checkpoint's owner-only weights, copied into the output folder (the Hub's checkpoint strategy)."""
-    from trl_diffusion_sdpo.io.saving import LORA_WEIGHTS_NAME, copy_saved_model
+    from trl_diffusion_sdpo.io.hub import copy_saved_model
+    from trl_diffusion_sdpo.io.saving import LORA_WEIGHTS_NAME
 
     checkpoint, output = tmp_path / "run" / "checkpoint-2", tmp_path / "run"
     owner_only_safetensors(checkpoint / LORA_WEIGHTS_NAME)

@@ -14,7 +14,7 @@ from PIL import Image
 from tests.helpers.masked_pairs import masked_rows, png
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import family_for_pipeline
-from trl_diffusion_sdpo.families.noising import latent_mask
+from trl_diffusion_sdpo.families.masks import latent_mask
 from trl_diffusion_sdpo.step.predictions import evaluate_objective
 from trl_diffusion_sdpo.testing import (
     build_tiny_flux_kontext_pipeline,

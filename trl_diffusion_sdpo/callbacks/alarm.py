@@ -211,22 +211,8 @@ class AlarmCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ events
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal.event != "step_end":
-            return
-        verdict = self.signal.read(state.global_step)
-        if verdict is None:
-            return
-        flags, done = self.action.on_probe(verdict, control, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
-        flags = {"health/probe_alarm": float(verdict.fired), **flags}
-        if verdict.fired:
-            self.firings.append([verdict.step, verdict.healthy_step, verdict.healthy_z, done])
-            control.should_log = True  # the alarm's step is logged as it fired, also where the run stops there
-        # A log may follow several probes (logging_steps above probe_steps): it carries 1 where the alarm fired at
-        # any of them, and the last rewind's step.
-        fired = max(self.pending.get("health/probe_alarm", 0.0), flags["health/probe_alarm"])
-        self.pending = {**self.pending, **flags, "health/probe_alarm": fired}
-        if self.publish is not None:
-            self.publish(self.pending)
+        if self.signal.event == "step_end":  # the probe's verdict, acted on (:meth:`~.probe_signal.ProbeSignal.act`)
+            self.signal.act(self, state.global_step, control, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not state.log_history:

@@ -18,13 +18,9 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config.pathology import SWITCH_TO, pair_remedies
-from ..safeguards import safeguard_for
-
-if TYPE_CHECKING:
-    from ..safeguards import Safeguard
 
 __all__ = [
     "ENDED_AT_START",
@@ -35,7 +31,6 @@ __all__ = [
     "PathologyRule",
     "config_in_force",
     "describe",
-    "dormant_safeguard",
     "remedies",
     "start_weights_sentence",
     "switch_target",
@@ -118,16 +113,6 @@ def switched_config(args: Any) -> Any:
     for name, value in target.items():
         setattr(switched, name, value)
     return switched
-
-
-def dormant_safeguard(args: Any, engine: Any) -> Safeguard | None:
-    """``on_pathology="safeguard"`` (or ``"rewind"`` in an offline Diffusion-DPO run, which switches to it after its
-    rewind): the safeguard the run switches to when the alarm fires, checked against ``engine`` when the trainer is
-    built and dormant until then; ``None`` otherwise."""
-    rewinds_to_it = (
-        args.on_pathology == "rewind" and args.safeguard_space == "none" and switch_target(args) is not None
-    )
-    return safeguard_for(switched_config(args), engine) if args.on_pathology == "safeguard" or rewinds_to_it else None
 
 
 def describe(rule: PathologyRule = RULE) -> str:

@@ -119,6 +119,26 @@ class ProbeSignal:
         self.healthy_step, self.alarm_statistic = saved["healthy_step"], float(saved["alarm_statistic"])
         self.healthy_z = saved.get("healthy_z")
 
+    def act(self, alarm: Any, step: int, control: Any, optimizer: Any = None, lr_scheduler: Any = None) -> None:
+        """The verdict on the probe of ``step`` handed to ``alarm``'s action (an :class:`~.alarm.AlarmCallback` on
+        this signal, in its ``on_step_end``; the optimizer and the schedule are the rewind's to change): a firing is
+        kept in ``alarm.firings`` and logged at its step, and the flags wait in ``alarm.pending`` for the next training
+        log (handed to ``alarm.publish``, the trainer's ``log_next``, where the alarm has a trainer)."""
+        verdict = self.read(step)
+        if verdict is None:
+            return
+        flags, done = alarm.action.on_probe(verdict, control, optimizer, lr_scheduler)
+        flags = {"health/probe_alarm": float(verdict.fired), **flags}
+        if verdict.fired:
+            alarm.firings.append([verdict.step, verdict.healthy_step, verdict.healthy_z, done])
+            control.should_log = True  # the alarm's step is logged as it fired, also where the run stops there
+        # A log may follow several probes (logging_steps above probe_steps): it carries 1 where the alarm fired at
+        # any of them, and the last rewind's step.
+        fired = max(alarm.pending.get("health/probe_alarm", 0.0), flags["health/probe_alarm"])
+        alarm.pending = {**alarm.pending, **flags, "health/probe_alarm": fired}
+        if alarm.publish is not None:
+            alarm.publish(alarm.pending)
+
     def lines(self, action: Any, firings: list[list[Any]], last_step: int) -> list[str]:
         """The record of an alarm on this signal (:meth:`~.alarm.AlarmCallback.lines`), one sentence per firing
         (``firings``: the alarm's ``[step, restore point, its reading, what was done]``; ``last_step``: the run's step

@@ -24,7 +24,16 @@ from safetensors.torch import load_file, save_file
 
 from ..config.file_modes import follow_umask
 
-__all__ = ["STATES_FILE", "Stateful", "join_tensors", "read_state", "split_tensors", "write_state"]
+__all__ = [
+    "STATES_FILE",
+    "Stateful",
+    "join_tensors",
+    "read_state",
+    "read_states",
+    "split_tensors",
+    "write_state",
+    "write_states",
+]
 
 #: the name of :class:`~trl_diffusion_sdpo.io.run_files.StatesPart`'s files in a checkpoint (``.json`` and
 #: ``.safetensors``)
@@ -90,3 +99,20 @@ class Stateful(Protocol):
     def state_dict(self) -> Mapping[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def write_states(checkpoint: str, states: Mapping[str, Stateful]) -> None:
+    """``states`` (name -> :class:`Stateful`) written into ``checkpoint`` as :data:`STATES_FILE`, each its
+    ``state_dict()`` (:class:`~trl_diffusion_sdpo.io.run_files.StatesPart`)."""
+    write_state(checkpoint, STATES_FILE, {name: held.state_dict() for name, held in states.items()})
+
+
+def read_states(checkpoint: str, states: Mapping[str, Stateful]) -> None:
+    """Each of ``states`` that ``checkpoint``'s :data:`STATES_FILE` holds, loaded back (``load_state_dict``); the
+    others, and all of them where the checkpoint holds no such file, left as they are."""
+    if not os.path.exists(os.path.join(checkpoint, f"{STATES_FILE}.json")):
+        return
+    saved = read_state(checkpoint, STATES_FILE)
+    for name, held in states.items():
+        if name in saved:
+            held.load_state_dict(saved[name])

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from ..config._lazy import import_target
 from .columns import ROW_INDEX_COLUMN, TIE_REASON, PreferenceColumns, order_pair
@@ -23,6 +22,8 @@ logger = logging.getLogger(__name__)
 PADDED = "trl_diffusion_sdpo.data.random_crop:padded_pairs"
 #: each pair's loss mask (:mod:`.masks`, loaded by data with a mask column)
 PAIR_MASK = "trl_diffusion_sdpo.data.masks:pair_mask"
+#: a batch of one placeholder pair (:mod:`.placeholder`, loaded by a process whose first micro-batch lost every row)
+PLACEHOLDER = "trl_diffusion_sdpo.data.placeholder:placeholder_batch"
 
 
 @dataclass
@@ -139,13 +140,7 @@ class PreferenceCollator:
         row's, sets how many each row must have."""
         if not self.columns.edits:
             return None
-        values = import_target("trl_diffusion_sdpo.data.editing:source_values")(row, self.columns)
-        if first is not None and len(values) != len(first):
-            raise ValueError(
-                f"column {self.columns.source!r}: {len(values)} source images where the batch's first row has "
-                f"{len(first)}; every row of a batch needs the same number (group the rows by their number of sources)"
-            )
-        return [_load_from(value, self.columns.source) for value in values]
+        return import_target("trl_diffusion_sdpo.data.editing:row_sources")(row, self.columns, first)
 
     def _tokens(self, prompts: list[str], sources: list[list[Any]]) -> dict[str, torch.Tensor]:
         if getattr(self.tokenize, "reads_sources", False):
@@ -160,29 +155,8 @@ class PreferenceCollator:
         still run the step's forward and backward passes and their collectives, with weight zero, and has no earlier
         micro-batch to replay (:class:`~trl_diffusion_sdpo.step.stages.UsableBatches`).
         """
-        shape = self.transform.pixel_shape
-        height, width = shape[-2:]
-        # Grey is zero in [-1, 1] pixels up to 8-bit rounding: the editing placeholder's source, like its images.
-        ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32).expand(1, 2, 6).clone()
-        batch: dict[str, torch.Tensor] = {
-            "pixel_values": torch.zeros(1, 2, *shape),
-            "time_ids": ids,
-            "num_skipped": torch.tensor(0.0),
-            "skip_reasons": [],
-        }
-        if self.crops_later:  # already R x R: the crop keeps it whole
-            batch["crop_sizes"] = torch.tensor([height, width], dtype=torch.float32).expand(1, 2, 2).clone()
-        if self.with_flipped:
-            batch["time_ids_flipped"] = mirrored_time_ids(ids)
-        if self.columns.scored:
-            batch["pair_scores"] = pair_scores([(0.0, 0.0)])
-        if self.columns.masked:  # the whole image: a placeholder's loss is weighted zero anyway
-            batch["loss_mask"] = torch.ones(1, 2, 1, height, width)
-        grey = [[Image.new("RGB", (width, height), (127, 127, 127))]] if self.columns.edits else []
-        if self.columns.edits:
-            batch["source_pixel_values"] = torch.stack([self.transform.source(grey[0][0])])[None]
-        batch.update(self._tokens([""], grey))
-        return batch
+        placeholder = import_target(PLACEHOLDER)  # loaded by a process whose first micro-batch lost every row
+        return placeholder(self.transform, self.columns, self.crops_later, self.with_flipped, self._tokens)
 
 
 def pair_scores(scores: Sequence[tuple[float, float]] | torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .collators import _load_from
 from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
 from .image_files import image_size
 from .validation import DataError, image_problem
 
-__all__ = ["SOURCE_ASPECT_TOLERANCE", "source_problem", "source_values", "with_source_column"]
+__all__ = [
+    "SOURCE_ASPECT_TOLERANCE",
+    "check_editing_settings",
+    "row_sources",
+    "source_problem",
+    "source_values",
+    "with_source_column",
+]
 
 # How far a single source's aspect ratio may be from the chosen image's, as |log(ratio_source / ratio_chosen)|:
 # 1 % keeps the two center crops within about 1 % of the crop's side of each other (5 px at 512).
@@ -85,3 +93,47 @@ def source_problem(row: dict[str, Any], columns: PreferenceColumns) -> str:
             "different parts of the scene); crop or pad the source to the edited images' shape"
         )
     return ""
+
+
+def check_editing_settings(columns: PreferenceColumns, args: Any, family: Any) -> None:
+    """The settings editing data cannot take on ``family`` (:func:`~.training_data.check_sources`, for data with a
+    source column on an editing family): a ValueError naming the column or the field."""
+    if columns.source_list and family.max_sources == 1:
+        raise ValueError(
+            f"column {columns.source!r} holds lists of source images, but {family.name} edits one image: use a "
+            f"{SOURCE_IMAGE!r} column"
+        )
+    if args.random_crop:
+        raise ValueError(
+            "random_crop=True cannot be used with editing data: the source and the edited images must stay aligned, "
+            "and the crop is drawn for the edited images only. Set random_crop=False (the center crop)."
+        )
+    if args.random_flip and args.independent_augmentation:
+        raise ValueError(
+            "random_flip=True with independent_augmentation=True mirrors the two edits of a pair independently, but "
+            "they share one source: set independent_augmentation=False (a pair, its source included, is mirrored "
+            "together) or random_flip=False."
+        )
+    if family.prompt_reads_sources and args.random_flip:
+        raise ValueError(
+            f"random_flip=True cannot be used with {family.name}: its prompt encoding reads the source images as "
+            "the data gives them, while the flip mirrors the pair and its source latents, so the two would disagree. "
+            "Set random_flip=False."
+        )
+    if family.prompt_reads_sources and args.proportion_empty_prompts > 0:
+        raise ValueError(
+            f"proportion_empty_prompts={args.proportion_empty_prompts} cannot be used with {family.name}: its prompt "
+            "encoding reads the source images, so an empty prompt has no encoding of its own. Set it to 0."
+        )
+
+
+def row_sources(row: dict[str, Any], columns: PreferenceColumns, first: list[Any] | None) -> list[Any]:
+    """An editing row's decoded source images, for the collator (:class:`~.collators.PreferenceCollator`); ``first``,
+    the batch's first row's, sets how many each row must have."""
+    values = source_values(row, columns)
+    if first is not None and len(values) != len(first):
+        raise ValueError(
+            f"column {columns.source!r}: {len(values)} source images where the batch's first row has "
+            f"{len(first)}; every row of a batch needs the same number (group the rows by their number of sources)"
+        )
+    return [_load_from(value, columns.source) for value in values]

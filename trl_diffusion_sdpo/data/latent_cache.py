@@ -74,6 +74,7 @@ __all__ = [
     "cached_prompt_embeds",
     "cached_time_ids",
     "encoding_settings",
+    "latent_cache_for",
     "frozen_weights_digest",
     "settings_mismatches",
 ]
@@ -558,3 +559,25 @@ def cached_time_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``time_ids`` of a batch as ``[2B, 6]`` (winners then losers)."""
     time_ids = inputs["time_ids"]
     return time_ids.transpose(0, 1).reshape(2 * time_ids.shape[0], -1)
+
+
+def latent_cache_for(
+    dataset: Dataset, columns: PreferenceColumns, args: Any, family: ModelFamily, split: str
+) -> LatentCache:
+    """:func:`build_latent_cache` of ``dataset``'s ``split`` with the settings of the run's config ``args``
+    (``cache_latents``), the main process first."""
+    # Without a shared filesystem (save_on_each_node) every node encodes its own copy.
+    with args.main_process_first(local=args.save_on_each_node, desc=f"{split} latent cache"):
+        return build_latent_cache(
+            dataset,
+            columns,
+            family,
+            resolution=args.resolution,
+            random_flip=args.random_flip and split == "train",
+            random_crop=args.random_crop,
+            cache_dir=args.latent_cache_dir,
+            device=args.device,
+            batch_size=max(args.per_device_train_batch_size, 1),
+            split=split,
+            progress=not args.disable_tqdm,
+        )

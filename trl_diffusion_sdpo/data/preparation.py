@@ -19,8 +19,9 @@ A map-style dataset is checked in full before training (missing columns, missing
 ``skip_invalid_rows``, every bad row is dropped and counted. The check runs through ``datasets.map`` so its result
 is cached by the dataset's fingerprint. The data itself is never rewritten: rows are selected by index.
 
-An ``IterableDataset`` cannot be scanned ahead; its first row is checked strictly before training and later bad
-rows are dropped by the collator and counted (the ``data/skipped_rows`` metric), never crashing a run midway.
+An ``IterableDataset`` cannot be scanned ahead (:mod:`.streamed`); its first row is checked strictly before training
+and later bad rows are dropped by the collator and counted (the ``data/skipped_rows`` metric), never crashing a run
+midway.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ from datasets import Dataset, Features, IterableDataset, List, Value
 
 from ..config._lazy import import_target
 from ..config.messages import advice
-from .columns import ROW_INDEX_COLUMN, SOURCE_COLUMN, PreferenceColumns, column_names, in_label_form, is_tie
+from .columns import SOURCE_COLUMN, PreferenceColumns, column_names, in_label_form, is_tie
 from .progress import datasets_progress_bars
 from .validation import (
     DataError,
     DataReport,
     resolve_columns,
     row_check,
-    row_problem,
     with_undecoded_images,
 )
 
@@ -66,8 +66,8 @@ def prepare_preference_dataset(
     if isinstance(dataset, (Dataset, IterableDataset)) and in_label_form(column_names(dataset)):
         # Pick-a-Pic's mapping, its module imported for a dataset in that form only
         dataset = import_target("trl_diffusion_sdpo.data.pickapic:as_trl_form")(dataset, args, split)
-    if isinstance(dataset, IterableDataset):
-        return _prepare_iterable(dataset, args, split)
+    if isinstance(dataset, IterableDataset):  # its first row checked by the streamed data's module
+        return import_target("trl_diffusion_sdpo.data.streamed:prepare_streamed")(dataset, args, split)
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{split} dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")
     columns = resolve_columns(dataset.column_names, args)
@@ -139,21 +139,4 @@ def prepare_preference_dataset(
             "; ..." if report.invalid_skipped > len(report.examples) else "",
         )
     logger.info("Prepared %s dataset: %s", split, report.summary())
-    return dataset, columns, report
-
-
-def _prepare_iterable(
-    dataset: IterableDataset, args: Any, split: str
-) -> tuple[IterableDataset, PreferenceColumns, DataReport]:
-    first = next(iter(dataset), None)
-    if first is None:
-        raise ValueError(f"The {split} dataset is empty")
-    names = dataset.column_names or list(first.keys())
-    columns = resolve_columns(names, args)
-    column, reason = row_problem(first, columns)
-    if column and not args.skip_invalid_rows:
-        raise ValueError(f"Invalid {split} dataset row 0, column {column!r}: {reason}")
-    dataset = with_undecoded_images(dataset.select_columns(columns.all), columns)
-    dataset = dataset.map(lambda _, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
-    report = DataReport(streamed=True, image_sizes_unknown="" if columns.clip else "a streamed dataset")
     return dataset, columns, report

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 # its names resolve on first use: the latent cache's with cache_latents only, the scoring with reward functions, the
 # video transform for video data
 from .. import data as preference_data
+from ..config._lazy import import_target
 from ..families import ModelFamily, PromptEmbeddings, registered_families
 from .collators import PreferenceCollator
 from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
@@ -20,11 +21,13 @@ from .transforms import PairTransform
 from .validation import DataReport
 
 if TYPE_CHECKING:
-    from .latent_cache import LatentCache
     from .scoring import RewardFn
     from .video import VideoPairTransform
 
 __all__ = ["PrebuiltTrainingData", "TrainingData", "eval_collator_for", "prepare_training_data"]
+
+#: the latent cache of a split (``cache_latents``; :mod:`.latent_cache`, loaded by a run that caches)
+LATENT_CACHE = "trl_diffusion_sdpo.data.latent_cache:latent_cache_for"
 
 
 @runtime_checkable
@@ -96,7 +99,7 @@ def prepare_training_data(
         empty_prompt = prebuilt.empty_prompt
     if args.cache_latents and prebuilt is None:
         # Encode once (main process first, the others load), then train from the cache.
-        train_cache = _latent_cache(train_dataset, columns, args, family, "train")
+        train_cache = import_target(LATENT_CACHE)(train_dataset, columns, args, family, "train")
         train_dataset, empty_prompt = train_cache.dataset, train_cache.empty_prompt
         collator = preference_data.CachedPreferenceCollator(with_flipped=args.random_flip)
     # One evaluation set, or several by name (a dict, as transformers takes it: each evaluated under eval_<name>).
@@ -144,7 +147,7 @@ def _eval_split(dataset, split: str, args, family: ModelFamily, reward_fn, token
     check_sources(columns, args, family, split)
     collator = PreferenceCollator(columns, tokenize, transform, train=False)
     if args.cache_latents:
-        dataset = _latent_cache(dataset, columns, args, family, split).dataset
+        dataset = import_target(LATENT_CACHE)(dataset, columns, args, family, split).dataset
         collator = preference_data.CachedPreferenceCollator()
     return dataset, collator, report
 
@@ -177,33 +180,8 @@ def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: 
         )
     if not columns.edits:
         return
-    if columns.source_list and family.max_sources == 1:
-        raise ValueError(
-            f"column {columns.source!r} holds lists of source images, but {family.name} edits one image: use a "
-            f"{SOURCE_IMAGE!r} column"
-        )
-    if args.random_crop:
-        raise ValueError(
-            "random_crop=True cannot be used with editing data: the source and the edited images must stay aligned, "
-            "and the crop is drawn for the edited images only. Set random_crop=False (the center crop)."
-        )
-    if args.random_flip and args.independent_augmentation:
-        raise ValueError(
-            "random_flip=True with independent_augmentation=True mirrors the two edits of a pair independently, but "
-            "they share one source: set independent_augmentation=False (a pair, its source included, is mirrored "
-            "together) or random_flip=False."
-        )
-    if family.prompt_reads_sources and args.random_flip:
-        raise ValueError(
-            f"random_flip=True cannot be used with {family.name}: its prompt encoding reads the source images as "
-            "the data gives them, while the flip mirrors the pair and its source latents, so the two would disagree. "
-            "Set random_flip=False."
-        )
-    if family.prompt_reads_sources and args.proportion_empty_prompts > 0:
-        raise ValueError(
-            f"proportion_empty_prompts={args.proportion_empty_prompts} cannot be used with {family.name}: its prompt "
-            "encoding reads the source images, so an empty prompt has no encoding of its own. Set it to 0."
-        )
+    # the editing data's settings, checked by its module (loaded by data with a source column)
+    import_target("trl_diffusion_sdpo.data.editing:check_editing_settings")(columns, args, family)
 
 
 def _editing_pipelines() -> str:
@@ -215,24 +193,6 @@ def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> Pa
     if columns.clip is None:
         return PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
     return preference_data.VideoPairTransform(args.resolution, columns.clip, random_crop=args.random_crop)
-
-
-def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> LatentCache:
-    # Without a shared filesystem (save_on_each_node) every node encodes its own copy.
-    with args.main_process_first(local=args.save_on_each_node, desc=f"{split} latent cache"):
-        return preference_data.build_latent_cache(
-            dataset,
-            columns,
-            family,
-            resolution=args.resolution,
-            random_flip=args.random_flip and split == "train",
-            random_crop=args.random_crop,
-            cache_dir=args.latent_cache_dir,
-            device=args.device,
-            batch_size=max(args.per_device_train_batch_size, 1),
-            split=split,
-            progress=not args.disable_tqdm,
-        )
 
 
 def _scored(dataset, args, reward_fn: RewardFn | None, split: str) -> Any:

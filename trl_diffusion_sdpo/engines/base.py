@@ -39,7 +39,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 from diffusers import DiffusionPipeline
 
-from ..families.preparation import reference_like_policy
+from ..config._lazy import import_target
 
 __all__ = [
     "PASS_PLACEMENTS",
@@ -55,6 +55,9 @@ __all__ = [
     "trainable_parameters",
     "training_pipeline",
 ]
+
+#: the frozen reference copy's placement like the policy (its module loaded by a run that holds such a copy)
+REFERENCE_COPY = "trl_diffusion_sdpo.families.reference_copy:reference_like_policy"
 
 # Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
 _ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM}
@@ -167,8 +170,8 @@ class Engine:
         """A frozen reference copy, ready for inference: whole on every process, each weight in the dtype of the
         ``policy``'s (float32 for full tuning's trainable weights, ``dtype`` for LoRA's frozen base), so that under the
         policy's autocast it computes what the policy computes at step 0 (see
-        :func:`~trl_diffusion_sdpo.families.preparation.reference_like_policy`)."""
-        return reference_like_policy(module, policy, device, dtype)
+        :func:`~trl_diffusion_sdpo.families.reference_copy.reference_like_policy`)."""
+        return import_target(REFERENCE_COPY)(module, policy, device, dtype)
 
     def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         """The full weights to save, gathered from shards on the main process (every process calls it); ``None``

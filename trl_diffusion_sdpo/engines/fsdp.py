@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..families.preparation import reference_like_policy
+from ..families.reference_copy import reference_like_policy
 from .base import Engine, optimizer_parameters
 
 __all__ = [

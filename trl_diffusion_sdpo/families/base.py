@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch.distributed.tensor import DTensor
 
+from ..config._lazy import import_target
 from ..config.defaults import resolve_default
-from .noising import latent_mask, scale_latents
+from .noising import scale_latents
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -264,9 +265,9 @@ class ModelFamily(abc.ABC):
 
     def latent_mask(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """A loss mask ``[N, 1, H, W]`` at the size of the latents ``latent_shape`` the step's errors are taken on
-        (:func:`~.noising.latent_mask`: area interpolation, broadcast over channels and video frames). A family whose
+        (:func:`~.masks.latent_mask`: area interpolation, broadcast over channels and video frames). A family whose
         step sees another latent layout overrides it."""
-        return latent_mask(mask, latent_shape)
+        return import_target("trl_diffusion_sdpo.families.masks:latent_mask")(mask, latent_shape)  # masked data
 
     def vae_needs_fp32(self) -> bool:
         """Whether the VAE must encode in float32 (the SDXL VAE overflows in fp16; diffusers flags it)."""

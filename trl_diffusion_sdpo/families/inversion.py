@@ -255,7 +255,7 @@ class InversionNoiser(Noiser):
     ) -> RowPredictor:
         """The network that inverts (:meth:`~trl_diffusion_sdpo.step.stages.MicroBatchStages.inverting_network`): rows
         of the ``2B``-row batch (winners, then losers), each with its pair's prompt and its own time ids, without
-        autograd; ``policy`` (SmPO's code) or ``reference`` (its ``predict``), as :attr:`settings` say."""
+        autograd; ``policy`` (SmPO's code) or ``reference`` (its ``predict``), as the ``settings`` say."""
         batch = prompt_embeds.encoder_hidden_states.shape[0]
         use_reference = self.settings.network == "reference"
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -33,7 +32,6 @@ __all__ = [
     "check_timestep_range",
     "ddpm_noised_pair",
     "DDPMNoiser",
-    "latent_mask",
     "NoisedPair",
     "noising_mode",
     "Noiser",
@@ -254,22 +252,6 @@ def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     latents = latents / vae_config.scaling_factor
     shift = getattr(vae_config, "shift_factor", None)
     return latents if shift is None else latents + shift
-
-
-def latent_mask(mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """A loss mask in pixels ``[N, 1, H, W]`` (weights in [0, 1]) at the size of latents ``[N, C, ..., h, w]``:
-    ``[N, 1, ..., h, w]`` (ones for the dims between, so it broadcasts over a video's latent frames), float32.
-
-    Area interpolation: each latent position gets the fraction of its ``(H/h) x (W/w)`` pixels the mask covers, so a
-    one-pixel mark keeps a small weight instead of vanishing (nearest) or spreading (bilinear). Every family's step
-    sees its latents in this layout: FLUX's and Qwen-Image's packed tokens are unpacked before the errors, and Wan's
-    and HunyuanVideo's ``[N, C, F, h, w]`` take one mask for every frame.
-    """
-    if mask.dim() != 4 or mask.shape[1] != 1:
-        raise ValueError(f"a loss mask must be [N, 1, H, W], got {tuple(mask.shape)}")
-    height, width = latent_shape[-2:]
-    resized = F.interpolate(mask.float(), size=(height, width), mode="area")
-    return resized.view(mask.shape[0], 1, *([1] * (len(latent_shape) - 4)), height, width)
 
 
 def noising_mode(args: Any) -> str:

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from .checkpoints import load_lora_adapters
     from .hub import CardMethod, RunHub, build_model_card, create_hub_repo, upload_folder_to_hub
     from .resume_check import check_resume_config, learning_rate_factor, read_run_identity, write_run_identity
     from .saving import (
         has_lora_adapters,
         load_full_denoiser,
-        load_lora_adapters,
         save_full_denoiser,
         save_lora_adapters,
         save_pipeline_components,
@@ -34,7 +34,7 @@ _EXPORTS = {
     "upload_folder_to_hub": ".hub",
     "has_lora_adapters": ".saving",
     "load_full_denoiser": ".saving",
-    "load_lora_adapters": ".saving",
+    "load_lora_adapters": ".checkpoints",
     "save_full_denoiser": ".saving",
     "save_lora_adapters": ".saving",
     "save_pipeline_components": ".saving",

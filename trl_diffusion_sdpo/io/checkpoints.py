@@ -18,7 +18,8 @@ write and its rename, and removes what a kill left of earlier versions' staging 
 checkpoint without either file, as plain transformers or versions of this package before manifests wrote them, is
 accepted if its ``trainer_state.json`` and weights are present and pass the structural checks; a checkpoint written
 before checksums were recorded gets the structural checks only. A new run refuses a folder holding another run's
-checkpoints or weights (:func:`earlier_run_files`).
+checkpoints or weights (:func:`earlier_run_files`). A resumed run's weights are read back here too
+(:func:`load_weights`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ import os
 import shutil
 import struct
 import zipfile
+from typing import TYPE_CHECKING, Any
 
+import torch
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers.trainer_utils import sort_checkpoints
 
+from .. import io as run_io  # the resume checks' modules are imported when first used
+from . import saving
 from .run_folder import CHECKPOINT_RE as _CHECKPOINT_RE
 from .run_folder import (
     LEFTOVER_PREFIXES,
@@ -44,15 +52,24 @@ from .run_folder import (
     checkpoint_entries,
     earlier_run_files,
 )
-from .saving import TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
+from .saving import LORA_WEIGHTS_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from .run_files import CheckpointPartCallback
 
 __all__ = [
+    "CallbackPart",
     "CheckpointError",
     "CheckpointSaveError",
     "EarlierRunError",
     "checkpoint_problem",
     "earlier_run_files",
     "is_marked_complete",
+    "load_lora_adapters",
+    "load_weights",
+    "prepare_resume",
     "recover_interrupted_saves",
     "remove_earlier_checkpoints",
     "resolve_resume_checkpoint",
@@ -340,3 +357,69 @@ def remove_earlier_checkpoints(output_dir: str, earlier: list[str]) -> None:
         output_dir,
         ", ".join(removed) or "none",
     )
+
+
+def load_weights(trainer: Any, checkpoint: str, model: torch.nn.Module | None = None) -> None:
+    """The LoRA adapters or the denoiser of ``checkpoint`` loaded into ``trainer``'s denoiser (``model``'s where
+    given), into the engine's shards where it shards them: the trainer's ``_load_from_checkpoint``
+    (:meth:`~.run_files.RunFiles.load_weights`)."""
+    if not has_saved_weights(checkpoint):
+        raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {checkpoint}")
+    denoiser = trainer.accelerator.unwrap_model(
+        model if model is not None else trainer.model, keep_torch_compile=False
+    )
+    with trainer.engine.loading():
+        if trainer.is_lora:
+            load_lora_adapters(denoiser, checkpoint, prefix=trainer.family.denoiser_name)
+        else:
+            saving.load_full_denoiser(denoiser, checkpoint, subfolder=trainer.family.denoiser_name)
+
+
+def load_lora_adapters(
+    denoiser: torch.nn.Module, directory: str, adapter_name: str = "default", prefix: str = UNET_SUBFOLDER
+) -> None:
+    """Load adapters saved by :func:`~.saving.save_lora_adapters` into a denoiser that already carries the same adapter
+    config."""
+    state = load_file(os.path.join(directory, LORA_WEIGHTS_NAME))
+    denoiser_state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    if not denoiser_state:
+        raise ValueError(f"{directory} holds no LoRA weights for the {prefix} (no '{prefix}.' keys)")
+    if prefix == UNET_SUBFOLDER:
+        denoiser_state = convert_unet_state_dict_to_peft(denoiser_state)
+    result = set_peft_model_state_dict(denoiser, denoiser_state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights in {directory} do not match the model's adapters: {unexpected[:5]}")
+
+
+def prepare_resume(files: Any, checkpoint: str) -> tuple[str | None, int]:
+    """What a run resuming from the complete ``checkpoint`` does before transformers' ``train()``
+    (:meth:`~.run_files.RunFiles.training`; ``files``: the trainer's :class:`~.run_files.RunFiles`): the config
+    checked against the checkpoint's (:func:`~.resume_check.check_resume_config`), a changed learning rate's factor
+    kept for when training begins, the checkpoint's parts read. Returns, where the checkpoint was written by another
+    number of processes, the folder the engine resumes from (:mod:`.resume_world`; removed once every process has read
+    it) and that number; ``(None, this run's number)`` otherwise."""
+    trainer = files.trainer
+    run_io.check_resume_config(checkpoint, trainer)
+    files.learning_rate_factor = run_io.learning_rate_factor(checkpoint, trainer)
+    for part in files.checkpoint_parts():
+        part.load(checkpoint)
+    saved = run_io.read_run_identity(checkpoint) or {}
+    processes = trainer.accelerator.num_processes
+    if saved.get("num_processes", processes) == processes:
+        return None, processes
+    return resume_view_folder(checkpoint), saved["num_processes"]
+
+
+class CallbackPart:
+    """A :class:`~.run_files.CheckpointPartCallback` as a :class:`~.run_files.CheckpointPart`, with the trainer's
+    ``args`` and ``state`` (:meth:`~.run_files.RunFiles.checkpoint_parts`)."""
+
+    def __init__(self, callback: CheckpointPartCallback, trainer: Trainer) -> None:
+        self.callback, self.trainer = callback, trainer
+
+    def save(self, checkpoint: str) -> None:
+        self.callback.save_checkpoint_part(checkpoint, self.trainer.args, self.trainer.state)
+
+    def load(self, checkpoint: str) -> None:
+        self.callback.load_checkpoint_part(checkpoint, self.trainer.args, self.trainer.state)

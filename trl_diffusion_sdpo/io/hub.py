@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import OfflineModeIsEnabled
 
+from ..config.file_modes import follow_umask
 from ..families.loading import SHIPPED_MODELS
 from . import saving
 from .run_events import run_events
@@ -34,6 +36,7 @@ __all__ = [
     "HubPushError",
     "RunHub",
     "build_model_card",
+    "copy_saved_model",
     "create_hub_repo",
     "hub_base_model",
     "upload_folder_to_hub",
@@ -576,7 +579,7 @@ class RunHub:
         ``push_in_progress`` are transformers'."""
         trainer = self.trainer
         output_dir = trainer.args.output_dir
-        saving.copy_saved_model(checkpoint_folder, output_dir)
+        copy_saved_model(checkpoint_folder, output_dir)
         if not trainer.is_lora and not saving.has_pipeline_components(output_dir):
             saving.save_pipeline_components(trainer.pipeline, output_dir, trainer.family.denoiser_name)
         trainer.create_model_card()
@@ -611,3 +614,20 @@ class RunHub:
             revision=revision or args.hub_revision,
             commit_message=commit_message or "End of training",
         )
+
+
+def copy_saved_model(source: str, destination: str) -> None:
+    """Copy the weights and ``training_config.json`` that :func:`~.saving.save_lora_adapters` /
+    :func:`~.saving.save_full_denoiser` wrote in ``source`` (a checkpoint) into ``destination``, replacing older
+    copies."""
+    os.makedirs(destination, exist_ok=True)
+    # shutil's copies keep the source's mode: each copy is then given the umask's, as a file written here would be.
+    for name in (saving.LORA_WEIGHTS_NAME, saving.TRAINING_CONFIG_NAME):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+            follow_umask(os.path.join(destination, name))
+    for subfolder in (saving.UNET_SUBFOLDER, saving.TRANSFORMER_SUBFOLDER):
+        if os.path.isdir(os.path.join(source, subfolder)):
+            shutil.rmtree(os.path.join(destination, subfolder), ignore_errors=True)
+            shutil.copytree(os.path.join(source, subfolder), os.path.join(destination, subfolder))
+            follow_umask(os.path.join(destination, subfolder))

@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from ..callbacks.alarm import AlarmCallback
+from ..config._lazy import import_target
 
 __all__ = ["run_events"]
 
@@ -39,22 +40,9 @@ def run_events(trainer: Any) -> list[str]:
         if alarm.signal.event == "step_end":
             lines += alarm.lines(step)
     action = getattr(trainer.alarm, "action", None)  # the training logs' alarm's: on_pathology's, or the one added
-    if action is not None and action.action == "safeguard" and action.switch is not None:
-        settings = ", ".join(f"{k}={v!r}" for k, v in action.switch_to.items())
-        switched = action.switched_at
-        if switched is None:
-            lines.append("on_pathology='safeguard': the pathology alarm never fired, so the safeguard stayed off.")
-        else:
-            steps = f"steps {switched + 1}-{step}" if step > switched else f"every step after step {switched}"
-            by = action.switched_by or "the training logs' pathology alarm"
-            lines.append(
-                f"Step {switched}: {by} fired (on_pathology='safeguard'); {steps} trained with the safeguard on "
-                f"({settings})."
-            )
-    if action is not None and action.escalations:
-        mu = action.margin.current() if action.margin is not None else None
-        to = f", to {float(mu):g}" if mu is not None else ""
-        lines.append(f"on_pathology='escalate' raised safeguard_mu {action.escalations} time(s) in all{to}.")
+    switches = action is not None and action.action == "safeguard" and action.switch is not None
+    if switches or (action is not None and action.escalations):  # its acts' module: loaded once one has bound or acted
+        lines += import_target("trl_diffusion_sdpo.callbacks.pathology_acts:records")(action, step)
     return start + sorted(lines, key=_step_named)  # a stable sort: one step's events keep their order
 
 

@@ -98,19 +98,6 @@ class CheckpointPartCallback(Protocol):
         """Read them back from ``checkpoint``, the one a run resumes from, before its training begins."""
 
 
-class _CallbackPart:
-    """A :class:`CheckpointPartCallback` as a :class:`CheckpointPart`, with the trainer's ``args`` and ``state``."""
-
-    def __init__(self, callback: CheckpointPartCallback, trainer: Trainer) -> None:
-        self.callback, self.trainer = callback, trainer
-
-    def save(self, checkpoint: str) -> None:
-        self.callback.save_checkpoint_part(checkpoint, self.trainer.args, self.trainer.state)
-
-    def load(self, checkpoint: str) -> None:
-        self.callback.load_checkpoint_part(checkpoint, self.trainer.args, self.trainer.state)
-
-
 class StatesPart:
     """A checkpoint part holding ``states()`` (name -> :class:`~..callbacks.state_files.Stateful`, asked at each save
     and load: the objects in force then) as :data:`~..callbacks.state_files.STATES_FILE`. The states are equal on every
@@ -129,19 +116,14 @@ class StatesPart:
     def save(self, checkpoint: str) -> None:
         states = self.states()
         if states and self.main():
-            from ..callbacks.state_files import STATES_FILE, write_state  # loaded by a checkpoint save only
+            from ..callbacks.state_files import write_states  # loaded by a checkpoint save only
 
-            write_state(checkpoint, STATES_FILE, {name: held.state_dict() for name, held in states.items()})
+            write_states(checkpoint, states)
 
     def load(self, checkpoint: str) -> None:
-        from ..callbacks.state_files import STATES_FILE, read_state  # loaded by a resume only
+        from ..callbacks.state_files import read_states  # loaded by a resume only
 
-        if not os.path.exists(os.path.join(checkpoint, f"{STATES_FILE}.json")):
-            return
-        saved = read_state(checkpoint, STATES_FILE)
-        for name, held in self.states().items():
-            if name in saved:
-                held.load_state_dict(saved[name])
+        read_states(checkpoint, self.states())
 
 
 class RunFiles(TrainerCallback):
@@ -195,17 +177,10 @@ class RunFiles(TrainerCallback):
                 )
             self.learning_rate_factor = 1.0
             if resume_from_checkpoint is not None:
-                run_io.check_resume_config(resume_from_checkpoint, trainer)
-                self.learning_rate_factor = run_io.learning_rate_factor(resume_from_checkpoint, trainer)
-                for part in self.checkpoint_parts():
-                    part.load(resume_from_checkpoint)
-                saved = run_io.read_run_identity(resume_from_checkpoint) or {}
-                processes = trainer.accelerator.num_processes
-                if saved.get("num_processes", processes) != processes:
-                    # another number of processes (resume_world): the engine says what to load from
-                    view = checkpoints().resume_view_folder(resume_from_checkpoint)
+                view, saved_processes = checkpoints().prepare_resume(self, resume_from_checkpoint)
+                if view is not None:  # another number of processes (resume_world): the engine says what to load from
                     resume_from_checkpoint = trainer.engine.resume_on_other_count(
-                        resume_from_checkpoint, saved["num_processes"], view
+                        resume_from_checkpoint, saved_processes, view
                     )
             # signals handled only where the caller passed a PreemptionCallback (the command line does): a run
             # without one has not loaded its module, and the lookup by name finds nothing
@@ -327,18 +302,8 @@ class RunFiles(TrainerCallback):
     def load_weights(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """The trainer's ``_load_from_checkpoint``: the LoRA adapters or the denoiser from a checkpoint, into the
         engine's shards where it shards them (DeepSpeed loads its own engine state beside: transformers does not call
-        this under it)."""
-        trainer = self.trainer
-        if not saving.has_saved_weights(resume_from_checkpoint):
-            raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
-        denoiser = trainer.accelerator.unwrap_model(
-            model if model is not None else trainer.model, keep_torch_compile=False
-        )
-        with trainer.engine.loading():
-            if trainer.is_lora:
-                saving.load_lora_adapters(denoiser, resume_from_checkpoint, prefix=trainer.family.denoiser_name)
-            else:
-                saving.load_full_denoiser(denoiser, resume_from_checkpoint, subfolder=trainer.family.denoiser_name)
+        this under it; :func:`.checkpoints.load_weights`)."""
+        checkpoints().load_weights(self.trainer, resume_from_checkpoint, model)
 
     def load_best_model(self) -> None:
         """The trainer's ``_load_best_model``: the weights of the best checkpoint (``load_best_model_at_end``)."""
@@ -388,7 +353,7 @@ class RunFiles(TrainerCallback):
         each of the trainer's callbacks that is a :class:`CheckpointPart` (it has ``save_checkpoint_part`` and
         ``load_checkpoint_part``), in the order the callbacks run."""
         found = self.trainer.callbacks_of(CheckpointPartCallback)
-        return list(self.parts) + [_CallbackPart(c, self.trainer) for c in found]
+        return list(self.parts) + [checkpoints().CallbackPart(c, self.trainer) for c in found]
 
     # ------------------------------------------------------------------ the model card and the Hub
 

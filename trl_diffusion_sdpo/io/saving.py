@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from peft import set_peft_model_state_dict
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
 from ..config._lazy import lazy_attributes
 from ..config.file_modes import follow_umask
@@ -41,12 +38,10 @@ __all__ = [
     "TRANSFORMER_SUBFOLDER",
     "UNET_SUBFOLDER",
     "TRAINING_CONFIG_NAME",
-    "copy_saved_model",
     "has_pipeline_components",
     "has_lora_adapters",
     "has_saved_weights",
     "load_full_denoiser",
-    "load_lora_adapters",
     "save_full_denoiser",
     "save_lora_adapters",
     "save_pipeline_components",
@@ -149,23 +144,6 @@ def _sets_sorted(value: Any) -> Any:
     return value
 
 
-def load_lora_adapters(
-    denoiser: torch.nn.Module, directory: str, adapter_name: str = "default", prefix: str = UNET_SUBFOLDER
-) -> None:
-    """Load adapters saved by :func:`save_lora_adapters` into a denoiser that already carries the same adapter
-    config."""
-    state = load_file(os.path.join(directory, LORA_WEIGHTS_NAME))
-    denoiser_state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
-    if not denoiser_state:
-        raise ValueError(f"{directory} holds no LoRA weights for the {prefix} (no '{prefix}.' keys)")
-    if prefix == UNET_SUBFOLDER:
-        denoiser_state = convert_unet_state_dict_to_peft(denoiser_state)
-    result = set_peft_model_state_dict(denoiser, denoiser_state, adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"LoRA weights in {directory} do not match the model's adapters: {unexpected[:5]}")
-
-
 def has_saved_weights(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, LORA_WEIGHTS_NAME)) or any(
         os.path.isdir(os.path.join(directory, sub)) for sub in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER)
@@ -178,22 +156,6 @@ def write_training_config(args: Any, output_dir: str) -> str:
     with open(path, "w") as f:
         json.dump(json.loads(args.to_json_string()), f, indent=2, sort_keys=True)
     return path
-
-
-def copy_saved_model(source: str, destination: str) -> None:
-    """Copy the weights and ``training_config.json`` that :func:`save_lora_adapters` / :func:`save_full_denoiser`
-    wrote in ``source`` (a checkpoint) into ``destination``, replacing older copies."""
-    os.makedirs(destination, exist_ok=True)
-    # shutil's copies keep the source's mode: each copy is then given the umask's, as a file written here would be.
-    for name in (LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME):
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy(os.path.join(source, name), os.path.join(destination, name))
-            follow_umask(os.path.join(destination, name))
-    for subfolder in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER):
-        if os.path.isdir(os.path.join(source, subfolder)):
-            shutil.rmtree(os.path.join(destination, subfolder), ignore_errors=True)
-            shutil.copytree(os.path.join(source, subfolder), os.path.join(destination, subfolder))
-            follow_umask(os.path.join(destination, subfolder))
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _FULL_TUNING, globals())

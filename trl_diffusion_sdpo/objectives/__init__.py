@@ -26,7 +26,6 @@ from .base import (
     diffusion_dpo_logits,
     hyperparameter,
     implicit_accuracy,
-    masked_residual,
     objective_class,
     objective_from_config,
     register_objective,
@@ -39,6 +38,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .dpo import DiffusionDPOObjective, diffusion_dpo_loss
     from .dspo import DSPO_FORMS, DSPOObjective, dspo_loss
     from .mapo import MaPOObjective, mapo_loss, mapo_score
+    from .masks import masked_residual
     from .sft import SFTObjective, sft_loss
     from .smpo import SmoothedPreferenceObjective, smoothed_preference_weights
 
@@ -59,6 +59,7 @@ _EXPORTS = {
     "MaPOObjective": ".mapo",
     "mapo_loss": ".mapo",
     "mapo_score": ".mapo",
+    "masked_residual": ".masks",
     "SFTObjective": ".sft",
     "sft_loss": ".sft",
     "SmoothedPreferenceObjective": ".smpo",

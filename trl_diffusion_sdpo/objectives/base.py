@@ -54,7 +54,6 @@ __all__ = [
     "implicit_accuracy",
     "objective_class",
     "objective_from_config",
-    "masked_residual",
     "per_pair",
     "register_objective",
     "registered_objectives",
@@ -107,22 +106,6 @@ def denoising_error(prediction: torch.Tensor, target: torch.Tensor, mask: torch.
     weights = mask.float().to(diff.device).expand_as(diff).flatten(1)
     # clamp: an all-zero mask gives 0 / 1, not 0 / 0 (such a sample is refused by the data, this keeps it finite)
     return (weights * diff.pow(2).flatten(1)).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-12)
-
-
-def masked_residual(residual: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``w * residual`` with ``w = m * N / sum(m)`` per sample (``N`` its element count), or ``residual`` unchanged
-    without a mask.
-
-    The gradient of the micro-batch's mean masked error with respect to the predictions is ``2 w r / (B N)``, the
-    unmasked one's ``2 r / (B N)``: the output-space safeguard's sums over ``w * r`` are then those of the masked
-    errors' gradients, in the units of the unmasked ones (an all-ones mask gives ``w = 1`` exactly).
-    """
-    if mask is None:
-        return residual
-    weights = mask.float().to(residual.device).expand_as(residual)
-    per_sample = weights.flatten(1).sum(dim=1).clamp(min=1e-12)
-    scale = weights[0].numel() / per_sample
-    return residual.float() * weights * per_pair(scale, residual)
 
 
 @dataclass

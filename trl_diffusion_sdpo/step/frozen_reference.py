@@ -13,13 +13,22 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .predictions import DenoiserCall, Reference
 
-__all__ = ["FrozenCopyReference", "merged_copy", "merged_policy_state", "refreshed_reference"]
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+__all__ = [
+    "FrozenCopyReference",
+    "frozen_reference",
+    "merged_copy",
+    "merged_policy_state",
+    "refreshed_reference",
+]
 
 
 class FrozenCopyReference(Reference):
@@ -126,3 +135,29 @@ def merged_policy_state(
             delta = module.scaling[adapter] * _lora_product(up, down, getattr(module, "fan_in_fan_out", False))
             state[base] = (state[base].float() + delta.reshape(state[base].shape)).to(state[base].dtype)
     return state
+
+
+def frozen_reference(
+    policy_denoiser: torch.nn.Module, ref_model: torch.nn.Module | DiffusionPipeline | None, call: DenoiserCall | None
+) -> FrozenCopyReference:
+    """The reference :func:`~.predictions.build_reference` chooses where it is not the policy with its adapters off:
+    ``ref_model``'s denoiser if given, else a frozen copy of ``policy_denoiser`` (full tuning)."""
+    if ref_model is None:
+        return FrozenCopyReference(copy.deepcopy(policy_denoiser), call)
+    ref_denoiser = _as_denoiser(ref_model)
+    if ref_denoiser is policy_denoiser:
+        raise ValueError(
+            "ref_model is the same object as the policy model. Pass ref_model=None to get a frozen copy (full "
+            "tuning) or the adapter-disabled policy (LoRA), or pass a separate model."
+        )
+    return FrozenCopyReference(ref_denoiser, call)
+
+
+def _as_denoiser(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module:
+    """The denoiser of a pipeline (its UNet or transformer), or the module itself."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(model, DiffusionPipeline):
+        unet = getattr(model, "unet", None)
+        return unet if unet is not None else model.transformer
+    return model

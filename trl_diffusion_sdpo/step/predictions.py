@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import copy
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -122,16 +121,6 @@ class DisabledAdaptersReference(Reference):
             return self.call(denoiser, sample, timestep, conditioning)
 
 
-def _as_denoiser(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module:
-    """The denoiser of a pipeline (its UNet or transformer), or the module itself."""
-    from diffusers import DiffusionPipeline
-
-    if isinstance(model, DiffusionPipeline):
-        unet = getattr(model, "unet", None)
-        return unet if unet is not None else model.transformer
-    return model
-
-
 def build_reference(
     policy_denoiser: torch.nn.Module,
     ref_model: torch.nn.Module | DiffusionPipeline | None,
@@ -143,17 +132,10 @@ def build_reference(
 
     Call before adding LoRA adapters when a frozen copy is wanted, so the copy holds only the base weights.
     """
-    if ref_model is None:
-        if uses_lora:
-            return DisabledAdaptersReference(get_policy or (lambda: policy_denoiser), call)
-        return import_target(f"{FROZEN_COPY}:FrozenCopyReference")(copy.deepcopy(policy_denoiser), call)
-    ref_denoiser = _as_denoiser(ref_model)
-    if ref_denoiser is policy_denoiser:
-        raise ValueError(
-            "ref_model is the same object as the policy model. Pass ref_model=None to get a frozen copy (full "
-            "tuning) or the adapter-disabled policy (LoRA), or pass a separate model."
-        )
-    return import_target(f"{FROZEN_COPY}:FrozenCopyReference")(ref_denoiser, call)
+    if ref_model is None and uses_lora:
+        return DisabledAdaptersReference(get_policy or (lambda: policy_denoiser), call)
+    # a frozen copy, or ref_model's denoiser: its module, loaded by a run that holds one
+    return import_target(f"{FROZEN_COPY}:frozen_reference")(policy_denoiser, ref_model, call)
 
 
 def reference_for(
