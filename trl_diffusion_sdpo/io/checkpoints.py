@@ -25,6 +25,7 @@ checkpoints or weights (:func:`earlier_run_files`). A resumed run's weights are 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -39,7 +40,6 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.trainer_utils import sort_checkpoints
 
-from .. import io as run_io  # the resume checks' modules are imported when first used
 from . import saving
 from .run_folder import CHECKPOINT_RE as _CHECKPOINT_RE
 from .run_folder import (
@@ -56,8 +56,6 @@ from .saving import LORA_WEIGHTS_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, ha
 
 if TYPE_CHECKING:
     from transformers import Trainer
-
-    from .run_files import CheckpointPartCallback
 
 __all__ = [
     "CallbackPart",
@@ -400,11 +398,12 @@ def prepare_resume(files: Any, checkpoint: str) -> tuple[str | None, int]:
     number of processes, the folder the engine resumes from (:mod:`.resume_world`; removed once every process has read
     it) and that number; ``(None, this run's number)`` otherwise."""
     trainer = files.trainer
-    run_io.check_resume_config(checkpoint, trainer)
-    files.learning_rate_factor = run_io.learning_rate_factor(checkpoint, trainer)
+    resume_check = importlib.import_module(".resume_check", __package__)  # the resume checks: a resume loads them
+    resume_check.check_resume_config(checkpoint, trainer)
+    files.learning_rate_factor = resume_check.learning_rate_factor(checkpoint, trainer)
     for part in files.checkpoint_parts():
         part.load(checkpoint)
-    saved = run_io.read_run_identity(checkpoint) or {}
+    saved = resume_check.read_run_identity(checkpoint) or {}
     processes = trainer.accelerator.num_processes
     if saved.get("num_processes", processes) == processes:
         return None, processes
@@ -415,7 +414,7 @@ class CallbackPart:
     """A :class:`~.run_files.CheckpointPartCallback` as a :class:`~.run_files.CheckpointPart`, with the trainer's
     ``args`` and ``state`` (:meth:`~.run_files.RunFiles.checkpoint_parts`)."""
 
-    def __init__(self, callback: CheckpointPartCallback, trainer: Trainer) -> None:
+    def __init__(self, callback: Any, trainer: Trainer) -> None:
         self.callback, self.trainer = callback, trainer
 
     def save(self, checkpoint: str) -> None:
