@@ -96,9 +96,9 @@ def _serve(control: socket.socket) -> None:
 
 
 def _child(job: dict, fds: list[int]) -> None:
-    """Become ``python *job["args"]``: its session, standard streams, folder, environment, argv and path; run it and
-    end as the interpreter would (its exit functions run, the exit status of its ``SystemExit``, 1 after a
-    traceback)."""
+    """Become ``python *job["args"]``: detached by ``os.setsid`` where asked, its standard streams, folder,
+    environment, argv and path; run it and end as the interpreter would (its exit functions run, the exit status of
+    its ``SystemExit``, 1 after a traceback)."""
     status = 1
     try:
         if job["new_session"]:
