@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 import torch
@@ -157,29 +159,42 @@ def _rank_environment(rank: int, processes: int, port: int) -> dict[str, str]:
     }  # fmt: skip
 
 
+def spawn(script: list[str], env: dict[str, str], stdout: IO[str], stderr: IO[str]) -> subprocess.Popen:
+    """``python script`` in a fresh interpreter and a session of its own (a kill reaches whatever it starts)."""
+    return subprocess.Popen(
+        [sys.executable, *script], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        start_new_session=True,
+    )  # fmt: skip
+
+
 def run_as_launched(
-    script: list[str], config: str, logs: Path, timeout: float, processes: int = 2
+    script: list[str],
+    config: str,
+    logs: Path,
+    timeout: float,
+    processes: int = 2,
+    start: Callable[[list[str], dict[str, str], IO[str], IO[str]], Any] = spawn,
+    environment: dict[str, str] | None = None,
 ) -> tuple[int | None, str, str]:
     """``script`` (a worker and its arguments) on ``processes`` processes started here as ``accelerate launch
     --config_file <config>`` starts them: the engine's variables computed by accelerate's own launch code
-    (:func:`_launch_environment`) and torchrun's rank variables, without the launcher's own interpreter (~4 s of
-    imports on a 2-core machine; test_distributed.py's launches keep ``accelerate launch`` itself covered). As torchrun
-    does, a failed process ends the others. Returns the exit status (the first failure's, ``None`` past ``timeout``
-    seconds, else 0) and every process's stdout and stderr, in rank order (kept under ``logs``)."""
+    (:func:`_launch_environment`) and torchrun's rank variables over ``environment`` (by default a worker's,
+    ``worker_environment()``), without the launcher's own interpreter (~4 s of imports on a 2-core machine;
+    test_distributed.py's launches keep ``accelerate launch`` itself covered). ``start(script, env, stdout, stderr)``
+    starts one process and returns it (``pid``, ``poll()``, ``returncode``, ``wait()``; a fresh interpreter in a
+    session of its own by default, :func:`spawn`). As torchrun does, a failed process ends the others. Returns the
+    exit status (the first failure's, ``None`` past ``timeout`` seconds, else 0) and every process's stdout and
+    stderr, in rank order (kept under ``logs``)."""
     logs.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    env = {**worker_environment(), **_launch_environment(Run("", config, True), processes)}
+    base = worker_environment() if environment is None else environment
+    env = {**base, **_launch_environment(Run("", config, True), processes)}
     procs = []
-    for rank in range(processes):
-        with open(logs / f"rank-{rank}.out", "w") as out, open(logs / f"rank-{rank}.err", "w") as err:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, *script], cwd=ROOT, env={**env, **_rank_environment(rank, processes, port)},
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                )
-            )  # fmt: skip
-    deadline, status = time.monotonic() + timeout, 0
     try:
+        for rank in range(processes):
+            with open(logs / f"rank-{rank}.out", "w") as out, open(logs / f"rank-{rank}.err", "w") as err:
+                procs.append(start(script, {**env, **_rank_environment(rank, processes, port)}, out, err))
+        deadline, status = time.monotonic() + timeout, 0
         while status == 0 and any(proc.poll() is None for proc in procs):
             failed = [proc.returncode for proc in procs if proc.returncode not in (None, 0)]
             status = failed[0] if failed else None if time.monotonic() > deadline else 0
