@@ -58,10 +58,13 @@ class ServerProcess:
 
 
 @contextmanager
-def reward_server(scorer: str = "colour", wait: bool = True) -> Iterator[ServerProcess]:
+def reward_server(
+    scorer: str = "colour", wait: bool = True, kind: type[ServerProcess] | None = None
+) -> Iterator[ServerProcess]:
     """The server, killed on exit; ``wait=False``: started but not waited for (call ``wait_ready`` before scoring),
-    so the caller's own set-up runs while the server's process imports."""
-    server = ServerProcess(scorer).start(wait=wait)
+    so the caller's own set-up runs while the server's process imports. ``kind``: how its process starts (a fresh
+    interpreter by default, :class:`ServerProcess`)."""
+    server = (kind or ServerProcess)(scorer).start(wait=wait)
     try:
         yield server
     finally:

@@ -9,8 +9,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from transformers import TrainerCallback
 from tests.helpers import fresh_forks
 from tests.helpers.common import worker_environment
 from tests.helpers.online import lora_weights, make_trainer
-from tests.helpers.served_rewards import ServerProcess
+from tests.helpers.served_rewards import ServerProcess, reward_server
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
 from trl_diffusion_sdpo.rewards.functions import RemoteReward, RewardError
@@ -37,17 +35,6 @@ class ForkedServer(ServerProcess):
         if wait:
             self.wait_ready()
         return self
-
-
-@contextmanager
-def reward_server(scorer: str = "colour", wait: bool = True) -> Iterator[ForkedServer]:
-    """The server, killed on exit; ``wait=False``: started but not waited for (call ``wait_ready`` before scoring),
-    so the caller's own set-up runs while the server's process imports."""
-    server = ForkedServer(scorer).start(wait=wait)
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 class WeightsPerStep(TrainerCallback):
@@ -81,7 +68,8 @@ def assert_served_scores_are_the_scorers(generations) -> None:
 
 
 def test_online_training_scores_with_the_served_reward_and_stops_with_a_checkpoint_when_the_server_dies(tmp_path):
-    with reward_server("colour", wait=False) as server:  # the trainer is built while the server starts
+    # the trainer is built while the server starts
+    with reward_server("colour", wait=False, kind=ForkedServer) as server:
         trainer = make_trainer(
             tmp_path, reward=server.url, max_steps=3, reward_retries=2, reward_timeout=30.0, save_strategy="steps"
         )
@@ -120,7 +108,7 @@ def test_online_training_scores_with_the_served_reward_and_stops_with_a_checkpoi
 
 @pytest.mark.slow
 def test_a_server_back_within_the_retries_lets_training_go_on(tmp_path):
-    with reward_server("colour") as server:
+    with reward_server("colour", kind=ForkedServer) as server:
         trainer = make_trainer(tmp_path, reward=RemoteReward(server.url, retries=10, backoff=0.25), max_steps=3)
         generations = record_generations(trainer)
         remote = trainer.rewards.functions[0]
