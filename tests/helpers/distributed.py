@@ -160,7 +160,7 @@ def _rank_environment(rank: int, processes: int, port: int) -> dict[str, str]:
 
 
 def spawn(script: list[str], env: dict[str, str], stdout: IO[str], stderr: IO[str]) -> subprocess.Popen:
-    """``python script`` in a fresh interpreter and a session of its own (a kill reaches whatever it starts)."""
+    """``python script`` in a fresh interpreter leading its own process group (a kill reaches all it starts)."""
     return subprocess.Popen(
         [sys.executable, *script], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
         start_new_session=True,
@@ -181,8 +181,8 @@ def run_as_launched(
     (:func:`_launch_environment`) and torchrun's rank variables over ``environment`` (by default a worker's,
     ``worker_environment()``), without the launcher's own interpreter (~4 s of imports on a 2-core machine;
     test_distributed.py's launches keep ``accelerate launch`` itself covered). ``start(script, env, stdout, stderr)``
-    starts one process and returns it (``pid``, ``poll()``, ``returncode``, ``wait()``; a fresh interpreter in a
-    session of its own by default, :func:`spawn`). As torchrun does, a failed process ends the others. Returns the
+    starts one process and returns it (``pid``, ``poll()``, ``returncode``, ``wait()``; a fresh interpreter leading
+    its own process group by default, :func:`spawn`). As torchrun does, a failed process ends the others. Returns the
     exit status (the first failure's, ``None`` past ``timeout`` seconds, else 0) and every process's stdout and
     stderr, in rank order (kept under ``logs``)."""
     logs.mkdir(parents=True, exist_ok=True)
