@@ -43,7 +43,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks.speed.host_time_lockstep import LIMITS, RESOLUTION, build_pipeline, result_head  # noqa: E402
 
@@ -193,10 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from conftest import fast_config_values, pickapic_rows
     from datasets import Dataset
     from transformers import TrainerCallback
 
+    from tests.helpers.common import fast_config_values, pickapic_rows
     from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 
     with tempfile.TemporaryDirectory(prefix="tap-floor-") as workdir:

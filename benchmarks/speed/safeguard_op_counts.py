@@ -182,7 +182,10 @@ def run(
     ``build_pipeline(tokenizer_dir)`` (the tiny SD pipeline by default) and ``config`` (more config fields) set the
     model and the run, ``safeguards`` the rows beside Diffusion-DPO's (of :data:`SAFEGUARDS`), ``pairs`` the pairs per
     step; ``between_rounds(round)``, when given, runs before each round's first step, outside every clock."""
-    from conftest import fast_config_values, lora_config, pickapic_rows
+    try:  # the shared test helpers; a checkout older than tests/helpers/common.py kept them in tests/conftest.py
+        from tests.helpers.common import fast_config_values, lora_config, pickapic_rows
+    except ModuleNotFoundError:
+        from conftest import fast_config_values, lora_config, pickapic_rows
     from datasets import Dataset
     from transformers import TrainerCallback
 

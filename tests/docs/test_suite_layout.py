@@ -96,3 +96,27 @@ def test_a_worker_imports_the_package_of_the_checkout_under_test(tmp_path) -> No
     )
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == CHECKOUT / "trl_diffusion_sdpo" / "__init__.py"
+
+
+# What the suite's fixtures and tests import; a conftest that loaded one would make xdist's controller pay for it
+# before it starts the workers.
+HEAVY = ("torch", "datasets", "transformers", "diffusers", "peft", "trl_diffusion_sdpo", "tests.helpers.fixtures")
+
+
+def test_the_conftests_import_no_library_so_xdist_starts_its_workers_at_once() -> None:
+    """xdist's controller imports every conftest of the suites pytest collects and runs no test: in a fresh
+    interpreter, the conftests import none of :data:`HEAVY` (the fixtures plugin, :mod:`tests.helpers.fixtures`, is
+    loaded by the processes that run tests)."""
+    conftests = [str(p) for suite in SUITES[:2] for p in sorted(suite.rglob("conftest.py"))]
+    code = (
+        "import importlib.util, sys\n"
+        "for i, path in enumerate(sys.argv[1:]):\n"
+        "    spec = importlib.util.spec_from_file_location(f'conftest_{i}', path)\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        f"print(sorted(set(sys.modules) & set({HEAVY!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *conftests], env=worker_environment(), cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(conftests) >= 3 and done.stdout.strip() == "[]", (conftests, done.stdout)

@@ -60,10 +60,9 @@ def tiny_assets(root: Path, kind: str = "sd15", data: Path | None = None) -> dic
     return assets if kind == "sd15" else {**assets, "example": "sdxl"}
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """The tiny SD pipeline, its preference dataset and the streams' datasets."""
-    assets = tiny_assets(tmp_path_factory.mktemp("distributed"))
+def distributed_assets(root: Path) -> dict[str, Path]:
+    """The tiny SD pipeline, its preference dataset and the streams' datasets, under ``root``."""
+    assets = tiny_assets(root)
     root = assets["root"]
     Dataset.from_list(mixed_rows(12, ties=(1, 4, 6), broken=(9,))).save_to_disk(str(root / "data-ties"))
     Dataset.from_list(random_stream_rows(0)).save_to_disk(str(root / "data-random-0"))
