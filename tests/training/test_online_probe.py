@@ -37,6 +37,7 @@ def held_and_kept(prompts: list[str], seed: int, count: int = HELD) -> tuple[lis
 
 
 DPO = {"safeguard_space": "none"}
+SMALL = {"per_device_train_batch_size": 2, "sample_steps": 2}  # a third of the suite's online config's sampling
 
 
 def noisy_red_minus_blue(prompts, images, **columns) -> list[float]:
@@ -48,14 +49,15 @@ def noisy_red_minus_blue(prompts, images, **columns) -> list[float]:
 
 def online_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, reward=noisy_red_minus_blue, lora=True,
                    callbacks=None, **overrides) -> OnlineDiffusionSDPOTrainer:  # fmt: skip
-    """An online run of 3 steps; its probe, where it has one, noises its pairs twice (several draws, the figures
-    unread: the alarm is scripted or never acts)."""
+    """An online run of 3 steps of 2 prompts, each sampled 3 times in 2 sampling steps (what the probe is checked
+    against does not depend on how many prompts a step samples or how finely); its probe, where it has one, noises
+    its pairs twice (several draws, the figures unread: the alarm is scripted or never acts)."""
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
     train = prompts if isinstance(prompts, IterableDataset) else Dataset.from_dict({"prompt": list(prompts)})
     return OnlineDiffusionSDPOTrainer(
         pipe,
         None,
-        online_config(tmp_path, **{"max_steps": 3, "probe_noise_draws": 2, **DPO, **overrides}),
+        online_config(tmp_path, **{**SMALL, "max_steps": 3, "probe_noise_draws": 2, **DPO, **overrides}),
         train,
         None if eval_prompts is None else Dataset.from_dict({"prompt": list(eval_prompts)}),
         reward_funcs=[reward],

@@ -84,6 +84,7 @@ def test_the_probe_measures_at_the_same_draws_every_time(make_trainer, make_pick
         max_steps=3,
         probe_steps=1,
         probe_pairs=HELD,
+        probe_noise_draws=2,  # several draws, each probe taking them again from the first
     )
     trainer.train()
     readings = [metrics for _, metrics in trainer.probe.readings]
@@ -177,7 +178,7 @@ def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_
 ):
     trainer = make_trainer(
         lora=False, train_dataset=make_pickapic(ROWS), max_steps=1, probe_steps=1, probe_pairs=HELD,
-        on_pathology="rewind", **DPO,
+        on_pathology="rewind", **TWO, **DPO,
     )  # fmt: skip
     with caplog.at_level("INFO", logger="trl_diffusion_sdpo.io.run_summary"):
         trainer.train()

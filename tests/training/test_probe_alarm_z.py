@@ -20,6 +20,7 @@ from trl_diffusion_sdpo.step.predictions import denoising_errors
 
 ROWS, HELD = 8, 2
 DPO = {"safeguard_space": "none"}
+SCRIPTED = {"probe_noise_draws": 2}  # where the alarm is scripted, the probe's figures are unread: two draws do
 
 
 @pytest.mark.parametrize("shape", [(4, 8), (2, 3), (16, 1)])
@@ -113,7 +114,8 @@ def _forced(trainer, unhealthy: set[int], patience: int = 2) -> None:
 
 
 def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pickapic, caplog):
-    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD, **DPO)
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD,
+                           **SCRIPTED, **DPO)  # fmt: skip
     assert trainer.args.on_pathology == "warn"
     _forced(trainer, {3, 4})  # healthy at steps 1 and 2; fires at 4
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo"):
@@ -134,7 +136,7 @@ def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pi
 
 def test_stop_stops_at_the_probes_alarm(make_trainer, make_pickapic):
     stop = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=6, probe_steps=1, probe_pairs=HELD,
-                        on_pathology="stop", **DPO)  # fmt: skip
+                        on_pathology="stop", **SCRIPTED, **DPO)  # fmt: skip
     _forced(stop, {2, 3})
     stop.train()
     assert stop.state.global_step == 3
@@ -142,7 +144,7 @@ def test_stop_stops_at_the_probes_alarm(make_trainer, make_pickapic):
 
 def test_safeguard_switches_at_the_probes_alarm(make_trainer, make_pickapic):
     switch = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD,
-                          on_pathology="safeguard", **DPO)  # fmt: skip
+                          on_pathology="safeguard", **SCRIPTED, **DPO)  # fmt: skip
     assert switch.safeguard is None
     _forced(switch, {2}, patience=1)
     switch.train()
@@ -163,7 +165,8 @@ def test_the_docs_state_the_measured_cost_of_the_noise_draws():
 
 
 def test_warn_warns_once_per_unhealthy_episode(make_trainer, make_pickapic, caplog):
-    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=8, probe_steps=1, probe_pairs=HELD, **DPO)
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=8, probe_steps=1, probe_pairs=HELD,
+                           **SCRIPTED, **DPO)  # fmt: skip
     # patience 2: the alarm fires at 3 and again at 5 (no healthy probe between: one episode), healthy at 6, fires at 8
     _forced(trainer, {2, 3, 4, 5, 7, 8})
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo"):

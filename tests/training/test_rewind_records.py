@@ -244,7 +244,7 @@ def test_an_inverted_pair_is_made_afresh_at_every_probe(make_trainer, make_picka
     # what a new probe measures on the trained weights.
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS), max_steps=2, probe_steps=1, probe_pairs=HELD, noising="inversion",
-        inversion_steps=2, **DPO,
+        inversion_steps=2, probe_noise_draws=2, **DPO,
     )  # fmt: skip
     trainer.train()
     probe = trainer.probe.probe
