@@ -6,6 +6,7 @@ Everything runs on CPU at resolution 32 with a handful of steps; nothing is down
 
 from __future__ import annotations
 
+import copy
 import gc
 from collections.abc import Callable, Iterator, Sequence
 
@@ -98,17 +99,28 @@ def trl_dataset() -> Dataset:
     )
 
 
+# (seed, prediction_type) -> this process's build of that tiny SD pipeline and the generator state its build left
+_BUILT: dict[tuple[int, str], tuple[object, torch.Tensor]] = {}
+
+
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> object:
+    """A fresh ``build_tiny_sd_pipeline(seed=seed, prediction_type=prediction_type)``: a copy of this process's first
+    build of it, with torch's global generator left as a build leaves it. Copying costs about half of building the
+    modules, which the suite does for most of its trainers."""
+    key = (seed, prediction_type)
+    if key not in _BUILT:
+        pipeline = build_tiny_sd_pipeline(seed=seed, prediction_type=prediction_type)
+        _BUILT[key] = pipeline, torch.get_rng_state()
+    pipeline, generator_state = _BUILT[key]
+    torch.set_rng_state(generator_state)
+    return copy.deepcopy(pipeline)
+
+
 @pytest.fixture
-def make_pipeline(tmp_path) -> Callable[..., object]:
-    """``make_pipeline(seed=0, prediction_type="epsilon")``: a fresh tiny SD pipeline; equal seeds, equal weights."""
-    counter = iter(range(1_000))
-
-    def make(seed: int = 0, prediction_type: str = "epsilon"):
-        return build_tiny_sd_pipeline(
-            seed=seed, prediction_type=prediction_type, tokenizer_dir=str(tmp_path / f"tokenizer-{next(counter)}")
-        )
-
-    return make
+def make_pipeline() -> Callable[..., object]:
+    """``make_pipeline(seed=0, prediction_type="epsilon")``: a fresh tiny SD pipeline (:func:`tiny_sd_pipeline`);
+    equal seeds, equal weights."""
+    return tiny_sd_pipeline
 
 
 @pytest.fixture

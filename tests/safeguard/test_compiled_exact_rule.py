@@ -78,6 +78,7 @@ def fresh_dynamo() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- graph breaks
 
 
+@pytest.mark.slow  # by default: test_a_compiled_step_equals_the_eager_per_branch_step (no graph break in its run)
 def test_the_per_branch_passes_compile_whole(tmp_path, fresh_dynamo):
     """``fullgraph=True`` raises at the first graph break: the per-branch passes' forwards compile whole and their
     backwards run the compiled backward graph (the store's work is outside it, on the weights' gradients)."""
