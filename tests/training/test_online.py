@@ -26,6 +26,10 @@ from trl_diffusion_sdpo.online.trainer import RepeatedBlockSampler
 from trl_diffusion_sdpo.step.frozen_reference import refreshed_reference
 from trl_diffusion_sdpo.step.predictions import DisabledAdaptersReference
 
+# Two prompts a step sampled in two steps, for the runs whose checks do not depend on how many (sampling is most of an
+# online step's time)
+CHEAP_SAMPLING = {"per_device_train_batch_size": 2, "sample_steps": 2}
+
 # ---------------------------------------------------------------------------------------------- pure parts
 
 
@@ -111,9 +115,10 @@ def max_difference(a: list[list[Image.Image]], b: list[list[Image.Image]]) -> fl
 
 @pytest.fixture(scope="module")
 def sampling(tmp_path_factory) -> dict:
-    """One untrained trainer of the default config for the tests that only sample and score with its stage (each puts
-    back any setting it changes), and the stage's generation 0 of the first four prompts, made once."""
-    trainer = make_trainer(tmp_path_factory.mktemp("sampling"))
+    """One untrained trainer of the default config, sampling in 2 steps, for the tests that only sample and score with
+    its stage (each puts back any setting it changes), and the stage's generation 0 of the first four prompts, made
+    once."""
+    trainer = make_trainer(tmp_path_factory.mktemp("sampling"), sample_steps=2)
     return {"trainer": trainer, "generated": trainer.generation({"prompt": PROMPTS[:4]}, generation=0, first_row=0)}
 
 
@@ -155,7 +160,7 @@ def test_the_pairs_are_the_sampled_latents_of_the_best_and_worst_scored_images(s
 
 
 def test_encoded_pair_latents_are_the_vae_encoding_of_the_scored_images(tmp_path):
-    trainer = make_trainer(tmp_path, pair_latents="encoded")
+    trainer = make_trainer(tmp_path, pair_latents="encoded", sample_steps=2)
     assert not trainer.generation.direct_latents
     generated = trainer.generation({"prompt": PROMPTS[:2]}, generation=0, first_row=0)
     row, chosen, rejected = generated.pairs[0]
@@ -169,15 +174,15 @@ def test_encoded_pair_latents_are_the_vae_encoding_of_the_scored_images(tmp_path
 
 def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(sampling, stage_settings_kept):
     stage = sampling["trainer"].generation
-    whole, _ = stage.sample(PROMPTS[:4], 5, 0)
-    first, _ = stage.sample(PROMPTS[:2], 5, 0)  # process 0 of two, two prompts each
-    second, _ = stage.sample(PROMPTS[2:4], 5, 2)  # process 1: its prompts are rows 2 and 3 of the global batch
+    whole = sampling["generated"].images  # generation 0 of the four prompts, sampled in one call
+    first, _ = stage.sample(PROMPTS[:2], 0, 0)  # process 0 of two, two prompts each
+    second, _ = stage.sample(PROMPTS[2:4], 0, 2)  # process 1: its prompts are rows 2 and 3 of the global batch
     stage.settings = type(stage.settings)(**{**stage.settings.__dict__, "generation_batch_size": 1})
-    one_by_one, _ = stage.sample(PROMPTS[:4], 5, 0)
+    one_by_one, _ = stage.sample(PROMPTS[:4], 0, 0)
     # batched convolutions may round differently in the last bit: one 8-bit level at most
     assert max_difference(first + second, whole) <= 1
     assert max_difference(one_by_one, whole) <= 1
-    other, _ = stage.sample(PROMPTS[:4], 6, 0)  # another generation draws other noise
+    other, _ = stage.sample(PROMPTS[:4], 1, 0)  # another generation draws other noise
     assert max_difference(other, whole) > 10
 
 
@@ -234,7 +239,7 @@ def test_samples_equal_an_unbatched_guided_sampler_run_image_by_image(tmp_path, 
 def test_the_samples_come_from_the_policy_with_its_adapters_not_from_the_reference(tmp_path):
     """With trained (non-zero) adapters the stage's samples are the pipeline's own samples of the policy, adapters on,
     with the same seeds, and not the base's (the reference of a LoRA run, adapters off)."""
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, sample_steps=2)
     policy = trainer._policy()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # as after some training: lora_B is zero at initialisation
@@ -268,7 +273,7 @@ def test_the_samples_come_from_the_policy_with_its_adapters_not_from_the_referen
 def test_each_micro_batch_of_an_accumulation_window_samples_its_own_generation(tmp_path):
     """Two micro-batches a step, two steps: four generations, 0 to 3, each on its own prompts; a generation index that
     ignored the micro-batch would sample one window's micro-batches with the same noise."""
-    trainer = make_trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    trainer = make_trainer(tmp_path, **CHEAP_SAMPLING, gradient_accumulation_steps=2, max_steps=2)
     stage, calls = trainer.generation, []
 
     class CountingStage:
@@ -305,7 +310,7 @@ def test_reward_margin_leaves_prompts_whose_best_and_worst_are_closer_unpaired(s
 
 
 def test_a_step_where_every_prompt_ties_is_counted_and_not_applied(tmp_path):
-    trainer = make_trainer(tmp_path, reward=lambda p, images, **c: [0.5] * len(images), max_steps=1)
+    trainer = make_trainer(tmp_path, reward=lambda p, images, **c: [0.5] * len(images), max_steps=1, **CHEAP_SAMPLING)
     before = lora_weights(trainer)
     trainer.train()
     for name, value in lora_weights(trainer).items():
@@ -321,7 +326,7 @@ def test_a_step_where_every_prompt_ties_is_counted_and_not_applied(tmp_path):
     "space", ["output", pytest.param("parameter", marks=pytest.mark.slow)]
 )
 def test_online_training_logs_the_generation_and_safeguard_and_moves_the_weights(tmp_path, space):
-    trainer = make_trainer(tmp_path, safeguard_space=space)
+    trainer = make_trainer(tmp_path, safeguard_space=space, **CHEAP_SAMPLING)
     before = lora_weights(trainer)
     trainer.train()
     assert any(not torch.equal(value, before[name]) for name, value in lora_weights(trainer).items())
@@ -398,7 +403,12 @@ def two_iterations(tmp_path_factory) -> tuple[OnlineDiffusionSDPOTrainer, list]:
     below resumes from its checkpoint and compares with it, the refreshed-reference test copies its trained policy),
     and the generation and prompts each sampling started."""
     trainer = make_trainer(
-        tmp_path_factory.mktemp("two-iterations"), num_iterations=2, max_steps=4, save_strategy="steps", save_steps=1
+        tmp_path_factory.mktemp("two-iterations"),
+        num_iterations=2,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=1,
+        **CHEAP_SAMPLING,
     )
     stage, calls = trainer.generation, []
 
@@ -466,7 +476,7 @@ def test_the_gathered_merged_policy_state_is_what_peft_merges(tmp_path):
 
 
 def test_ref_update_steps_moves_the_reference_during_training(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=3, ref_update_steps=2, lora=False)
+    trainer = make_trainer(tmp_path, max_steps=3, ref_update_steps=2, lora=False, **CHEAP_SAMPLING)
     trainer.train()
     policy, reference = trainer._policy(), trainer.reference.denoiser
     # refreshed after step 2: the reference holds step 2's weights, the policy step 3's
@@ -499,7 +509,9 @@ def test_a_resume_inside_a_num_iterations_window_trains_on_the_generation_it_had
     checkpoint = tmp_path / "b" / "out" / "checkpoint-1"
     assert (checkpoint / "online_generation-0.safetensors").exists()
     assert not (tmp_path / "b" / "out" / "checkpoint-2" / "online_generation-0.safetensors").exists()  # window end
-    resumed = make_trainer(tmp_path / "c", max_steps=4, num_iterations=2, output_dir=str(tmp_path / "b" / "out"))
+    resumed = make_trainer(
+        tmp_path / "c", max_steps=4, num_iterations=2, output_dir=str(tmp_path / "b" / "out"), **CHEAP_SAMPLING
+    )
     stage, calls = resumed.generation, []
 
     class CountingStage:
@@ -525,8 +537,10 @@ def test_a_resume_inside_a_num_iterations_window_trains_on_the_generation_it_had
 def test_the_model_card_names_the_online_trainer_and_its_rewards(tmp_path):
     from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 
-    trainer = make_trainer(tmp_path, max_steps=1)
-    trainer.add_callback(ValidationCallback(prompts=[PROMPTS[0]], every_n_steps=1, trainer=trainer))
+    trainer = make_trainer(tmp_path, max_steps=1, **CHEAP_SAMPLING)
+    trainer.add_callback(
+        ValidationCallback(prompts=[PROMPTS[0]], num_inference_steps=2, every_n_steps=1, trainer=trainer)
+    )
     trainer.train()
     assert os.listdir(os.path.join(trainer.args.output_dir, "validation"))  # the offline trainer's grids
     trainer.save_model()
