@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from peft import LoraConfig
 from PIL import Image
 
+from tests.helpers.common import fast_config_values
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.cli import train as train_command  # the train command's parse_args and main
 from trl_diffusion_sdpo.data.transforms import PairTransform
@@ -58,8 +59,7 @@ def lora_config() -> LoraConfig:
     return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=True)
 
 
-@pytest.fixture
-def sdxl_pairs() -> Dataset:
+def sdxl_pair_dataset() -> Dataset:
     """TRL-form pairs (PIL images, stored losslessly as PNG by ``datasets``)."""
     return Dataset.from_dict(
         {
@@ -68,6 +68,11 @@ def sdxl_pairs() -> Dataset:
             "rejected": [IMAGES[rejected] for _, rejected in PAIRS],
         }
     )
+
+
+@pytest.fixture
+def sdxl_pairs() -> Dataset:
+    return sdxl_pair_dataset()
 
 
 @pytest.fixture
@@ -180,12 +185,17 @@ def test_pipeline_with_second_encoder_but_no_first_is_rejected_clearly(make_sdxl
 # ------------------------------------------------------------------------- what the UNet receives, center crop
 
 
-@pytest.fixture
-def center_crop_run(make_sdxl, make_config, sdxl_pairs):
-    """One LoRA step with center crops, no flips, no prompt dropout; the UNet's and VAE's inputs recorded."""
-    pipe = make_sdxl()
-    args = make_config(max_steps=1, random_crop=False, random_flip=False, proportion_empty_prompts=0.0)
-    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=sdxl_pairs, peft_config=lora_config())
+@pytest.fixture(scope="module")
+def center_crop_run(tmp_path_factory):
+    """One LoRA step with center crops, no flips, no prompt dropout; the UNet's and VAE's inputs recorded. Trained
+    once per module: the tests below only read the run."""
+    tmp_path = tmp_path_factory.mktemp("center-crop")
+    pipe = build_tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizers"))
+    values = fast_config_values(str(tmp_path / "out"))
+    args = DiffusionSDPOConfig(
+        **{**values, "max_steps": 1, "random_crop": False, "random_flip": False, "proportion_empty_prompts": 0.0}
+    )
+    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=sdxl_pair_dataset(), peft_config=lora_config())
     return trainer, train_and_capture(trainer)
 
 
