@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +24,15 @@ from diffusers import (
 )
 from peft import LoraConfig
 
-from tests.helpers.common import LORA_TARGETS, StopAt, first_batch_gradients, pickapic_rows, shift_sigmas
-from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from tests.helpers.common import (
+    LORA_TARGETS,
+    StopAt,
+    fast_config_values,
+    first_batch_gradients,
+    pickapic_rows,
+    shift_sigmas,
+)
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, PromptEmbeddings, StableDiffusion3Family, family_for_pipeline
 from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift
 from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
@@ -232,13 +242,66 @@ def test_a_weighting_scheme_multiplies_each_rows_squared_error() -> None:
 # ------------------------------------------------------------------------------------------------------- training
 
 
+@dataclass
+class SavedFlowPipeline:
+    """A tiny pipeline saved to ``local``, and its transformer's and T5 encoder's weights as saved."""
+
+    local: Path
+    transformer: dict[str, torch.Tensor]
+    text_encoder_2: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def saved_flow_pipelines(tmp_path_factory) -> Callable[[str], SavedFlowPipeline]:
+    """``saved_flow_pipelines(kind)``: each kind's tiny pipeline saved once per module (the runs below load it)."""
+    made: dict[str, SavedFlowPipeline] = {}
+
+    def get(kind: str) -> SavedFlowPipeline:
+        if kind not in made:
+            tmp_path = tmp_path_factory.mktemp(f"tiny-{kind}")
+            pipe = BUILDERS[kind](seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=SEQ)
+            pipe.save_pretrained(tmp_path / "pipeline")
+            made[kind] = SavedFlowPipeline(
+                tmp_path / "pipeline",
+                {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()},
+                {n: p.detach().clone() for n, p in pipe.text_encoder_2.named_parameters()},
+            )
+        return made[kind]
+
+    return get
+
+
+FlowLoraRun = tuple[SavedFlowPipeline, DiffusionSDPOTrainer, Path]
+
+
+@pytest.fixture(scope="module")
+def flow_lora_runs(saved_flow_pipelines, tmp_path_factory) -> Callable[[str], FlowLoraRun]:
+    """``flow_lora_runs(kind)``: ``(saved pipeline, trainer, output folder)`` of the 2-step LoRA run of
+    :func:`flow_config`'s settings from the saved pipeline, trained and saved once per module for the LoRA tests."""
+    made: dict[str, FlowLoraRun] = {}
+
+    def get(kind: str) -> FlowLoraRun:
+        if kind not in made:
+            saved, out = saved_flow_pipelines(kind), tmp_path_factory.mktemp(f"lora-{kind}") / "lora-out"
+            values = {**fast_config_values(str(out)), "beta": 100.0, "max_sequence_length": SEQ, "max_steps": 2}
+            trainer = DiffusionSDPOTrainer(
+                str(saved.local),
+                args=DiffusionSDPOConfig(**values),
+                train_dataset=Dataset.from_list(pickapic_rows(4)),
+                peft_config=lora(),
+            )
+            trainer.train()
+            trainer.save_model()
+            made[kind] = (saved, trainer, out)
+        return made[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(make_flow, make_config, flow_pairs, kind) -> None:
-    pipe = make_flow(kind)
-    frozen = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
-    encoders = {n: p.detach().clone() for n, p in pipe.text_encoder_2.named_parameters()}
-    trainer = DiffusionSDPOTrainer(pipe, args=flow_config(make_config), train_dataset=flow_pairs, peft_config=lora())
-    trainer.train()
+def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(flow_lora_runs, kind) -> None:
+    saved, trainer, _ = flow_lora_runs(kind)
+    pipe, frozen, encoders = trainer.pipeline, saved.transformer, saved.text_encoder_2
     first = trainer.state.log_history[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at the base: u = 0
     assert first["implicit_acc"] == 0.5
@@ -255,20 +318,11 @@ def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(make_flow, ma
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(
-    make_flow, make_config, flow_pairs, tmp_path, kind
-) -> None:
-    local = tmp_path / f"tiny-{kind}"
-    make_flow(kind).save_pretrained(local)
-    out = tmp_path / "lora-out"
-    trainer = DiffusionSDPOTrainer(
-        str(local), args=flow_config(make_config, output_dir=str(out)), train_dataset=flow_pairs, peft_config=lora()
-    )
-    trainer.train()
-    trainer.save_model()
+def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(flow_lora_runs, kind) -> None:
+    saved, trainer, out = flow_lora_runs(kind)
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
 
-    fresh = PIPELINES[kind].from_pretrained(local)
+    fresh = PIPELINES[kind].from_pretrained(saved.local)
     family = family_for_pipeline(fresh, max_sequence_length=SEQ)
     base = transformer_outputs(fresh.transformer, family)
     fresh.load_lora_weights(out)
@@ -279,10 +333,9 @@ def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer(
-    make_flow, make_config, flow_pairs, tmp_path, kind
+    saved_flow_pipelines, make_config, flow_pairs, tmp_path, kind
 ) -> None:
-    local = tmp_path / f"tiny-{kind}"
-    make_flow(kind).save_pretrained(local)
+    local = saved_flow_pipelines(kind).local
     out = tmp_path / "full-out"
     trainer = DiffusionSDPOTrainer(
         str(local), args=flow_config(make_config, output_dir=str(out), learning_rate=1e-4), train_dataset=flow_pairs
