@@ -42,6 +42,49 @@ SLOW_FAMILIES = {"hunyuan-video-1.5"}
 FAMILY_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n for n in FAMILIES]
 
 
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory) -> dict[tuple[str, bool, int], Problem]:
+    """The problems of this module by ``(family, lora, pairs)``, each built once (:func:`problem`)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def fresh_runs() -> dict[tuple[str, bool, str], tuple[bool, torch.Tensor, list]]:
+    """``(one pass used, lambda, .grad)`` of ``run_stage`` from an empty gradient by ``(family, lora, passes)`` on
+    :func:`problem`'s problem, kept for the module (:func:`fresh_run`): the planted-bug tests' clean comparisons read
+    the runs the comparison below made of the same problem."""
+    return {}
+
+
+@pytest.fixture
+def problem(problems, tmp_path_factory):
+    """``problem(name, lora, pairs=PAIRS)``: ``make_problem``'s problem, built once per module. Nothing keeps state on
+    it between tests: ``run_stage`` sets every trainable weight's ``.grad`` first, and a test that changes the policy
+    puts it back."""
+
+    def make(name: str, lora: bool, pairs: int = PAIRS) -> Problem:
+        if (name, lora, pairs) not in problems:
+            folder = tmp_path_factory.mktemp(f"{name}-{'lora' if lora else 'full'}-{pairs}")
+            problems[name, lora, pairs] = make_problem(name, lora, folder, pairs=pairs)
+        return problems[name, lora, pairs]
+
+    return make
+
+
+@pytest.fixture
+def fresh_run(problem, fresh_runs):
+    """``fresh_run(name, lora, passes)``: ``(one pass used, lambda, .grad)`` of
+    ``run_stage(problem(name, lora), passes=passes)``, made once per module."""
+
+    def run(name: str, lora: bool, passes: str) -> tuple[bool, torch.Tensor, list]:
+        if (name, lora, passes) not in fresh_runs:
+            stage, lam, grads = run_stage(problem(name, lora), passes=passes)
+            fresh_runs[name, lora, passes] = stage.one_pass is not None, lam, grads
+        return fresh_runs[name, lora, passes]
+
+    return run
+
+
 def _accumulated(problem: Problem) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
     return [1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in problem.trainable()]
@@ -64,12 +107,15 @@ def _accumulated(problem: Problem) -> list[torch.Tensor]:
         for acc in (False, True)
     ],
 )
-def test_one_pass_equals_the_per_branch_passes_in_float64(name, lora, accumulate, tmp_path, caplog):
-    problem = make_problem(name, lora, tmp_path)
-    accumulated = _accumulated(problem) if accumulate else None
+def test_one_pass_equals_the_per_branch_passes_in_float64(name, lora, accumulate, problem, fresh_runs, caplog):
+    built = problem(name, lora)
+    accumulated = _accumulated(built) if accumulate else None
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.safeguards.parameter"):
-        one, lam_one, grads_one = run_stage(problem, accumulated, passes="one")
-    _, lam_two, grads_two = run_stage(problem, accumulated, passes="two")
+        one, lam_one, grads_one = run_stage(built, accumulated, passes="one")
+    two, lam_two, grads_two = run_stage(built, accumulated, passes="two")
+    if not accumulate:  # the planted-bug tests below compare with these runs
+        fresh_runs[name, lora, "one"] = one.one_pass is not None, lam_one, grads_one
+        fresh_runs[name, lora, "two"] = two.one_pass is not None, lam_two, grads_two
     if not lora and name in UNCOVERED_WHEN_FULL:  # falls back, saying which parameters forced it
         assert one.one_pass is None and UNCOVERED_WHEN_FULL[name] in one.two_pass_reason
         assert UNCOVERED_WHEN_FULL[name] in caplog.text
@@ -95,9 +141,9 @@ def test_one_pass_equals_the_per_branch_passes_with_flux2_reference_images(lora,
     assert_equal_gradients(grads_one, grads_two)
 
 
-def test_the_lambda_binds_in_the_comparison_case(tmp_path):
+def test_the_lambda_binds_in_the_comparison_case(fresh_run):
     """The comparison above is informative: on the SD case the margin binds (lambda strictly inside (0, 1))."""
-    _, lam, _ = run_stage(make_problem("sd", True, tmp_path), passes="two")
+    _, lam, _ = fresh_run("sd", True, "two")
     assert 0.0 < lam.item() < 1.0
 
 
@@ -105,8 +151,8 @@ def test_the_lambda_binds_in_the_comparison_case(tmp_path):
 
 
 @pytest.mark.parametrize("name", FAMILY_PARAMS)
-def test_pair_scope_lambdas_and_gradient_equal_explicit_per_pair_autograd(name, tmp_path):
-    problem = make_problem(name, True, tmp_path, pairs=3)
+def test_pair_scope_lambdas_and_gradient_equal_explicit_per_pair_autograd(name, problem):
+    problem = problem(name, True, pairs=3)
     params, winners, losers = explicit_per_pair(problem)
     expected = float64_pair_lambdas(winners, losers, mu=0.5)
     accumulated = _accumulated(problem)
@@ -126,11 +172,11 @@ def test_pair_scope_lambdas_and_gradient_equal_explicit_per_pair_autograd(name, 
 
 
 @pytest.mark.parametrize("scope", ["batch", "pair"])
-def test_a_second_micro_batch_keeps_the_first_ones_gradient(scope, tmp_path):
+def test_a_second_micro_batch_keeps_the_first_ones_gradient(scope, problem):
     """Without accumulated gradients the combination is handed to ``.grad`` as a view of the split buffer; the next
     micro-batch of the window must split into a fresh buffer, not overwrite that ``.grad``: the same micro-batch at
     loss scales 0.5 and 0.25 through one stage gives 1.5 times the gradient at 0.5."""
-    problem = make_problem("sd", True, tmp_path, pairs=2)
+    problem = problem("sd", True, pairs=2)
     options = {"pair_scope": True} if scope == "pair" else {}
     _, _, once = run_stage(problem, **options)
     stage = ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 1.0, False, **options)
@@ -143,31 +189,29 @@ def test_a_second_micro_batch_keeps_the_first_ones_gradient(scope, tmp_path):
     assert_equal_gradients([p.grad for p in params], [None if g is None else 1.5 * g for g in once])
 
 
-def test_pair_scope_engages_on_some_pairs_only(tmp_path):
+def test_pair_scope_engages_on_some_pairs_only(problem):
     """The per-pair lambdas differ: at least one pair is restricted and they are not all equal (else the pair scope
     would be the local scope under another name)."""
-    problem = make_problem("sd", True, tmp_path, pairs=3)
-    _, _, losers = explicit_per_pair(problem)
-    _, lam, _ = run_stage(problem, pair_scope=True)
+    _, lam, _ = run_stage(problem("sd", True, pairs=3), pair_scope=True)
     assert (lam < 1).any() and len(set(lam.tolist())) > 1
 
 
 # ------------------------------------------------------------------------------------------- planted bugs
 
 
-def _assert_one_pass_equals(problem: Problem, lam_two: torch.Tensor, grads_two: list) -> None:
+def _assert_one_pass_equals(fresh_run, name: str, lora: bool, lam_two: torch.Tensor, grads_two: list) -> None:
     """The clean one pass passes the comparison the planted one must fail: a planted-bug test that only saw a failure
     would also pass where the comparison fails for every run."""
-    stage, lam_one, grads_one = run_stage(problem, passes="one")
-    assert stage.one_pass is not None
+    used_one_pass, lam_one, grads_one = fresh_run(name, lora, "one")
+    assert used_one_pass
     assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
     assert_equal_gradients(grads_one, grads_two)
 
 
-def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
-    problem = make_problem("sd", True, tmp_path)
-    _, lam_two, grads_two = run_stage(problem, passes="two")
-    _assert_one_pass_equals(problem, lam_two, grads_two)
+def test_planted_rows_split_off_by_one_are_caught(problem, fresh_run, monkeypatch):
+    problem = problem("sd", True)
+    _, lam_two, grads_two = fresh_run("sd", True, "two")
+    _assert_one_pass_equals(fresh_run, "sd", True, lam_two, grads_two)
     original = layer_taps._LinearTap.backward
 
     def shifted(ctx, grad):  # the group boundary moved by one row
@@ -187,10 +231,10 @@ def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
         assert_equal_gradients(grads_one, grads_two)
 
 
-def test_planted_loser_rows_scaled_twice_are_caught(tmp_path, monkeypatch):
-    problem = make_problem("sdxl", False, tmp_path)
-    _, lam_two, grads_two = run_stage(problem, passes="two")
-    _assert_one_pass_equals(problem, lam_two, grads_two)
+def test_planted_loser_rows_scaled_twice_are_caught(problem, fresh_run, monkeypatch):
+    problem = problem("sdxl", False)
+    _, lam_two, grads_two = fresh_run("sdxl", False, "two")
+    _assert_one_pass_equals(fresh_run, "sdxl", False, lam_two, grads_two)
     original = OnePassBranchGradients.combination
 
     def twice(self, lam):
@@ -204,13 +248,13 @@ def test_planted_loser_rows_scaled_twice_are_caught(tmp_path, monkeypatch):
         assert_equal_gradients(grads_one, grads_two)
 
 
-def test_planted_layer_type_silently_skipped_is_caught(tmp_path, monkeypatch):
+def test_planted_layer_type_silently_skipped_is_caught(problem, fresh_run, monkeypatch):
     """GroupNorm dropped from the tapped types without being reported as uncovered: autograd hands its weights their
     unsplit gradient. The first micro-batch's probe catches that and falls back; with the probe silenced as well,
     the comparison fails. Reported as uncovered (the real code's behaviour) it falls back up front."""
-    problem = make_problem("sd", False, tmp_path)
-    _, lam_two, grads_two = run_stage(problem, passes="two")
-    _assert_one_pass_equals(problem, lam_two, grads_two)
+    problem = problem("sd", False)
+    _, lam_two, grads_two = fresh_run("sd", False, "two")
+    _assert_one_pass_equals(fresh_run, "sd", False, lam_two, grads_two)
     real_kind = layer_taps._kind
 
     def skipping(module):
@@ -242,10 +286,10 @@ def test_planted_layer_type_silently_skipped_is_caught(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- coverage and fallback
 
 
-def test_a_weight_used_outside_its_layer_falls_back_on_the_first_micro_batch(tmp_path):
+def test_a_weight_used_outside_its_layer_falls_back_on_the_first_micro_batch(problem):
     """A tapped weight also read directly by the model (here: added to the output) reaches ``.grad`` outside the
     tap: the first micro-batch detects it, discards it, falls back to the per-branch passes and equals them."""
-    problem = make_problem("sd", True, tmp_path)
+    problem = problem("sd", True)
     layer = next(m for n, m in problem.policy.named_modules() if n.endswith("to_q.lora_B.default"))
     real_forward = problem.policy.forward
 
@@ -254,8 +298,11 @@ def test_a_weight_used_outside_its_layer_falls_back_on_the_first_micro_batch(tmp
         return (out[0] + 1e-3 * layer.weight.sum(),) + tuple(out[1:])
 
     problem.policy.forward = leaky
-    _, lam_two, grads_two = run_stage(problem, passes="two")
-    stage, lam_one, grads_one = run_stage(problem, passes="one")
+    try:
+        _, lam_two, grads_two = run_stage(problem, passes="two")
+        stage, lam_one, grads_one = run_stage(problem, passes="one")
+    finally:
+        del problem.policy.forward  # the class's forward again, for the other tests of this problem
     assert stage.one_pass is None and "outside their layers' taps" in stage.two_pass_reason
     assert "to_q.lora_B" in stage.two_pass_reason
     assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)

@@ -365,6 +365,55 @@ def clean_run(run, clean_runs):
     return make
 
 
+@pytest.fixture(scope="module")
+def clean_loops() -> dict[tuple[str, str, bool], LoopResult]:
+    """The reference loop on each clean run's draws, by ``(kind, space, lora)``: kept for the module
+    (:func:`clean_loop`)."""
+    return {}
+
+
+@pytest.fixture
+def clean_loop(clean_run, clean_loops):
+    """``(run, loop)``: :func:`clean_run`'s run and the reference loop on its draws (with the trainer's logged lambdas,
+    which only the update space's loop reads and checks), computed once per module for each case: the loop is a pure
+    function of the run's initial denoiser and draws."""
+
+    def make(kind: str, space: str, lora: bool = False):
+        made = clean_run(kind, space, lora)
+        if (kind, space, lora) not in clean_loops:
+            k, pipe, initial, draws, trainer = made
+            lambdas = logged(trainer, "safeguard/lambda_min")
+            clean_loops[kind, space, lora] = reference_loop(k, space, pipe, initial, draws, lambdas)
+        return made, clean_loops[kind, space, lora]
+
+    return make
+
+
+def same_inputs(a: tuple, b: tuple) -> bool:
+    """Whether two runs started from the same denoiser and drew the same micro-batches: the reference loop, a pure
+    function of those, is then the same for both."""
+    (_, _, initial_a, draws_a, _), (_, _, initial_b, draws_b, _) = a, b
+    weights_a, weights_b = dict(initial_a.named_parameters()), dict(initial_b.named_parameters())
+    if weights_a.keys() != weights_b.keys() or len(draws_a) != len(draws_b):
+        return False
+    if not all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a):
+        return False
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for da, db in zip(draws_a, draws_b)
+        for x, y in zip(vars(da).values(), vars(db).values())
+    )
+
+
+def loop_of(made: tuple, space: str, clean: tuple, clean_result: LoopResult) -> LoopResult:
+    """The reference loop on ``made``'s draws: the clean run's loop where both runs had the same inputs (a bug planted
+    after the draws leaves them alone), else computed."""
+    if same_inputs(made, clean):
+        return clean_result
+    k, pipe, initial, draws, _ = made
+    return reference_loop(k, space, pipe, initial, draws, [])
+
+
 CASES = [(kind, space, lora) for kind in KINDS for space in SPACES for lora in (False, True)]
 # Full tuning of the UNet in every space, of the flow transformer in the exact rule's parameter space, and the UNet's
 # LoRA adapters in the parameter space in the default tier; the other cases (the same rules on another denoiser or
@@ -382,10 +431,9 @@ DEFAULT = {("unet-epsilon", s, False) for s in SPACES} | {
     [c if c in DEFAULT else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
     ids=[f"{k}-{s}-{'lora' if lora else 'full'}" for k, s, lora in CASES],
 )
-def test_the_trainer_trains_as_the_reference_loop(clean_run, kind, space, lora):
-    k, pipe, initial, draws, trainer = clean_run(kind, space, lora)
+def test_the_trainer_trains_as_the_reference_loop(clean_loop, kind, space, lora):
+    (k, pipe, initial, draws, trainer), loop = clean_loop(kind, space, lora)
     lambdas = logged(trainer, "safeguard/lambda_min")
-    loop = reference_loop(k, space, pipe, initial, draws, lambdas)
     # rel 2e-4: AdamW turns float32 rounding in a gradient element near zero into a step of the learning rate's size,
     # so the kernels a CPU picks move step 2's loss (LoRA at lr 1e-3 under AVX2 on an AMD EPYC: 8.2e-5 from the loop;
     # 0 with ATEN_CPU_CAPABILITY=default); a swapped branch or a missing lambda moves it by orders more
@@ -399,19 +447,17 @@ def test_the_trainer_trains_as_the_reference_loop(clean_run, kind, space, lora):
 @pytest.mark.parametrize(  # one space by default: the planted swap is caught before any safeguard acts
     "space", ["none", pytest.param("parameter", marks=pytest.mark.slow)]
 )
-def test_a_swapped_winner_and_loser_is_caught(clean_run, space):
-    k, pipe, initial, draws, trainer = clean_run("unet-epsilon", space)  # the swap is planted in the loop
+def test_a_swapped_winner_and_loser_is_caught(clean_loop, space):
+    (k, pipe, initial, draws, trainer), clean = clean_loop("unet-epsilon", space)  # the swap is planted in the loop
     lambdas = logged(trainer, "safeguard/lambda_min")
-    clean = reference_loop(k, space, pipe, initial, draws, lambdas)
     assert weight_deviation(trainer.family.denoiser, initial, clean) < WEIGHT_RTOL  # the clean loop passes
     planted = reference_loop(k, space, pipe, initial, draws, lambdas, swap=True)
     assert weight_deviation(trainer.family.denoiser, initial, planted) > 10 * WEIGHT_RTOL
 
 
-def test_an_unscaled_loser_is_caught(clean_run):
-    k, pipe, initial, draws, trainer = clean_run("unet-epsilon", "parameter")  # planted in the loop
+def test_an_unscaled_loser_is_caught(clean_loop):
+    (k, pipe, initial, draws, trainer), clean = clean_loop("unet-epsilon", "parameter")  # planted in the loop
     lambdas = logged(trainer, "safeguard/lambda_min")
-    clean = reference_loop(k, "parameter", pipe, initial, draws, lambdas)
     assert min(clean.lambdas) < 1.0  # the safeguard restricts here, so leaving the loser unscaled changes the step
     assert weight_deviation(trainer.family.denoiser, initial, clean) < WEIGHT_RTOL
     planted = reference_loop(k, "parameter", pipe, initial, draws, lambdas, unscaled=True)
@@ -453,28 +499,29 @@ def _applied_to_the_winner(evaluate):
     [_never_applied, pytest.param(_applied_to_the_winner, marks=pytest.mark.slow)],
     ids=["never-applied", "on-the-winner"],
 )
-def test_an_output_space_lambda_applied_wrongly_is_caught(run, clean_run, monkeypatch, planted):
+def test_an_output_space_lambda_applied_wrongly_is_caught(run, clean_loop, monkeypatch, planted):
     """A bug planted in the package: the trainer's step weights the wrong error (or none) by the output space's
     lambda."""
     import trl_diffusion_sdpo.trainer as trainer_module
 
-    k, pipe, initial, draws, trainer = clean_run("unet-epsilon", "output")
-    clean = reference_loop(k, "output", pipe, initial, draws, [])
+    made, clean = clean_loop("unet-epsilon", "output")
+    k, pipe, initial, draws, trainer = made
     assert weight_deviation(trainer.family.denoiser, initial, clean) < WEIGHT_RTOL  # the clean step passes
     assert min(clean.lambdas) < 1.0  # the safeguard restricts here, so where lambda goes changes the step
 
     monkeypatch.setattr(trainer_module, "evaluate_objective", planted(trainer_module.evaluate_objective))
-    k, pipe, initial, draws, trainer = run("unet-epsilon", "output")
-    planted_loop = reference_loop(k, "output", pipe, initial, draws, [])
+    planted_run = run("unet-epsilon", "output")
+    k, pipe, initial, draws, trainer = planted_run
+    planted_loop = loop_of(planted_run, "output", made, clean)
     assert weight_deviation(trainer.family.denoiser, initial, planted_loop) > 10 * WEIGHT_RTOL
 
 
-def test_a_store_that_swaps_the_branches_is_caught(run, clean_run, monkeypatch):
+def test_a_store_that_swaps_the_branches_is_caught(run, clean_loop, monkeypatch):
     """A bug planted in the package: the exact rule's one-pass store takes the loser's gradient for the winner's."""
     from trl_diffusion_sdpo.safeguards.gradients import OnePassBranchGradients
 
-    k, pipe, initial, draws, trainer = clean_run("unet-epsilon", "parameter")
-    clean = reference_loop(k, "parameter", pipe, initial, draws, [])
+    made, clean = clean_loop("unet-epsilon", "parameter")
+    k, pipe, initial, draws, trainer = made
     assert weight_deviation(trainer.family.denoiser, initial, clean) < WEIGHT_RTOL  # the clean step passes
     combination = OnePassBranchGradients.combination
 
@@ -484,6 +531,7 @@ def test_a_store_that_swaps_the_branches_is_caught(run, clean_run, monkeypatch):
         return combination(self, lam)
 
     monkeypatch.setattr(OnePassBranchGradients, "combination", swapped)
-    k, pipe, initial, draws, trainer = run("unet-epsilon", "parameter")
-    planted = reference_loop(k, "parameter", pipe, initial, draws, [])
+    planted_run = run("unet-epsilon", "parameter")
+    k, pipe, initial, draws, trainer = planted_run
+    planted = loop_of(planted_run, "parameter", made, clean)
     assert weight_deviation(trainer.family.denoiser, initial, planted) > 10 * WEIGHT_RTOL
