@@ -360,6 +360,12 @@ class TestQwenImageEditPlusTraining(_EditingChecks):
     variant = "plus"
     sources = 2
 
+    # by default: TestQwenImageEditTraining's test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer (the same
+    # family code and transformer; the two sources' concatenation is trained by this class's LoRA run)
+    @pytest.mark.slow
+    def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(self, make_pipe, make_config, pairs) -> None:
+        super().test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(make_pipe, make_config, pairs)
+
 
 def test_plus_embeddings_have_one_length_whatever_the_number_of_sources(make_edit_pipe) -> None:
     """One source or three, a pair's embeddings have the family's one length: the latent cache stores them in one
