@@ -57,11 +57,6 @@ def loaded(base: str, lora_file: str | None = None, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def sd_case(tmp_path_factory):
-    return write_base_and_lora("sd", tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     made = {}
 
@@ -73,9 +68,20 @@ def cases(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def sd_case(cases):
+    return cases("sd")
+
+
+# (base, lora) -> the predictions of the base with that LoRA and without it, computed once per process: the tests'
+# bases and LoRAs are written once per module (``cases``) and never changed
+_REFERENCE_PREDICTIONS: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def check_reloads_like_the_trained_lora(base: str, lora: str, exported: str) -> None:
-    reference = prediction(loaded(base, lora))
-    untouched = prediction(loaded(base))
+    if (base, lora) not in _REFERENCE_PREDICTIONS:
+        _REFERENCE_PREDICTIONS[base, lora] = prediction(loaded(base, lora)), prediction(loaded(base))
+    reference, untouched = _REFERENCE_PREDICTIONS[base, lora]
     assert (reference - untouched).abs().max() > 1e-3, "the LoRA changes nothing: the test could not fail"
     torch.testing.assert_close(prediction(loaded(base, exported)), reference, rtol=1e-5, atol=1e-5)
 
@@ -209,9 +215,8 @@ def test_rslora_scale_is_the_one_peft_applies(tmp_path):
     }
 
 
-def _linear_names(base: str) -> list[str]:
-    """Every Linear layer of the base's transformer, by its full name."""
-    transformer = DiffusionPipeline.from_pretrained(base).transformer
+def _linear_names(transformer: torch.nn.Module) -> list[str]:
+    """Every Linear layer of the transformer, by its full name."""
     return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
@@ -221,10 +226,9 @@ def test_flux_kohya_export_loads_with_diffusers_kohya_loader_and_predicts_like_t
     linear2 and modulation. (linear1 is split by that loader at FLUX.1's own sizes only, and the top-level layers
     it converts but does not load: the next test.)"""
     pipe = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizers"))
-    pipe.save_pretrained(str(tmp_path / "probe"))
     targets = [
         name
-        for name in _linear_names(str(tmp_path / "probe"))
+        for name in _linear_names(pipe.transformer)
         if name.startswith("transformer_blocks.") or name.endswith(("proj_out", "norm.linear")) and "single" in name
     ]
     base, lora = write_base_and_lora("flux", tmp_path, targets=targets)
