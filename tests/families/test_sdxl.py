@@ -88,6 +88,15 @@ def make_sdxl(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def saved_sdxl(tmp_path_factory) -> Path:
+    """The tiny SDXL pipeline (``make_sdxl()``'s weights) saved once per module: the folder the tests that train from
+    a local folder load (none writes into it)."""
+    folder = tmp_path_factory.mktemp("saved-sdxl")
+    build_tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(folder / "tokenizers")).save_pretrained(folder / "tiny-sdxl")
+    return folder / "tiny-sdxl"
+
+
 class Capture:
     """Records what the UNet and the VAE encoder receive (forward pre-hooks), in call order."""
 
@@ -454,10 +463,9 @@ def unet_outputs(unet: torch.nn.Module, pipe: StableDiffusionXLPipeline) -> torc
 
 
 def test_lora_from_a_local_folder_round_trips_through_load_lora_weights(
-    make_sdxl, make_config, sdxl_pairs, tmp_path
+    saved_sdxl, make_config, sdxl_pairs, tmp_path
 ) -> None:
-    local = tmp_path / "tiny-sdxl"
-    make_sdxl().save_pretrained(local)
+    local = saved_sdxl
     out = tmp_path / "lora-out"
     trainer = DiffusionSDPOTrainer(
         str(local),
@@ -480,10 +488,9 @@ def test_lora_from_a_local_folder_round_trips_through_load_lora_weights(
 
 
 def test_full_unet_saved_with_save_pretrained_loads_into_an_sdxl_pipeline(
-    make_sdxl, make_config, sdxl_pairs, tmp_path
+    saved_sdxl, make_config, sdxl_pairs, tmp_path
 ) -> None:
-    local = tmp_path / "tiny-sdxl"
-    make_sdxl().save_pretrained(local)
+    local = saved_sdxl
     out = tmp_path / "full-out"
     trainer = DiffusionSDPOTrainer(
         str(local), args=make_config(output_dir=str(out), max_steps=1, learning_rate=1e-4), train_dataset=sdxl_pairs
@@ -525,10 +532,9 @@ def test_sdxl_yaml_configs_parse_into_the_authors_sdxl_settings() -> None:
 
 
 def test_sdxl_example_trains_full_unet_with_adafactor_and_checkpointing_from_local_folders(
-    make_sdxl, sdxl_pairs, tmp_path
+    saved_sdxl, sdxl_pairs, tmp_path
 ) -> None:
-    local, data, out = tmp_path / "tiny-sdxl", tmp_path / "pairs", tmp_path / "out"
-    make_sdxl().save_pretrained(local)
+    local, data, out = saved_sdxl, tmp_path / "pairs", tmp_path / "out"
     sdxl_pairs.save_to_disk(str(data))
     trainer = train_command.main(
         [
