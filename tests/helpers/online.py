@@ -26,6 +26,11 @@ def red_minus_blue(prompts, images, **columns) -> list[float]:
     ]
 
 
+# Two prompts a step sampled in two steps, for the runs whose checks do not depend on how many: about a third of
+# :func:`online_config`'s sampling (4 prompts in 3 steps), which is most of an online step's time
+CHEAP_SAMPLING = {"per_device_train_batch_size": 2, "sample_steps": 2}
+
+
 def online_config(tmp_path, **overrides) -> OnlineDiffusionSDPOConfig:
     """The suite's fast CPU config with 4 prompts a step, 2 steps, 3 samples of 3 sampling steps each."""
     values = fast_config_values(str(tmp_path / "out"))

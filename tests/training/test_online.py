@@ -16,7 +16,7 @@ from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers.online import PROMPTS, lora_weights, make_trainer, online_config, red_minus_blue
+from tests.helpers.online import CHEAP_SAMPLING, PROMPTS, lora_weights, make_trainer, online_config, red_minus_blue
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.families.noising import scale_latents, unscale_latents
@@ -25,10 +25,6 @@ from trl_diffusion_sdpo.online.generation import image_seed
 from trl_diffusion_sdpo.online.trainer import RepeatedBlockSampler
 from trl_diffusion_sdpo.step.frozen_reference import refreshed_reference
 from trl_diffusion_sdpo.step.predictions import DisabledAdaptersReference
-
-# Two prompts a step sampled in two steps, for the runs whose checks do not depend on how many (sampling is most of an
-# online step's time)
-CHEAP_SAMPLING = {"per_device_train_batch_size": 2, "sample_steps": 2}
 
 # ---------------------------------------------------------------------------------------------- pure parts
 

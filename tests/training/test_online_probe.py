@@ -13,7 +13,7 @@ from datasets import Dataset, IterableDataset
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
-from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
+from tests.helpers.online import CHEAP_SAMPLING, LORA, PROMPTS, online_config, red_minus_blue
 from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, states_equal, trained_weights
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.callbacks.probe import probe_seed, stratified_draw
@@ -37,7 +37,6 @@ def held_and_kept(prompts: list[str], seed: int, count: int = HELD) -> tuple[lis
 
 
 DPO = {"safeguard_space": "none"}
-SMALL = {"per_device_train_batch_size": 2, "sample_steps": 2}  # a third of the suite's online config's sampling
 
 
 def noisy_red_minus_blue(prompts, images, **columns) -> list[float]:
@@ -57,7 +56,7 @@ def online_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, reward=noisy_re
     return OnlineDiffusionSDPOTrainer(
         pipe,
         None,
-        online_config(tmp_path, **{**SMALL, "max_steps": 3, "probe_noise_draws": 2, **DPO, **overrides}),
+        online_config(tmp_path, **{**CHEAP_SAMPLING, "max_steps": 3, "probe_noise_draws": 2, **DPO, **overrides}),
         train,
         None if eval_prompts is None else Dataset.from_dict({"prompt": list(eval_prompts)}),
         reward_funcs=[reward],

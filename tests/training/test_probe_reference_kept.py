@@ -15,7 +15,6 @@ from tests.helpers.rewind import ScriptedAlarm
 
 ROWS, HELD, DRAWS = 8, 2, 2
 DPO = {"safeguard_space": "none"}
-SMALL = {"per_device_train_batch_size": 2, "sample_steps": 2}  # the online run: 2 prompts a step, 2 sampling steps
 
 
 def count_reference_calls(probe: Any) -> list[int]:
@@ -72,7 +71,7 @@ def test_an_online_probe_runs_the_refreshed_reference_and_keeps_it_until_the_nex
     def run(name: str, keep: bool):
         trainer = online.make_trainer(
             tmp_path / name, max_steps=4, ref_update_steps=2, probe_steps=1, probe_pairs=HELD,
-            probe_noise_draws=DRAWS, **SMALL, **DPO,
+            probe_noise_draws=DRAWS, **online.CHEAP_SAMPLING, **DPO,
         )  # fmt: skip
         probe = trainer.probe.probe
         if not keep:
