@@ -43,7 +43,7 @@ FAMILY_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES e
 
 
 @pytest.fixture(scope="module")
-def problems(tmp_path_factory) -> dict[tuple[str, bool, int], Problem]:
+def problems() -> dict[tuple[str, bool, int], Problem]:
     """The problems of this module by ``(family, lora, pairs)``, each built once (:func:`problem`)."""
     return {}
 
