@@ -39,7 +39,7 @@ run_lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_lock)
 out, shared, me = sys.argv[1], sys.argv[3], sys.argv[4]
 held = overlaps = 0
-end = time.monotonic() + 3.0
+end = time.monotonic() + 1.0
 while time.monotonic() < end or held == 0:
     try:
         lock = run_lock.RunLock(out)
@@ -148,9 +148,11 @@ def _hashes(folder: str) -> dict[str, str]:
     return found
 
 
-@pytest.fixture
-def finished_run(tmp_path):
-    """``tmp_path/out`` after a finished 3-step run: checkpoints 2 and 3, the weights and ``training_config.json``."""
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A folder after a finished 3-step run: checkpoints 2 and 3, the weights and ``training_config.json``. Made once
+    per module: the tests that use it are refused before writing into it, and each checks it is untouched."""
+    tmp_path = tmp_path_factory.mktemp("finished")
     out = str(tmp_path / "out")
     trainer = build_trainer(out, str(tmp_path / "tok-a"), max_steps=3)
     trainer.train()

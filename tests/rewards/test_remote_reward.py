@@ -153,4 +153,4 @@ def test_a_server_slower_than_the_timeout_raises_after_the_timeout_not_after_its
     assert total.tolist() == [0.0, 0.0, 0.0] and len(received) == 2
 
 
-SLOW_S = 3.0
+SLOW_S = 1.0
