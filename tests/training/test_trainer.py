@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.common import StopAt, changed_keys, snapshot
+from tests.helpers.fixtures import tiny_sd_pipeline
 from tests.helpers.trainer_steps import StepSnapshots, step_logs
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families.noising import prediction_target
@@ -47,6 +48,28 @@ def unet_output(unet, inputs) -> torch.Tensor:
     return unet(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
 
 
+@pytest.fixture(scope="module")
+def trained_runs() -> dict[bool, dict]:
+    """The default config's 3-step run of the seed-0 pipeline passed in, LoRA (``True``) and full tuning (``False``),
+    made once per module by the first test that asks (:func:`trained_run`) for the tests that only read what it left:
+    the pipeline, the trainer, and the weights taken before training. No test trains or evaluates with it (sampling
+    from the pipeline leaves its weights as they are)."""
+    return {}
+
+
+def trained_run(trained_runs: dict, make_trainer, lora: bool) -> dict:
+    if lora not in trained_runs:
+        pipe = tiny_sd_pipeline(seed=0)
+        run = {"pipe": pipe, "unet": snapshot(pipe.unet), "vae": snapshot(pipe.vae)}
+        run["text_encoder"] = snapshot(pipe.text_encoder)
+        run["trainer"] = trainer = make_trainer(pipeline=pipe, lora=lora)
+        run["unet_with_adapters"] = snapshot(pipe.unet)
+        run["reference"] = None if lora else snapshot(trainer.reference.denoiser)
+        trainer.train()
+        trained_runs[lora] = run
+    return trained_runs[lora]
+
+
 # ----------------------------------------------------------------------------------------------- initial state
 
 
@@ -63,11 +86,10 @@ def test_lora_at_initialisation_gives_loss_log_two_and_implicit_accuracy_half(ma
     assert first["mse/policy_winner"] == first["mse/ref_winner"]
 
 
-def test_train_logs_every_listed_metric_with_consistent_values(make_trainer):
-    trainer = make_trainer(max_steps=2)
-    trainer.train()
+def test_train_logs_every_listed_metric_with_consistent_values(trained_runs, make_trainer):
+    trainer = trained_run(trained_runs, make_trainer, lora=True)["trainer"]
     logs = step_logs(trainer)
-    assert len(logs) == 2
+    assert len(logs) == 3
     for log in logs:
         missing = [name for name in LOGGED_METRICS if name not in log]
         assert not missing, f"not logged: {missing}"
@@ -81,7 +103,7 @@ def test_train_logs_every_listed_metric_with_consistent_values(make_trainer):
 
 
 def test_evaluate_returns_and_logs_every_metric_with_the_eval_prefix(make_trainer, pickapic_dataset):
-    trainer = make_trainer(eval_dataset=pickapic_dataset)
+    trainer = make_trainer(max_steps=1, eval_dataset=pickapic_dataset)
     metrics = trainer.evaluate()
     missing = [f"eval_{name}" for name in LOGGED_METRICS if f"eval_{name}" not in metrics]
     assert not missing, f"not returned by evaluate(): {missing}"
@@ -109,12 +131,10 @@ def test_safeguard_off_logs_no_lambda(make_trainer):
 # ----------------------------------------------------------------------------------------------- what trains
 
 
-def test_lora_training_changes_only_lora_weights(make_pipeline, make_trainer):
-    pipe = make_pipeline()
-    vae, text = snapshot(pipe.vae), snapshot(pipe.text_encoder)
-    trainer = make_trainer(pipeline=pipe)
-    unet_before = snapshot(pipe.unet)  # with the freshly added adapters
-    trainer.train()
+def test_lora_training_changes_only_lora_weights(trained_runs, make_trainer):
+    run = trained_run(trained_runs, make_trainer, lora=True)
+    pipe, vae, text = run["pipe"], run["vae"], run["text_encoder"]
+    unet_before = run["unet_with_adapters"]  # with the freshly added adapters
     changed = changed_keys(unet_before, snapshot(pipe.unet))
     assert changed, "training changed nothing"
     assert all("lora_" in k for k in changed), sorted(k for k in changed if "lora_" not in k)
@@ -123,12 +143,10 @@ def test_lora_training_changes_only_lora_weights(make_pipeline, make_trainer):
     assert not changed_keys(text, snapshot(pipe.text_encoder))
 
 
-def test_full_training_changes_the_unet_and_nothing_else(make_pipeline, make_trainer):
-    pipe = make_pipeline()
-    unet, vae, text = snapshot(pipe.unet), snapshot(pipe.vae), snapshot(pipe.text_encoder)
-    trainer = make_trainer(lora=False, pipeline=pipe)
-    reference_before = snapshot(trainer.reference.denoiser)
-    trainer.train()
+def test_full_training_changes_the_unet_and_nothing_else(trained_runs, make_trainer):
+    run = trained_run(trained_runs, make_trainer, lora=False)
+    pipe, trainer, reference_before = run["pipe"], run["trainer"], run["reference"]
+    unet, vae, text = run["unet"], run["vae"], run["text_encoder"]
     changed = changed_keys(unet, snapshot(pipe.unet))
     assert len(changed) > len(unet) // 2  # most UNet tensors moved
     assert not changed_keys(vae, snapshot(pipe.vae))
@@ -139,12 +157,11 @@ def test_full_training_changes_the_unet_and_nothing_else(make_pipeline, make_tra
     assert trainer.reference.denoiser is not pipe.unet
 
 
-def test_lora_reference_is_the_original_unet_after_training(make_pipeline, make_trainer):
-    pipe = make_pipeline(seed=0)
+def test_lora_reference_is_the_original_unet_after_training(trained_runs, make_pipeline, make_trainer):
+    run = trained_run(trained_runs, make_trainer, lora=True)
+    pipe, trainer = run["pipe"], run["trainer"]
     original = make_pipeline(seed=0).unet
     inputs = unet_inputs()
-    trainer = make_trainer(pipeline=pipe, max_steps=3)
-    trainer.train()
     with disabled_adapters(pipe.unet) as base:
         torch.testing.assert_close(unet_output(base, inputs), unet_output(original, inputs), rtol=0, atol=0)
     # The adapters are back on afterwards and make a difference.
@@ -154,12 +171,11 @@ def test_lora_reference_is_the_original_unet_after_training(make_pipeline, make_
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_the_pipeline_passed_in_is_tuned_in_place(make_pipeline, make_trainer, lora):
-    pipe = make_pipeline(seed=0)
+def test_the_pipeline_passed_in_is_tuned_in_place(trained_runs, make_pipeline, make_trainer, lora):
+    run = trained_run(trained_runs, make_trainer, lora=lora)
+    pipe, trainer = run["pipe"], run["trainer"]
     original = make_pipeline(seed=0).unet
     inputs = unet_inputs()
-    trainer = make_trainer(pipeline=pipe, lora=lora)
-    trainer.train()
     assert trainer.accelerator.unwrap_model(trainer.model) is pipe.unet
     assert not torch.allclose(unet_output(pipe.unet, inputs), unet_output(original, inputs))
     # The tuned pipeline still samples.
@@ -343,7 +359,7 @@ def test_v_prediction_pipeline_trains(make_pipeline, make_trainer):
 
 
 def test_two_evaluations_with_the_fixed_seed_agree(make_trainer, pickapic_dataset):
-    trainer = make_trainer(lora=False, eval_dataset=pickapic_dataset, max_steps=2)
+    trainer = make_trainer(lora=False, eval_dataset=pickapic_dataset, max_steps=1)
     trainer.train()
     volatile = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
     first = {k: v for k, v in trainer.evaluate().items() if k not in volatile}
@@ -509,18 +525,18 @@ def test_resume_from_a_folder_without_weights_raises(make_trainer, tmp_path):
 def test_evaluation_during_training_logs_eval_metrics_and_tracks_the_best_model(make_trainer, pickapic_dataset):
     trainer = make_trainer(
         lora=True,
-        max_steps=4,
+        max_steps=2,
         eval_dataset=pickapic_dataset,
         eval_strategy="steps",
-        eval_steps=2,
+        eval_steps=1,
         save_strategy="steps",
-        save_steps=2,
+        save_steps=1,
         load_best_model_at_end=True,
         metric_for_best_model="implicit_acc",
     )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    assert [h["step"] for h in evals] == [2, 4]
+    assert [h["step"] for h in evals] == [1, 2]
     assert all(f"eval_{name}" in h for h in evals for name in LOGGED_METRICS)
     assert all(not any(k.startswith("eval_") for k in h) for h in step_logs(trainer))
     scores = [h["eval_implicit_acc"] for h in evals]
