@@ -456,22 +456,13 @@ def test_a_config_made_first_thing_in_a_fresh_interpreter_asks_the_objective(tmp
 
 @pytest.mark.parametrize(("flags", "message"), [(["--beta", "-1"], "beta must be positive, got -1.0")])
 def test_the_train_command_refuses_an_objectives_field_before_loading_anything(tmp_path, flags, message):
-    """In a fresh interpreter (nothing registered before the command runs) the command line still refuses a value
-    an objective owns as a bad flag, before it looks for the model (no --model_name_or_path is given)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    """In a fresh process (nothing of the package imported, nothing registered before the command runs: a child of
+    tests.helpers.fresh_forks' interpreter, the libraries' imports made) the command line still refuses a value an
+    objective owns as a bad flag, before it looks for the model (no --model_name_or_path is given)."""
+    from tests.helpers import fresh_forks
 
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, "-m", "trl_diffusion_sdpo", "train", *flags, "--output_dir", str(tmp_path), "--use_cpu"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
+    done = fresh_forks.run(
+        ["-m", "trl_diffusion_sdpo", "train", *flags, "--output_dir", str(tmp_path), "--use_cpu"], cwd=tmp_path
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(f"trl-diffusion-sdpo train: error: {message}")
