@@ -21,7 +21,7 @@ pytest.importorskip("optimum.quanto")
 pytest.importorskip("torchao")
 
 UNET = {
-    "block_out_channels": (128, 256),
+    "block_out_channels": (96, 192),
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     "layers_per_block": 1,
