@@ -1,7 +1,8 @@
 """Importing the package and asking the command line for help load nothing heavy and print nothing on stderr.
 
 Each check runs a fresh interpreter (this one has long imported torch) and reads back which modules it loaded; the
-plain runs' checks, each in a process forked from one fresh interpreter once a user's script has made its imports.
+plain runs' checks, each in a process forked from one interpreter once a user's script has made its imports (that
+interpreter itself a child of one that imported the libraries only: ``tests.helpers.fresh_forks``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 import trl_diffusion_sdpo
+from tests.helpers import fresh_forks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -262,8 +264,10 @@ PLAIN_RUN = """
 """
 # A run's process, as a fresh interpreter is once the script's imports are done: one interpreter imports them, then
 # forks one process per job (a job's code run after them), each writing the modules it left loaded. The import costs
-# a fresh interpreter's seconds once for all the jobs; each job's process is the one a fresh interpreter running the
-# imports and then that job would be.
+# its seconds once for all the jobs; each job's process is the one a fresh interpreter running the imports and then
+# that job would be. That interpreter is a child of tests.helpers.fresh_forks's, which imported the libraries the
+# script's imports load first (torch, transformers, diffusers, datasets, accelerate, huggingface_hub), printing and
+# loading nothing of the package: the modules a job leaves loaded are those of the script's imports and its own.
 FORKED_JOBS = """
     import json, os, sys
     IMPORTS
@@ -294,16 +298,12 @@ FORKED_JOBS = """
 
 
 def run_forked(imports: str, jobs: list[tuple[str, list[str]]], folder: Path) -> list[list[str]]:
-    """Each of ``jobs`` (code, its ``sys.argv[1:]``) run in its own process forked from one fresh interpreter that
-    ran ``imports``: the modules each left loaded, in the order of ``jobs``."""
+    """Each of ``jobs`` (code, its ``sys.argv[1:]``) run in its own process forked from one interpreter that ran
+    ``imports`` (a child of ``tests.helpers.fresh_forks``'s): the modules each left loaded, in ``jobs``' order."""
     reports = [str(folder / f"modules-{i}.json") for i in range(len(jobs))]
     listed = [(textwrap.dedent(code), argv, report) for (code, argv), report in zip(jobs, reports, strict=True)]
     script = textwrap.dedent(FORKED_JOBS).replace("IMPORTS\n", textwrap.dedent(imports).lstrip("\n"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(listed)], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+    done = fresh_forks.run(["-c", script, json.dumps(listed)], cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads(Path(report).read_text()) for report in reports]
 
