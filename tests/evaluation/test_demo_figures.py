@@ -91,9 +91,8 @@ def _ancestors(text: Text) -> list:
     return [a for a in (text.axes, getattr(text, "_legend", None)) if a is not None]
 
 
-def _overlaps(fig: Figure) -> list[tuple[str, str]]:
-    """Pairs of texts whose extents overlap by more than a pixel each way."""
-    texts = _texts(fig)
+def _overlaps(texts: list[tuple[str, object]]) -> list[tuple[str, str]]:
+    """Pairs of ``texts`` (:func:`_texts`) whose extents overlap by more than a pixel each way."""
     clashes = []
     for (a, box_a), (b, box_b) in itertools.combinations(texts, 2):
         width = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
@@ -103,10 +102,10 @@ def _overlaps(fig: Figure) -> list[tuple[str, str]]:
     return clashes
 
 
-def _outside(fig: Figure) -> list[str]:
-    """Texts that reach past the figure's edge (cut off in the saved file)."""
+def _outside(fig: Figure, texts: list[tuple[str, object]]) -> list[str]:
+    """The ``texts`` of ``fig`` (:func:`_texts`) that reach past the figure's edge (cut off in the saved file)."""
     width, height = fig.canvas.get_width_height()
-    return [t for t, box in _texts(fig) if box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1]
+    return [t for t, box in texts if box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1]
 
 
 def _breaking_inputs(rows: int = 8, prompts: int = 6, size: int = 32):
@@ -170,9 +169,10 @@ def test_error_delta_figure_texts_neither_overlap_nor_leave_the_figure():
     for methods in (list(LABELS), ["dpo"], ["dpo", "sdpo-output"]):
         histories = {k: v for k, v in _histories().items() if k in methods}
         fig = error_delta_figure(histories, LABELS)
-        assert _overlaps(fig) == [], methods
-        assert _outside(fig) == [], methods
-        assert not [t for t, _ in _texts(fig) if "`" in t or "](" in t]  # no raw markdown in an image
+        texts = _texts(fig)  # one draw: the figure is not changed after it
+        assert _overlaps(texts) == [], methods
+        assert _outside(fig, texts) == [], methods
+        assert not [t for t, _ in texts if "`" in t or "](" in t]  # no raw markdown in an image
 
 
 # ---------------------------------------------------------------------------------------------------- lambda.png
@@ -190,7 +190,8 @@ def test_lambda_legend_sits_off_the_curves_and_no_text_overlaps():
     means = {k: np.mean(h["safeguard/lambda_mean"]) for k, h in histories.items()}
     assert labels[:-1] == [f"{LABELS[k]} (mean {mean:.3f})" for k, mean in means.items()]
     assert ax.get_ylim() == pytest.approx((0.0, 1.08))
-    assert _overlaps(fig) == [] and _outside(fig) == []
+    texts = _texts(fig)
+    assert _overlaps(texts) == [] and _outside(fig, texts) == []
 
 
 # ---------------------------------------------------------------------------------------- breaking_regime.png
@@ -200,7 +201,8 @@ def test_lambda_legend_sits_off_the_curves_and_no_text_overlaps():
 def test_breaking_regime_figure_texts_neither_overlap_nor_leave_the_figure(rows, prompts):
     regime, names, images, size = _breaking_inputs(rows, prompts)
     fig = breaking_regime_figure(regime, names, images, size)
-    assert _overlaps(fig) == [] and _outside(fig) == []
+    texts = _texts(fig)
+    assert _overlaps(texts) == [] and _outside(fig, texts) == []
     # one row per method, one column per moment (the base, then each evaluation step), each a strip of the prompts
     assert len(fig.axes) == rows * 3
     strip = fig.axes[0].get_images()[0].get_array()
