@@ -280,16 +280,16 @@ class EarliestEvaluationIsBest(TrainerCallback):
 def test_load_best_model_at_end_leaves_the_best_checkpoints_weights_not_the_last_steps(
     make_trainer, pickapic_dataset, tmp_path, lora
 ):
-    """Evaluate and save at steps 2 and 4, the first evaluation being the best: after ``train()`` the weights are
-    step 2's (those in checkpoint-2), not step 4's."""
+    """Evaluate and save at steps 1 and 2, the first evaluation being the best: after ``train()`` the weights are
+    step 1's (those in checkpoint-1), not step 2's."""
     trainer = make_trainer(
         lora=lora,
-        max_steps=4,
+        max_steps=2,
         eval_dataset=pickapic_dataset,
         eval_strategy="steps",
-        eval_steps=2,
+        eval_steps=1,
         save_strategy="steps",
-        save_steps=2,
+        save_steps=1,
         load_best_model_at_end=True,
         metric_for_best_model="earliness",
         greater_is_better=True,
@@ -298,19 +298,19 @@ def test_load_best_model_at_end_leaves_the_best_checkpoints_weights_not_the_last
     trainer.add_callback(weights)
     trainer.add_callback(EarliestEvaluationIsBest())
     trainer.train()
-    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
-    assert (tmp_path / "out" / "checkpoint-4").is_dir()  # the last checkpoint was written too
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()  # the last checkpoint was written too
 
     final = trainable(trainer.model)
-    best, last = weights.by_step[2], weights.by_step[4]
+    best, last = weights.by_step[1], weights.by_step[2]
     assert final.keys() == best.keys() and final
-    assert any(not torch.equal(best[n], last[n]) for n in best)  # steps 3 and 4 trained something
+    assert any(not torch.equal(best[n], last[n]) for n in best)  # step 2 trained something
     for name in best:
         torch.testing.assert_close(final[name], best[name], rtol=0, atol=0, msg=name)
     if not lora:  # and they are the weights in the best checkpoint's files
         from safetensors.torch import load_file
 
-        files = sorted((tmp_path / "out" / "checkpoint-2" / "unet").glob("*.safetensors"))
+        files = sorted((tmp_path / "out" / "checkpoint-1" / "unet").glob("*.safetensors"))
         saved = {k: v for f in files for k, v in load_file(f).items()}
         assert files and saved.keys() >= final.keys()
         for name, value in final.items():
