@@ -70,15 +70,19 @@ def online_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, reward=noisy_re
     "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"]
 )
 def test_an_online_probe_and_a_quiet_rewind_train_bit_for_bit_as_the_run_without_them(tmp_path, lora):
-    plain = online_trainer(tmp_path / "plain", lora=lora)
+    """Two steps: the probe after step 1 runs between two training steps (a probe that moved a generator or the
+    weights would show in step 2)."""
+    plain = online_trainer(tmp_path / "plain", lora=lora, max_steps=2)
     plain.train()
     expected = trained_weights(plain)
-    probed = online_trainer(tmp_path / "probed", eval_prompts=EVAL_PROMPTS, lora=lora, probe_steps=1, probe_pairs=HELD)
+    probed = online_trainer(
+        tmp_path / "probed", eval_prompts=EVAL_PROMPTS, lora=lora, max_steps=2, probe_steps=1, probe_pairs=HELD
+    )
     probed.train()
     assert equal(trained_weights(probed), expected)
-    assert [e["step"] for e in probed.state.log_history if "probe/delta_winner" in e] == [1, 2, 3]
+    assert [e["step"] for e in probed.state.log_history if "probe/delta_winner" in e] == [1, 2]
     quiet = online_trainer(
-        tmp_path / "quiet", eval_prompts=EVAL_PROMPTS, lora=lora, probe_steps=1, probe_pairs=HELD,
+        tmp_path / "quiet", eval_prompts=EVAL_PROMPTS, lora=lora, max_steps=2, probe_steps=1, probe_pairs=HELD,
         on_pathology="rewind",
     )  # fmt: skip
     quiet.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
@@ -132,7 +136,7 @@ def test_the_held_out_prompts_are_never_sampled_for_training_and_their_pairs_are
         seen.extend(prompts)
         return red_minus_blue(prompts, images)
 
-    trainer = online_trainer(tmp_path, reward=recording, probe_steps=1, probe_pairs=HELD, max_steps=4)
+    trainer = online_trainer(tmp_path, reward=recording, probe_steps=1, probe_pairs=HELD, max_steps=2)
     held, kept = held_and_kept(PROMPTS, trainer.args.seed)
     assert seen == [p for p in held for _ in range(trainer.args.num_generations)]  # the probe's pairing, once
     assert list(trainer.train_dataset["prompt"]) == kept
