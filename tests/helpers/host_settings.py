@@ -4,10 +4,11 @@ that prints its trainer's progress, for the tests that run them in a fresh inter
     python -m tests.helpers.host_settings settings OUT.json [STEPS [FD]]  # snapshot, import all, train, snapshot
     python -m tests.helpers.host_settings train STEPS                     # a tiny trainer.train() of STEPS steps
 
-``settings`` with a terminal's file descriptor ``FD`` (a pseudo-terminal the caller reads) first forks, once the
-libraries are imported, a process that trains ``STEPS`` steps with its stdin, stdout and stderr on that terminal: the
-``train`` run in a fresh interpreter, but for the libraries a user's script imports first; its exit status goes into
-the report as ``terminal_status``.
+``settings`` with a terminal's file descriptor ``FD`` (a pseudo-terminal the caller reads) also forks, once the
+libraries and every module of the package are imported (its settings read before those imports), a process that
+trains ``STEPS`` steps with its stdin, stdout and stderr on that terminal: the ``train`` run in a fresh interpreter,
+but for the imports a user's script makes first (and the package's other modules, whose imports change no setting:
+the report's ``changed``); its exit status goes into the report as ``terminal_status``.
 """
 
 from __future__ import annotations
@@ -159,10 +160,11 @@ def settings_around_a_run(out: str, steps: int = 1, terminal: int | None = None)
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    # its own process, ended before this one reads a setting
-    terminal_status = None if terminal is None else train_on_a_terminal(terminal, steps)
     before = library_settings()
     skipped = import_every_module()
+    # its own process, forked once the package's modules are imported (a run's imports then cost nothing) and ended
+    # before this one trains; nothing it does reaches this process's settings
+    terminal_status = None if terminal is None else train_on_a_terminal(terminal, steps)
     with tempfile.TemporaryDirectory() as folder:
         trainer = tiny_trainer(folder, steps=steps)
         given = trainer.args_as_given

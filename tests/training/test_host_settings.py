@@ -72,9 +72,9 @@ def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[i
 @pytest.fixture(scope="module")
 def settings_run(tmp_path_factory) -> tuple[int, str, dict, str]:
     """One fresh process for the three tests below (forked once the libraries were imported, before anything of the
-    package: tests.helpers.fresh_forks): the libraries imported, a tiny trainer trained 3 steps in a process forked
-    from it with its stdin, stdout and stderr on a terminal of 120 columns (that process ended), the libraries'
-    settings read, every module of the package imported, a tiny trainer built and trained 3 steps, the settings read
+    package: tests.helpers.fresh_forks): the libraries imported, their settings read, every module of the package
+    imported, a tiny trainer trained 3 steps in a process forked from it with its stdin, stdout and stderr on a
+    terminal of 120 columns (that process ended), a tiny trainer built and trained 3 steps here, the settings read
     again; its own output written to a file. Its exit status, its output, the report and what the forked run wrote to
     the terminal."""
     folder = tmp_path_factory.mktemp("settings")
@@ -104,8 +104,8 @@ def test_importing_every_module_and_training_change_no_setting_of_another_librar
 
 
 def test_the_trainers_bar_shows_its_rate_and_time_left_on_a_terminal(settings_run):
-    """The run forked once the libraries are imported, as a fresh interpreter's is after a user's script imports
-    them, its stdin, stdout and stderr on the terminal."""
+    """The run forked once the libraries and the package's modules are imported, as a fresh interpreter's is after a
+    user's script imports them, its stdin, stdout and stderr on the terminal."""
     status, text, report, terminal = settings_run
     assert status == 0, text[-4000:]
     assert report["terminal_status"] == 0, terminal[-4000:]
