@@ -17,7 +17,7 @@ from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from tests.helpers.common import shift_sigmas
-from tests.helpers.flow_family_checks import FlowFamilyTrainingChecks
+from tests.helpers.flow_family_checks import FlowFamilyTrainingChecks, check_bf16_lora_trains_float32_adapters
 from tests.helpers.flow_family_checks import transformer_outputs as flow_transformer_outputs
 from tests.helpers.hunyuan_video15 import CASE, SEQ, SHAPE, SIZE
 from tests.helpers.video import FRAMES, video_rows
@@ -224,6 +224,14 @@ class TestHunyuanVideo15Training(FlowFamilyTrainingChecks):
             return make_config(**{"per_device_train_batch_size": 1, **overrides})
 
         return one_pair
+
+    def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(self, make_pipe, make_config, pairs) -> None:
+        """One bf16 step: each step multiplies the 2,048-wide glyph projection in bf16 twice (policy and reference),
+        over a second on this CPU, and what the check reads (the adapters float32 and the base bf16 after an optimizer
+        step, a finite bf16 loss) is there after the first."""
+        check_bf16_lora_trains_float32_adapters(
+            self.case, make_pipe(), lambda **overrides: make_config(**{**overrides, "max_steps": 1}), pairs
+        )
 
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         """Image grids are refused for a video family, pointing to sample_videos (tested below)."""
