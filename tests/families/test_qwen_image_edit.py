@@ -366,6 +366,24 @@ class TestQwenImageEditPlusTraining(_EditingChecks):
     def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(self, make_pipe, make_config, pairs) -> None:
         super().test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(make_pipe, make_config, pairs)
 
+    # by default: TestQwenImageEditTraining's test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline
+    # (the same family code, transformer and pipeline saving; the two sources' concatenation is trained by this
+    # class's LoRA run)
+    @pytest.mark.slow
+    def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
+        self, saved_pipeline, make_config, pairs, tmp_path
+    ) -> None:
+        super().test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
+            saved_pipeline, make_config, pairs, tmp_path
+        )
+
+    # by default: TestQwenImageEditTraining's test_both_safeguard_spaces_train_and_log_lambda[parameter] (the same
+    # family code and transformer under the same safeguard)
+    @pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
+    @pytest.mark.slow
+    def test_both_safeguard_spaces_train_and_log_lambda(self, make_pipe, make_config, pairs, space) -> None:
+        super().test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pairs, space)
+
 
 def test_plus_embeddings_have_one_length_whatever_the_number_of_sources(make_edit_pipe) -> None:
     """One source or three, a pair's embeddings have the family's one length: the latent cache stores them in one
