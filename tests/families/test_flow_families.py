@@ -470,7 +470,11 @@ def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer
     from tests.helpers.winner_term_check import Setting, run
 
     report = run(
-        Setting(batches=30, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model="flux"
+        Setting(batches=30, pairs=2, beta=100.0, drift_steps=5),
+        progress=False,
+        starts=("drifted",),
+        model="flux",
+        rules=("dpo", "parameter"),  # the rules read below
     )
     rules = report["starts"]["drifted"]
     assert rules["parameter"]["batches"] == 30 and rules["parameter"]["rose_beyond_tolerance"] == 0

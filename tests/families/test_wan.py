@@ -402,7 +402,11 @@ def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_wan_transformer(
     from tests.helpers.winner_term_check import Setting, run
 
     report = run(
-        Setting(batches=20, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model="wan"
+        Setting(batches=20, pairs=2, beta=100.0, drift_steps=5),
+        progress=False,
+        starts=("drifted",),
+        model="wan",
+        rules=("parameter",),  # the rule read below
     )
     rules = report["starts"]["drifted"]
     assert rules["parameter"]["batches"] == 20 and rules["parameter"]["rose_beyond_tolerance"] == 0

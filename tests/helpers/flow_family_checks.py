@@ -346,7 +346,11 @@ def check_exact_safeguard_keeps_the_winner_term_from_rising(model: str, dpo_rise
     from tests.helpers.winner_term_check import Setting, run
 
     report = run(
-        Setting(batches=20, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model=model
+        Setting(batches=20, pairs=2, beta=100.0, drift_steps=5),
+        progress=False,
+        starts=("drifted",),
+        model=model,
+        rules=("dpo", "output", "parameter"),  # the rules read below
     )
     rules = report["starts"]["drifted"]
     assert rules["parameter"]["batches"] == 20 and rules["parameter"]["rose_beyond_tolerance"] == 0

@@ -363,8 +363,10 @@ def measure_batch_adamw(problem: Problem, theta: dict[str, torch.Tensor], batch,
     return results
 
 
-def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> dict[str, tuple[float, float, float]]:
-    """Per rule: (dW, tolerance, lambda)."""
+def measure_batch(
+    problem: Problem, theta: dict[str, torch.Tensor], batch, rules: tuple[str, ...] = RULES
+) -> dict[str, tuple[float, float, float]]:
+    """Per rule of ``rules`` (of :data:`RULES`): (dW, tolerance, lambda)."""
     names = problem.names
     setting = problem.setting
     g_w, h_l, pred_w, pred_l, a_w = _branch_gradients(problem, theta, batch)
@@ -386,17 +388,18 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
 
     w0 = winner_term(theta_flat)
     lam_param = parameter_space_lambda(g_w.dot(g_w), g_w.dot(h_l), setting.mu).double()
-    lam_out = winner_preserving_lambda(
-        (pred_w - batch["target_w"]).detach(), (pred_l - batch["target_l"]).detach(), setting.mu
-    ).double()
-    pair_gradient, pair_lambdas = _pair_gradient(problem, theta, batch)
+    chosen = {"dpo": torch.tensor(1.0, dtype=torch.float64), "parameter": lam_param}
+    if "output" in rules:
+        pred_w, pred_l = (pred_w - batch["target_w"]).detach(), (pred_l - batch["target_l"]).detach()
+        chosen["output"] = winner_preserving_lambda(pred_w, pred_l, setting.mu).double()
+    if "pair" in rules:  # its own per-pair backward passes, made only when asked
+        pair_gradient, pair_lambdas = _pair_gradient(problem, theta, batch)
+        chosen["pair"] = torch.tensor(sum(pair_lambdas) / len(pair_lambdas), dtype=torch.float64)
     results = {}
-    for rule, lam in (
-        ("dpo", torch.tensor(1.0, dtype=torch.float64)),
-        ("output", lam_out),
-        ("parameter", lam_param),
-        ("pair", torch.tensor(sum(pair_lambdas) / len(pair_lambdas), dtype=torch.float64)),
-    ):
+    for rule in ("dpo", "output", "parameter", "pair"):
+        if rule not in rules:
+            continue
+        lam = chosen[rule]
         g = pair_gradient if rule == "pair" else g_w + lam * h_l  # pair: lambda is the mean of the pairs' (logged)
         eta = setting.step_norm / float(g.norm())
         minus, plus = winner_term(theta_flat - eta * g), winner_term(theta_flat + eta * g)
@@ -409,6 +412,8 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
         lambda_rounding = 8 * eta * float(lam) * abs(float(g_w.dot(h_l))) * torch.finfo(torch.float32).eps
         results[rule] = (d_w, max(second / 2, 0.0) + 2 * abs(third) + rounding + lambda_rounding, float(lam))
     for rule, lam in (("parameter_adamw", lam_param), ("dpo_adamw", torch.tensor(1.0, dtype=torch.float64))):
+        if rule not in rules:
+            continue
         g = g_w + lam * h_l
         update = setting.adamw_lr * g / (g.abs() + 1e-8)  # AdamW's first step: m_hat = g, v_hat = g^2
         update = update + setting.adamw_lr * 0.01 * theta_flat  # decoupled weight decay 0.01
@@ -422,7 +427,12 @@ def run(
     progress: bool = True,
     starts: tuple[str, ...] = ("reference", "drifted"),
     model: str = "unet",
+    rules: tuple[str, ...] = RULES,
 ) -> dict:
+    """The check's report over ``setting.batches`` batches from each of ``starts``, for ``rules`` (of :data:`RULES`;
+    under ``setting.adamw`` every rule of :data:`ADAMW_RULES`): the batches drawn do not depend on the rules."""
+    if unknown := sorted(set(rules) - set(RULES)):
+        raise ValueError(f"unknown rules {unknown}: choose among {RULES}")
     torch.manual_seed(setting.seed)
     if model == "unet":
         problem = Problem(_unet(pipeline_dir), setting)
@@ -452,8 +462,7 @@ def run(
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()
     for start, theta in starts.items():
-        rules = ADAMW_RULES if setting.adamw else RULES
-        counts = {rule: Counts() for rule in rules}
+        counts = {rule: Counts() for rule in (ADAMW_RULES if setting.adamw else rules)}
         adamw = warmed_adamw(problem, theta, gen) if setting.adamw else None
         iterator = range(setting.batches)
         if progress:
@@ -463,7 +472,9 @@ def run(
         for _ in iterator:
             batch = problem.batch(gen)
             measured = (
-                measure_batch_adamw(problem, theta, batch, adamw) if adamw else measure_batch(problem, theta, batch)
+                measure_batch_adamw(problem, theta, batch, adamw)
+                if adamw
+                else measure_batch(problem, theta, batch, rules)
             )
             for rule, (d_w, tol, lam) in measured.items():
                 c = counts[rule]

@@ -23,7 +23,9 @@ def _check(report: dict, start: str, binding: bool = True) -> None:
 @pytest.mark.slow
 def test_winner_term_never_rises_beyond_second_order_from_a_dpo_drifted_policy():
     # 50 batches by default (Diffusion-DPO's step raises the winner term on 2 of them); the slow test runs 100 per mu
-    report = run(Setting(batches=50, pairs=2, drift_steps=10), progress=False, starts=("drifted",))
+    report = run(
+        Setting(batches=50, pairs=2, drift_steps=10), progress=False, starts=("drifted",), rules=("dpo", "parameter")
+    )
     _check(report, "drifted")
     assert report["starts"]["drifted"]["dpo"]["rose_beyond_tolerance"] > 0  # DPO's step does raise it
 
@@ -34,3 +36,8 @@ def test_winner_term_never_rises_beyond_second_order_from_the_reference_at_sever
         report = run(Setting(batches=100, pairs=4, mu=mu), progress=False)
         for start in ("reference", "drifted"):
             _check(report, start, binding=mu > 0)  # at mu = 0 the rule binds only when <g_w, g_l> > |g_w|^2
+
+
+def test_an_unknown_rule_is_refused_naming_the_rules():
+    with pytest.raises(ValueError, match=r"unknown rules \['pairs'\]: choose among \('dpo'"):
+        run(Setting(batches=1), progress=False, rules=("dpo", "pairs"))
