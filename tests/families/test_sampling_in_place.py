@@ -40,6 +40,7 @@ class Case:
     data: str = "images"  # "images", "edits" (a source column) or "videos"
     call: dict[str, Any] = field(default_factory=dict)  # more pipeline call arguments
     slow: bool = False
+    tunings: tuple[str, ...] = ("lora", "full")  # those sampled by default (the others: slow)
 
 
 def source_image() -> Image.Image:
@@ -48,18 +49,20 @@ def source_image() -> Image.Image:
 
 CASES: dict[str, Case] = {
     "sd": Case(lambda d: tiny.build_tiny_sd_pipeline(tokenizer_dir=d), force_upcast=True),
-    "sdxl": Case(lambda d: tiny.build_tiny_sdxl_pipeline(tokenizer_dir=d), force_upcast=True),
+    "sdxl": Case(lambda d: tiny.build_tiny_sdxl_pipeline(tokenizer_dir=d), force_upcast=True, tunings=("lora",)),
     "sd3": Case(
         lambda d: tiny.build_tiny_sd3_pipeline(tokenizer_dir=d, max_length=16),
         {"max_sequence_length": 16},
         force_upcast=True,
         call={"max_sequence_length": 16},
+        tunings=("full",),
     ),
     "flux": Case(
         lambda d: tiny.build_tiny_flux_pipeline(tokenizer_dir=d, max_length=16),
         {"max_sequence_length": 16},
         force_upcast=True,
         call={"max_sequence_length": 16},
+        tunings=("lora",),
     ),
     "flux-kontext": Case(
         lambda d: tiny.build_tiny_flux_kontext_pipeline(tokenizer_dir=d, max_length=16),
@@ -68,6 +71,7 @@ CASES: dict[str, Case] = {
         data="edits",
         # the source and the output at the training size (the pipeline's defaults resize both to about 1024^2)
         call={"max_sequence_length": 16, "_auto_resize": False, "max_area": 32 * 32},
+        tunings=("full",),
     ),
     "flux2-dev": Case(
         lambda d: tiny.build_tiny_flux2_pipeline(tokenizer_dir=d),
@@ -170,11 +174,15 @@ def sample(pipe, case: Case, resolution: int) -> torch.Tensor:
 
 
 def cells() -> list:
+    """Every family, precision and tuning; by default each fast family's pipeline samples once per precision, with
+    ``case.tunings``."""
     params = []
     for name, case in CASES.items():
         for precision in ("bf16", "fp16"):
             for tuning in ("lora", "full"):
-                marks = [pytest.mark.slow] if case.slow else []
+                # slow: the slow families, and a fast family's other tuning (by default: that family's pipeline with
+                # one tuning, and sd-{precision}-lora and sd-{precision}-full sample after each tuning's training)
+                marks = [pytest.mark.slow] if case.slow or tuning not in case.tunings else []
                 if precision == "fp16" and fp16_device() is None:
                     marks.append(
                         pytest.mark.skip(
