@@ -61,12 +61,19 @@ def bf16_trainer(family: str, lora: bool, make_config, tmp_path) -> DiffusionSDP
 # LoRA on every family; full tuning (a frozen copy as the reference) by default on sd and on wan, whose float32
 # modules are the case the copy's dtypes matter for
 DEFAULT_FULL = ("sd", "wan")
+# LoRA in the slow tier where another family's default case runs the same denoiser class: sdxl's UNet by sd-lora,
+# FLUX.2 klein's transformer by flux2-dev-lora
+SLOW_LORA = ("sdxl", "flux2-klein")
+
+
+def slow_case(family: str, tuning: str) -> bool:
+    return family not in DEFAULT_FULL if tuning == "full" else family in SLOW_LORA
 
 
 @pytest.mark.parametrize(
     ("family", "tuning"),
     [
-        pytest.param(family, tuning, marks=pytest.mark.slow if tuning == "full" and family not in DEFAULT_FULL else ())
+        pytest.param(family, tuning, marks=pytest.mark.slow if slow_case(family, tuning) else ())
         for tuning in ("lora", "full")
         for family in FAMILIES
     ],
