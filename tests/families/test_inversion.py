@@ -378,7 +378,10 @@ def test_config_checks_the_inversion_fields(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(loss_type="smpo", safeguard_space="output"),
+        # by default: the second case trains SMPO's inversion under a safeguard (the parameter space, with the
+        # reference network), the third inverts with the policy network, and the output space's step is
+        # test_step_reference.py's; the noised pair reaches either space alike
+        pytest.param(dict(loss_type="smpo", safeguard_space="output"), marks=pytest.mark.slow),
         dict(loss_type="smpo", safeguard_space="parameter", inversion_network="reference"),
         dict(loss_type="dpo", noising="inversion", safeguard_space="none"),
     ],
