@@ -245,10 +245,16 @@ FAST = [
 ]
 
 
-# SDXL's full tuning in the slow tier; by default: full-sd (the whole pipeline saved) and lora-sdxl (SDXL's run)
+# by default: full-sd (the whole pipeline saved) and lora-sdxl (the LoRA file, SDXL's run), every level of both
+# factors; lora-sd and SDXL's full tuning in the slow tier
 @pytest.mark.parametrize(
     ("family", "use_peft"),
-    [("sd", True), ("sdxl", True), ("sd", False), pytest.param("sdxl", False, marks=pytest.mark.slow)],
+    [
+        pytest.param("sd", True, marks=pytest.mark.slow),
+        ("sdxl", True),
+        ("sd", False),
+        pytest.param("sdxl", False, marks=pytest.mark.slow),
+    ],
     ids=["lora-sd", "lora-sdxl", "full-sd", "full-sdxl"],
 )
 def test_train_command_trains_and_saves_from_local_folders(tmp_path: Path, family, use_peft) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainerControl
 
-from tests.helpers.common import StopAt
+from tests.helpers.rewind import CopyOutputAt
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.callbacks.alarm import TrainingLogSignal
 from trl_diffusion_sdpo.callbacks.guards import PathologyAction
@@ -443,7 +443,7 @@ def test_with_the_default_settings_on_the_tiny_base_the_alarm_recommends_only_wh
     assert "safeguard_space='update'" in message and "learning_rate" in message
 
 
-def _guarded_run(make_trainer, output_dir, stop_at=None, resume=None):
+def _guarded_run(make_trainer, output_dir, copy_at=None, resume=None):
     trainer = make_trainer(
         output_dir=str(output_dir),
         max_steps=5,
@@ -455,8 +455,8 @@ def _guarded_run(make_trainer, output_dir, stop_at=None, resume=None):
         save_strategy="steps",
         save_steps=2,
     )
-    if stop_at is not None:
-        trainer.add_callback(StopAt(stop_at))
+    if copy_at is not None:
+        trainer.add_callback(CopyOutputAt(*copy_at))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -465,8 +465,8 @@ def test_a_resumed_run_continues_with_the_guards_state_of_the_uninterrupted_one(
     """The auto-beta's EMA, the auto mu and the escalations travel in the checkpoint: a run resumed at step 2 logs
     the beta and mu of the uninterrupted run at steps 3 to 5 and ends with its weights (a resume that started the
     guards afresh would restart the EMA and mu from their first values)."""
-    straight = _guarded_run(make_trainer, tmp_path / "straight")
-    _guarded_run(make_trainer, tmp_path / "cut", stop_at=2)
+    # The run interrupted after step 2 is the uninterrupted one up to there: its output folder right after that save.
+    straight = _guarded_run(make_trainer, tmp_path / "straight", copy_at=(2, tmp_path / "cut"))
     resumed = _guarded_run(make_trainer, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
 
     def tail(trainer):

@@ -97,7 +97,10 @@ def test_the_probe_measures_at_the_same_draws_every_time(make_trainer, make_pick
     assert first["probe/delta_winner"] == pytest.approx(difference)
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora-in-memory", "full-on-disk"])
+# the snapshot in memory by default: test_online_probe.py's test_an_online_rewind_restores_...[lora-in-memory]
+@pytest.mark.parametrize(
+    "lora", [pytest.param(True, marks=pytest.mark.slow), False], ids=["lora-in-memory", "full-on-disk"]
+)
 def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(make_trainer, make_pickapic, lora):
     recorder = Recorder()
     trainer = make_trainer(

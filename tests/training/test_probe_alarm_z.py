@@ -113,6 +113,7 @@ def _forced(trainer, unhealthy: set[int], patience: int = 2) -> None:
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=patience, unhealthy_steps=unhealthy)
 
 
+@pytest.mark.slow  # by default: test_warn_warns_once_per_unhealthy_episode reads the same summary and warnings
 def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pickapic, caplog):
     trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD,
                            **SCRIPTED, **DPO)  # fmt: skip
@@ -134,6 +135,7 @@ def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pi
     assert fired == [4]
 
 
+@pytest.mark.slow  # by default: test_run_record.py's test_health_probe_alarm_is_in_every_log_after_a_probe[stop]
 def test_stop_stops_at_the_probes_alarm(make_trainer, make_pickapic):
     stop = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=6, probe_steps=1, probe_pairs=HELD,
                         on_pathology="stop", **SCRIPTED, **DPO)  # fmt: skip
@@ -168,9 +170,13 @@ def test_warn_warns_once_per_unhealthy_episode(make_trainer, make_pickapic, capl
     trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=8, probe_steps=1, probe_pairs=HELD,
                            **SCRIPTED, **DPO)  # fmt: skip
     # patience 2: the alarm fires at 3 and again at 5 (no healthy probe between: one episode), healthy at 6, fires at 8
+    assert trainer.args.on_pathology == "warn"
     _forced(trainer, {2, 3, 4, 5, 7, 8})
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo"):
         trainer.train()
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training "))
+    assert f"its alarm ({trainer.probe_alarm.signal.rule.describe()}) acts as on_pathology='warn'" in summary
+    assert trainer.state.global_step == 8  # warn only
     fired = [e["step"] for e in trainer.state.log_history if e.get("health/probe_alarm") == 1.0]
     assert fired == [3, 5, 8]
     warnings = [
@@ -179,7 +185,8 @@ def test_warn_warns_once_per_unhealthy_episode(make_trainer, make_pickapic, capl
         if r.levelno == logging.WARNING and "held-out probe's alarm" in r.getMessage()
     ]
     assert [w.split(":")[0] for w in warnings] == ["Step 3", "Step 8"]
-    assert "would restore step 1's weights" in warnings[0] and "would restore step 6's weights" in warnings[1]
+    assert "on_pathology='rewind' would restore step 1's weights" in warnings[0]
+    assert "on_pathology='rewind' would restore step 6's weights" in warnings[1]
 
 
 def _windows_rule(z: list[float], threshold: float, patience: int) -> list[int]:

@@ -31,10 +31,11 @@ def count_reference_calls(probe: Any) -> list[int]:
 
 
 def probed_run(make_trainer, make_pickapic, lora: bool, keep: bool):
-    """A Diffusion-DPO run probed at every step whose alarm fires at step 3 and rewinds to step 1; ``keep=False``:
-    the probe runs the reference at every probe (no key to keep its errors under)."""
+    """A Diffusion-DPO run of 4 steps probed at every step whose alarm fires at step 3 and rewinds to step 1 (step 4's
+    probe reads the restored weights trained on); ``keep=False``: the probe runs the reference at every probe (no key
+    to keep its errors under)."""
     trainer = make_trainer(
-        lora=lora, train_dataset=make_pickapic(ROWS), max_steps=5, probe_steps=1, probe_pairs=HELD,
+        lora=lora, train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD,
         probe_noise_draws=DRAWS, on_pathology="rewind", **DPO,
     )  # fmt: skip
     trainer.probe_alarm.signal.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
@@ -54,7 +55,7 @@ def test_the_kept_reference_errors_give_the_readings_of_a_probe_that_runs_the_re
 ):
     kept, kept_calls = probed_run(make_trainer, make_pickapic, lora, keep=True)
     rerun, rerun_calls = probed_run(make_trainer, make_pickapic, lora, keep=False)
-    assert [step for step, _ in kept.probe.readings] == [1, 2, 3, 4, 5]
+    assert [step for step, _ in kept.probe.readings] == [1, 2, 3, 4]
     assert [(e["step"], e["health/rewind_to"]) for e in kept.state.log_history if "health/rewind_to" in e] == [
         (3, 1.0)
     ]
@@ -64,7 +65,7 @@ def test_the_kept_reference_errors_give_the_readings_of_a_probe_that_runs_the_re
     assert kept.probe.readings == rerun.probe.readings
     # One reference pass per noise draw: at the first probe only, against one at every probe.
     assert kept_calls == DRAWS
-    assert rerun_calls == DRAWS * 5
+    assert rerun_calls == DRAWS * 4
 
 
 def test_an_online_probe_runs_the_refreshed_reference_and_keeps_it_until_the_next_refresh(tmp_path):

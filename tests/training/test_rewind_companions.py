@@ -59,7 +59,11 @@ def _rewinding_trainer(make_trainer, make_pickapic, watch: StateAtStepBegin, lor
     return trainer
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora-in-memory", "full-on-disk"])
+# by default: full-on-disk (the EMA's state through the snapshot on disk); a companion put back from the memory
+# snapshot of a LoRA run by default: test_a_rewind_restores_the_auto_beta
+@pytest.mark.parametrize(
+    "lora", [pytest.param(True, marks=pytest.mark.slow), False], ids=["lora-in-memory", "full-on-disk"]
+)
 def test_a_rewind_restores_the_ema_weights_of_the_healthy_step(make_trainer, make_pickapic, lora):
     watch = StateAtStepBegin()
     trainer = _rewinding_trainer(make_trainer, make_pickapic, watch, lora=lora, ema_decay=0.9, **DPO)

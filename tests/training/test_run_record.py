@@ -68,7 +68,8 @@ def test_the_card_and_the_end_summary_record_every_warning_and_alarm(
     assert ended == ["Training ended at step 6. " + " ".join(lines)]
 
 
-@pytest.mark.parametrize("on_pathology", ["warn", "rewind", "stop"])
+# the rewind's flags in every log by default: test_alarm_callback.py's test_the_probes_alarm_acts_once_per_step_...
+@pytest.mark.parametrize("on_pathology", ["warn", pytest.param("rewind", marks=pytest.mark.slow), "stop"])
 def test_health_probe_alarm_is_in_every_log_after_a_probe(make_trainer, make_pickapic, on_pathology):
     # logs every 2 steps, a probe every step: the alarm fires at step 3, between two logs, and is logged there
     trainer = make_trainer(
