@@ -121,13 +121,13 @@ def test_a_full_tuning_run_resumed_between_the_healthy_probe_and_the_alarm_rewin
 def test_the_best_checkpoint_is_recorded_by_its_published_name(make_trainer, pickapic_dataset, tmp_path):
     """transformers names the best checkpoint by the folder it wrote; the trainer state holds the published one."""
     trainer = make_trainer(
-        max_steps=4, eval_dataset=pickapic_dataset, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-        save_steps=2, load_best_model_at_end=True, metric_for_best_model="implicit_acc", output_dir=str(tmp_path),
+        max_steps=2, eval_dataset=pickapic_dataset, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+        save_steps=1, load_best_model_at_end=True, metric_for_best_model="implicit_acc", output_dir=str(tmp_path),
     )  # fmt: skip
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert os.path.dirname(best) == str(tmp_path) and checkpoint_problem(best) == ""
-    for step in (2, 4):
+    for step in (1, 2):
         with open(tmp_path / f"checkpoint-{step}" / "trainer_state.json") as f:
             recorded = json.load(f)["best_model_checkpoint"]
         assert recorded is None or (os.path.dirname(recorded) == str(tmp_path) and os.path.isdir(recorded))
