@@ -39,7 +39,18 @@ UNCOVERED_WHEN_FULL["qwen-image-2.1"] = "txt_in.text_norm"
 # The slowest tiny family (a video transformer with its own text encoders): its cases run in the slow tier, the
 # mechanism they check runs by default on every other family.
 SLOW_FAMILIES = {"hunyuan-video-1.5"}
-FAMILY_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n for n in FAMILIES]
+# The per-pair scope's families whose denoiser is another's (the same layer types, adapted alike): by default the
+# other family's case covers them (SD XL: SD's UNet; FLUX.1 Kontext: FLUX.1's transformer, with sources as
+# Qwen-Image-Edit's case has them; FLUX.2 [klein]: FLUX.2's; Qwen-Image-Edit-Plus: Qwen-Image-Edit's)
+PAIR_SCOPE_REPEATS = {
+    "sdxl": "sd",
+    "flux-kontext": "flux",
+    "flux2-klein": "flux2",
+    "qwen-image-edit-plus": "qwen-image-edit",
+}
+PAIR_SCOPE_PARAMS = [
+    pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES or n in PAIR_SCOPE_REPEATS else n for n in FAMILIES
+]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +102,32 @@ def _accumulated(problem: Problem) -> list[torch.Tensor]:
 
 
 # Every family from an accumulated gradient (the later micro-batches of a window) by default; from an empty one (the
-# first micro-batch) SD by default and the other families in the slow tier.
+# first micro-batch) SD by default and the other families in the slow tier. SD keeps every pair of LoRA/full and
+# fresh/accumulating by default. Full tuning taps every layer type of a family's denoiser, LoRA only peft's adapted
+# linears (SD's cases): a family whose full tuning takes the one pass keeps its full case by default, its LoRA case in
+# the slow tier; a family whose full tuning falls back (UNCOVERED_WHEN_FULL) keeps both, its LoRA case being its one
+# pass. FLUX.2 [klein]'s by default: test_one_pass_equals_the_per_branch_passes_with_flux2_reference_images (the same
+# denoiser, LoRA and full, with reference images in the sequence).
+ONE_PASS_BY_FULL_TUNING = {
+    "sdxl",
+    "sd3",
+    "flux",
+    "flux-kontext",
+    "flux2",
+    "qwen-image",
+    "qwen-image-edit",
+    "qwen-image-edit-plus",
+}
+
+
+def _float64_case_is_slow(name: str, lora: bool, accumulate: bool) -> bool:
+    if name in SLOW_FAMILIES or name == "flux2-klein":
+        return True
+    if name == "sd":
+        return False
+    return not accumulate or (lora and name in ONE_PASS_BY_FULL_TUNING)
+
+
 @pytest.mark.parametrize(
     "name,lora,accumulate",
     [
@@ -99,7 +135,7 @@ def _accumulated(problem: Problem) -> list[torch.Tensor]:
             n,
             lora,
             acc,
-            marks=pytest.mark.slow if n in SLOW_FAMILIES or (not acc and n != "sd") else (),
+            marks=pytest.mark.slow if _float64_case_is_slow(n, lora, acc) else (),
             id=f"{n}-{'lora' if lora else 'full'}-{'accumulating' if acc else 'fresh'}",
         )
         for n in FAMILIES
@@ -150,7 +186,7 @@ def test_the_lambda_binds_in_the_comparison_case(fresh_run):
 # ------------------------------------------------------------------------------------------- per pair
 
 
-@pytest.mark.parametrize("name", FAMILY_PARAMS)
+@pytest.mark.parametrize("name", PAIR_SCOPE_PARAMS)
 def test_pair_scope_lambdas_and_gradient_equal_explicit_per_pair_autograd(name, problem):
     problem = problem(name, True, pairs=3)
     params, winners, losers = explicit_per_pair(problem)

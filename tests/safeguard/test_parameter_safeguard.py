@@ -177,9 +177,23 @@ def test_splitter_refuses_a_loser_gradient_delivered_in_pieces():
 # ---------------------------------------------------------------------------------------------- the trainer's step
 
 
-@pytest.mark.parametrize("passes", ["one", "two"])
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+# By default a half of the grid in which every pair of levels meets (two passes exactly where one of checkpointing
+# and full tuning is on); the rest: slow
+@pytest.mark.parametrize(
+    "checkpointing,lora,passes",
+    [
+        pytest.param(
+            checkpointing,
+            not full,
+            passes,
+            marks=() if (passes == "two") == (checkpointing != full) else pytest.mark.slow,
+            id=f"{'checkpointed' if checkpointing else 'plain'}-{'full' if full else 'lora'}-{passes}",
+        )
+        for checkpointing in (False, True)
+        for full in (False, True)
+        for passes in ("one", "two")
+    ],
+)
 def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autograd(
     make_trainer, lora, checkpointing, passes
 ):
@@ -270,7 +284,9 @@ def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
     "loss_type, overrides",
     [
         ("dspo", {"beta": 0.001, "dspo_form": "sd15"}),
-        ("dspo", {"beta": 5000.0, "dspo_form": "sdxl"}),
+        # DSPO's SDXL form by default: the sd15 form's case (the same objective through the same step) and
+        # test_objectives.py's test_config_fields_reach_dspo (the form's loss)
+        pytest.param("dspo", {"beta": 5000.0, "dspo_form": "sdxl"}, marks=pytest.mark.slow),
         ("dmpo", {"beta": 2000.0}),
         ("mapo", {}),
     ],
