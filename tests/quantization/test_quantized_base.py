@@ -345,7 +345,11 @@ def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_sayi
     assert first["mse/policy_winner"] == first["mse/ref_winner"] and "safeguard/lambda_mean" in first
 
 
-@pytest.mark.parametrize("backend", ["torchao-int8", "quanto-int8", "torchao-float8"])
+# quanto-int8 in the slow tier: by default torchao's int8 and float8 layers, which compute in their input's dtype,
+# take the bf16 inputs, and test_lora_trains_on_a_quanto_int8_unet_from_python trains LoRA on quanto's layers
+@pytest.mark.parametrize(
+    "backend", ["torchao-int8", pytest.param("quanto-int8", marks=pytest.mark.slow), "torchao-float8"]
+)
 def test_bf16_training_on_a_quantized_base_starts_equal_and_stays_finite(quanto_sd, backend, tmp_path) -> None:
     """Under a bf16 autocast the unquantized norms are bf16; torchao's int8 layers, which compute in their input's
     dtype, must get bf16 inputs (else: ``mixed dtype (CPU)``)."""
