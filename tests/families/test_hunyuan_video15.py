@@ -233,6 +233,23 @@ class TestHunyuanVideo15Training(FlowFamilyTrainingChecks):
             self.case, make_pipe(), lambda **overrides: make_config(**{**overrides, "max_steps": 1}), pairs
         )
 
+    # by default: test_qwen_image.py's TestQwenImageTraining runs the same check (the frozen copy, the whole pipeline
+    # saved and loaded again); this family's frames reach its transformer in its LoRA run and cache check
+    @pytest.mark.slow
+    def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
+        self, saved_pipeline, make_config, pairs, tmp_path
+    ) -> None:
+        super().test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
+            saved_pipeline, make_config, pairs, tmp_path
+        )
+
+    # by default: test_wan.py's test_both_safeguard_spaces_train_and_log_lambda[parameter] (the same safeguard code
+    # on a video transformer's adapters)
+    @pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
+    @pytest.mark.slow
+    def test_both_safeguard_spaces_train_and_log_lambda(self, make_pipe, make_config, pairs, space) -> None:
+        super().test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pairs, space)
+
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         """Image grids are refused for a video family, pointing to sample_videos (tested below)."""
         from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
