@@ -10,7 +10,8 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from tests.helpers.common import StopAt, changed_keys, lora_config, snapshot
+from tests.helpers.common import changed_keys, lora_config, snapshot
+from tests.helpers.rewind import CopyOutputAt
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.columns import PreferenceColumns
@@ -81,7 +82,15 @@ def textured_pairs(n: int = 6) -> Dataset:
 def test_resuming_with_random_crop_gives_the_weights_of_an_uninterrupted_run(make_pipeline, make_config, tmp_path):
     dataset = textured_pairs()
 
-    def run(output_dir, stop_at=None, resume=None):
+    class CopyAndSnapshotAt(CopyOutputAt):
+        """The output folder copied right after the save at ``step`` (an interruption there) and the weights then."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            super().on_save(args, state, control, **kwargs)
+            if state.global_step == self.step:
+                self.weights = snapshot(model)
+
+    def run(output_dir, callbacks=(), resume=None):
         trainer = DiffusionSDPOTrainer(
             make_pipeline(seed=0),
             args=make_config(
@@ -95,15 +104,16 @@ def test_resuming_with_random_crop_gives_the_weights_of_an_uninterrupted_run(mak
             train_dataset=dataset,
             peft_config=lora_config(),
         )
-        if stop_at is not None:
-            trainer.add_callback(StopAt(stop_at))
+        for callback in callbacks:
+            trainer.add_callback(callback)
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
-    straight = run(tmp_path / "straight")
-    interrupted = run(tmp_path / "interrupted", stop_at=2)
+    # The run interrupted after step 2 is the uninterrupted one up to there: its output folder right after that save.
+    interrupted = CopyAndSnapshotAt(2, tmp_path / "interrupted")
+    straight = run(tmp_path / "straight", callbacks=[interrupted])
     resumed = run(tmp_path / "interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-2"))
-    assert changed_keys(snapshot(interrupted.model), snapshot(resumed.model)), "resuming trained nothing"
+    assert changed_keys(interrupted.weights, snapshot(resumed.model)), "resuming trained nothing"
     a, b = snapshot(straight.model), snapshot(resumed.model)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)

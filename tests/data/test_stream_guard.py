@@ -7,6 +7,7 @@ import logging
 
 import pytest
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from tests.helpers.common import changed_keys, pickapic_rows, snapshot
 from trl_diffusion_sdpo.callbacks.interruptions import NoValidPairsError, stop_threshold
@@ -47,23 +48,28 @@ def test_a_run_that_ends_without_a_valid_pair_is_an_error(make_trainer):
         trainer.train()
 
 
+class AfterEachStep(TrainerCallback):
+    """The LoRA weights and AdamW's step counts at the end of every optimizer step, by step."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.seen = trainer, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        steps = [int(s["step"]) for s in self.trainer.optimizer.state.values()]
+        self.seen[state.global_step] = (trainable(self.trainer), steps)
+
+
 def test_an_empty_step_among_good_ones_is_skipped_not_applied(make_trainer, caplog):
     rows = pickapic_rows(2) + bad_rows(2) + pickapic_rows(2)  # batch 2: step 2 has no valid pair
-
-    def run(max_steps: int):
-        trainer = make_trainer(train_dataset=stream(rows), skip_invalid_rows=True, max_steps=max_steps)
-        before = trainable(trainer)
-        trainer.train()
-        return before, trainer
-
-    before, one = run(1)
+    trainer = make_trainer(train_dataset=stream(rows), skip_invalid_rows=True, max_steps=3)
+    before, after = trainable(trainer), AfterEachStep(trainer)
+    trainer.add_callback(after)
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.interruptions"):
-        _, two = run(2)
+        trainer.train()
+    (one, _), (two, two_steps), (three, _) = (after.seen[step] for step in (1, 2, 3))
     assert "Optimizer step 2 has no valid pair (2 rows skipped): not applied" in caplog.text
     # Step 2 changed nothing: the weights and AdamW's state are those after step 1, bit for bit.
-    assert changed_keys(before, trainable(one))
-    assert not changed_keys(trainable(one), trainable(two))
-    for state in two.optimizer.state.values():
-        assert int(state["step"]) == 1
-    _, three = run(3)  # step 3 has pairs again: applied
-    assert changed_keys(trainable(one), trainable(three))
+    assert changed_keys(before, one)
+    assert not changed_keys(one, two)
+    assert two_steps and all(step == 1 for step in two_steps)
+    assert changed_keys(one, three)  # step 3 has pairs again: applied
