@@ -167,7 +167,9 @@ def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(
     )
 
 
-@variants("klein")
+# both slow; by default: test_flux2_references.py's test_full_tuning_on_references_saves_a_pipeline_that_reloads_...
+# [klein-2ref] (the same check on the same transformer, trained on references)
+@variants()
 def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
     make_pipe, make_config, pairs, tmp_path, variant
 ) -> None:
@@ -177,7 +179,9 @@ def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
     )
 
 
-@variants("klein")
+# both slow; by default: test_flux2_references.py's test_both_safeguard_spaces_train_on_references
+# [parameter-klein-2ref] (the same check on the same transformer, trained on references)
+@variants()
 @pytest.mark.parametrize("space", ["parameter", pytest.param("output", marks=pytest.mark.slow)])
 def test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pairs, space, variant) -> None:
     check_safeguard_space(CASES[variant], make_pipe(), make_config, pairs, space)

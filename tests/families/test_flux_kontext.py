@@ -228,6 +228,17 @@ class TestFluxKontextTraining(FlowFamilyTrainingChecks):
     config_name = "flux_kontext_lora"
     family_name = "flux-kontext"
 
+    # by default: test_flow_families.py's test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer
+    # [flux] (the same transformer class, copied, trained and saved) and test_full_tuning_runs_the_one_pass_safeguard_
+    # equal_to_two_passes (full tuning on this family's sources)
+    @pytest.mark.slow
+    def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
+        self, saved_pipeline, make_config, pairs, tmp_path
+    ) -> None:
+        super().test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
+            saved_pipeline, make_config, pairs, tmp_path
+        )
+
     @pytest.mark.slow  # test_validation_grids_edit_the_given_sources_... samples the same grid by default
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         super().test_validation_grids_sample_with_the_pipeline(make_pipe, make_config, pairs, tmp_path)
