@@ -78,7 +78,8 @@ def test_full_tuning_terms_follow_the_zero_accounting() -> None:
     2P reference and a 2P autocast copy; ZeRO-3 keeps (2 + 4)P/N, 2P/N, 8P/N and 2P/N; doubling N halves them."""
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
-    ddp = estimate_memory(sizes, _full_shape()).components
+    memo: dict = {}  # the activation counts, shared as the advice's estimates share them
+    ddp = estimate_memory(sizes, _full_shape(), memo).components
     assert (ddp["weights"], ddp["gradients"], ddp["optimizer"], ddp["reference"], ddp["mixed_precision_cast"]) == (
         4 * p,
         4 * p,
@@ -86,18 +87,20 @@ def test_full_tuning_terms_follow_the_zero_accounting() -> None:
         2 * p,
         2 * p,
     )
+    zero3 = {}
     for n in (2, 4):
-        zero3 = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=n)).components
-        assert zero3["weights"] == pytest.approx(6 * p / n, abs=2)
-        assert zero3["gradients"] == pytest.approx(2 * p / n, abs=1)
-        assert zero3["optimizer"] == pytest.approx(8 * p / n, abs=1)
-        assert zero3["reference"] == pytest.approx(2 * p / n, abs=1)
-    two = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=2)).components
-    four = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=4)).components
+        zero3[n] = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=n), memo).components
+        assert zero3[n]["weights"] == pytest.approx(6 * p / n, abs=2)
+        assert zero3[n]["gradients"] == pytest.approx(2 * p / n, abs=1)
+        assert zero3[n]["optimizer"] == pytest.approx(8 * p / n, abs=1)
+        assert zero3[n]["reference"] == pytest.approx(2 * p / n, abs=1)
+    two = zero3[2]
+    four = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=4)).components  # its own count
+    assert four == zero3[4]
     for term in ("weights", "gradients", "optimizer", "reference"):
         assert four[term] == pytest.approx(two[term] / 2, abs=2), term
     assert four["activations"] == two["activations"]  # per process: never sharded
-    zero2 = estimate_memory(sizes, _full_shape(engine="zero2", num_processes=4)).components
+    zero2 = estimate_memory(sizes, _full_shape(engine="zero2", num_processes=4), memo).components
     assert zero2["reference"] == 2 * p and zero2["gradients"] == pytest.approx(2 * p / 4, abs=1)
 
 
@@ -109,17 +112,18 @@ def test_safeguard_one_pass_adds_both_rows_to_diffusion_dpos_activation_peak() -
     gradients, less the activations, where that is larger."""
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
-    bf16 = estimate_memory(sizes, _full_shape(safeguard="one_pass")).components
+    memo: dict = {}  # the activation counts, shared as the advice's estimates share them
+    bf16 = estimate_memory(sizes, _full_shape(safeguard="one_pass"), memo).components
     assert bf16["safeguard"] == max(2 * 2 * p, 2 * 2 * p + 4 * p - 4 * p - bf16["activations"]) == 4 * p
-    fp32 = estimate_memory(sizes, _full_shape(safeguard="one_pass", dtype_bytes=4)).components
+    fp32 = estimate_memory(sizes, _full_shape(safeguard="one_pass", dtype_bytes=4), memo).components
     assert fp32["safeguard"] == max(8 * p, 8 * p + 4 * p - 4 * p - fp32["activations"]) == 8 * p
-    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2)).components
+    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2), memo).components
     row = 2 * p // 2
     assert zero2["safeguard"] == max(2 * row, 3 * row - zero2["activations"])
-    fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2)).components
+    fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2), memo).components
     row = 4 * p // 2
     assert fsdp2["safeguard"] == max(2 * row, 3 * row - fsdp2["activations"])
-    assert estimate_memory(sizes, _full_shape(safeguard="output")).components["safeguard"] == 0
+    assert estimate_memory(sizes, _full_shape(safeguard="output"), memo).components["safeguard"] == 0
 
 
 def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_rows_and_a_piece_of_the_combination(monkeypatch) -> None:
@@ -132,17 +136,19 @@ def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_rows_and_a_piece_of
 
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
+    memo: dict = {}  # the activation counts, shared as the advice's estimates share them
     monkeypatch.setattr(memory_model, "PIECE_ELEMENTS", -(-p // 4))
-    bf16 = estimate_memory(sizes, _full_shape(safeguard="one_pass")).components
+    bf16 = estimate_memory(sizes, _full_shape(safeguard="one_pass"), memo).components
     assert bf16["safeguard"] == max(2 * -(-2 * p // 4), -(-4 * p // 4) - bf16["activations"])
     assert bf16["safeguard"] <= p + 1  # a quarter of a float32 gradient, where the rows of before held two
-    fp32 = estimate_memory(sizes, _full_shape(safeguard="one_pass", dtype_bytes=4)).components
+    fp32 = estimate_memory(sizes, _full_shape(safeguard="one_pass", dtype_bytes=4), memo).components
     assert fp32["safeguard"] == max(2 * -(-4 * p // 4), 4 * p + -(-4 * p // 4) - fp32["activations"])
-    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2)).components
+    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2), memo).components
     row = 2 * p // 2
     assert zero2["safeguard"] == max(2 * -(-row // 4), 2 * row + -(-row // 4) - zero2["activations"])
     for engine in ("fsdp2", "zero3"):
-        sharded = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine=engine, num_processes=2)).components
+        shape = _full_shape(safeguard="one_pass", engine=engine, num_processes=2)
+        sharded = estimate_memory(sizes, shape, memo).components
         row = 4 * p // 2
         assert sharded["safeguard"] == max(2 * -(-row // 4), 2 * row + -(-row // 4) - sharded["activations"])
 

@@ -96,13 +96,21 @@ def test_fewer_pairs_per_micro_batch_keep_the_pairs_per_step() -> None:
         assert (changed.pairs, changed.accumulation) == (pairs, steps)
 
 
+@pytest.fixture(scope="module")
+def shape_counts(sizes) -> dict:
+    """The activations memo after an estimate of ``SHAPE`` alone, made once; a test shares a copy of it."""
+    memo: dict = {}
+    estimate_memory(sizes, SHAPE, memo)
+    return memo
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("activation_checkpointing", True), ("pairs", 2), ("resolution", 32), ("dtype_bytes", 2), ("prompt_tokens", 20)],
 )
-def test_estimates_sharing_activation_counts_equal_fresh_ones(sizes, field: str, value) -> None:
-    shared: dict = {}
-    estimate_memory(sizes, SHAPE, shared)
+def test_estimates_sharing_activation_counts_equal_fresh_ones(sizes, shape_counts, field: str, value) -> None:
+    shared = dict(shape_counts)  # SHAPE's counts only
+    assert len(shared) == 1
     other = replace(SHAPE, **{field: value})
     assert estimate_memory(sizes, other, shared).components == estimate_memory(sizes, other).components
 
