@@ -40,13 +40,15 @@ UNCOVERED_WHEN_FULL["qwen-image-2.1"] = "txt_in.text_norm"
 # mechanism they check runs by default on every other family.
 SLOW_FAMILIES = {"hunyuan-video-1.5"}
 # The per-pair scope's families whose denoiser is another's (the same layer types, adapted alike): by default the
-# other family's case covers them (SD XL: SD's UNet; FLUX.1 Kontext: FLUX.1's transformer, with sources as
-# Qwen-Image-Edit's case has them; FLUX.2 [klein]: FLUX.2's; Qwen-Image-Edit-Plus: Qwen-Image-Edit's)
+# other family's case covers them (SD XL: SD's UNet; FLUX.1 Kontext: FLUX.1's transformer; FLUX.2 [klein]: FLUX.2's;
+# Qwen-Image-Edit and -Plus: Qwen-Image's), and their own conditioning (sources in the sequence) runs through the one
+# pass in the float64 tests below
 PAIR_SCOPE_REPEATS = {
     "sdxl": "sd",
     "flux-kontext": "flux",
     "flux2-klein": "flux2",
-    "qwen-image-edit-plus": "qwen-image-edit",
+    "qwen-image-edit": "qwen-image",
+    "qwen-image-edit-plus": "qwen-image",
 }
 PAIR_SCOPE_PARAMS = [
     pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES or n in PAIR_SCOPE_REPEATS else n for n in FAMILIES
