@@ -644,8 +644,16 @@ def test_sdxl_sampling_encodes_the_empty_negative_prompt_at_the_requested_size(t
     assert [image.size for image in images] == [(32, 32), (32, 32)]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-@pytest.mark.parametrize("layout", ["output_folder", "transformer_folder"])
+# by default a half of the grid in which every family and every layout appears; the rest: slow
+@pytest.mark.parametrize(
+    ("layout", "family"),
+    [
+        pytest.param("output_folder", "sd3", marks=pytest.mark.slow),
+        ("output_folder", "flux"),
+        ("transformer_folder", "sd3"),
+        pytest.param("transformer_folder", "flux", marks=pytest.mark.slow),
+    ],
+)
 def test_a_flow_model_full_tuning_output_is_evaluated_with_its_transformer(tmp_path, family, layout):
     """SD3/FLUX full tuning saves ``transformer/`` (no ``unet/``): evaluate swaps it into the base pipeline."""
     from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
