@@ -227,21 +227,17 @@ class TestFluxKontextTraining(FlowFamilyTrainingChecks):
     case = CASE
     config_name = "flux_kontext_lora"
     family_name = "flux-kontext"
-
-    # by default: test_flow_families.py's test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer
-    # [flux] (the same transformer class, copied, trained and saved) and test_full_tuning_runs_the_one_pass_safeguard_
-    # equal_to_two_passes (full tuning on this family's sources)
-    @pytest.mark.slow
-    def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-        self, saved_pipeline, make_config, pairs, tmp_path
-    ) -> None:
-        super().test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-            saved_pipeline, make_config, pairs, tmp_path
-        )
-
-    @pytest.mark.slow  # test_validation_grids_edit_the_given_sources_... samples the same grid by default
-    def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
-        super().test_validation_grids_sample_with_the_pipeline(make_pipe, make_config, pairs, tmp_path)
+    slow_repeats = {
+        "test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline": (
+            "test_flow_families.py's "
+            "test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer[flux] (the same "
+            "transformer class) and test_full_tuning_runs_the_one_pass_safeguard_equal_to_two_passes (full tuning"
+            " on this family's sources)"
+        ),
+        "test_validation_grids_sample_with_the_pipeline": (
+            "test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them (the same grid)"
+        ),
+    }
 
     def test_the_shipped_config_trains_from_local_folders(self, saved_pipeline, pairs, tmp_path) -> None:
         # The YAML reads EditReward-Data's column names: the local pairs name their source as it does.

@@ -212,6 +212,14 @@ class TestHunyuanVideo15Training(FlowFamilyTrainingChecks):
     case = CASE
     config_name = "hunyuan_video15_lora"
     family_name = "hunyuan-video-1.5"
+    slow_repeats = {  # this family's frames reach its transformer in its LoRA run and cache check by default
+        "test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline": (
+            "test_qwen_image.py's TestQwenImageTraining (the frozen copy, the pipeline saved and loaded)"
+        ),
+        "test_both_safeguard_spaces_train_and_log_lambda": (
+            "test_wan.py's [parameter] case (the same safeguard code on a video transformer's adapters)"
+        ),
+    }
 
     @pytest.fixture
     def make_config(self, make_config):
@@ -232,23 +240,6 @@ class TestHunyuanVideo15Training(FlowFamilyTrainingChecks):
         check_bf16_lora_trains_float32_adapters(
             self.case, make_pipe(), lambda **overrides: make_config(**{**overrides, "max_steps": 1}), pairs
         )
-
-    # by default: test_qwen_image.py's TestQwenImageTraining runs the same check (the frozen copy, the whole pipeline
-    # saved and loaded again); this family's frames reach its transformer in its LoRA run and cache check
-    @pytest.mark.slow
-    def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-        self, saved_pipeline, make_config, pairs, tmp_path
-    ) -> None:
-        super().test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-            saved_pipeline, make_config, pairs, tmp_path
-        )
-
-    # by default: test_wan.py's test_both_safeguard_spaces_train_and_log_lambda[parameter] (the same safeguard code
-    # on a video transformer's adapters)
-    @pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
-    @pytest.mark.slow
-    def test_both_safeguard_spaces_train_and_log_lambda(self, make_pipe, make_config, pairs, space) -> None:
-        super().test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pairs, space)
 
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         """Image grids are refused for a video family, pointing to sample_videos (tested below)."""

@@ -277,21 +277,12 @@ class TestQwenImage21Training(FlowFamilyTrainingChecks):
     case = CASE
     config_name = "qwen_image21_lora"
     family_name = "qwen-image-2.1"
-
-    # by default: test_qwen_image.py's TestQwenImageTraining runs the same check (the frozen copy, the whole pipeline
-    # saved and loaded again); this family's call of its transformer is trained by its LoRA run
-    @pytest.mark.slow
-    def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-        self, saved_pipeline, make_config, pairs, tmp_path
-    ) -> None:
-        super().test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-            saved_pipeline, make_config, pairs, tmp_path
-        )
-
-    # by default: test_the_exact_safeguard_splits_padded_prompts_by_branch_and_by_pair (this family's transformer
-    # under the parameter space's stage, checked exactly) and test_qwen_image.py's TestQwenImageTraining's
-    # [parameter] case (the same check, the safeguard training and logging its lambda)
-    @pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
-    @pytest.mark.slow
-    def test_both_safeguard_spaces_train_and_log_lambda(self, make_pipe, make_config, pairs, space) -> None:
-        super().test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pairs, space)
+    slow_repeats = {  # this family's call of its transformer is trained by its LoRA run by default
+        "test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline": (
+            "test_qwen_image.py's TestQwenImageTraining (the frozen copy, the pipeline saved and loaded)"
+        ),
+        "test_both_safeguard_spaces_train_and_log_lambda": (
+            "test_the_exact_safeguard_splits_padded_prompts_by_branch_and_by_pair (this transformer under the "
+            "parameter space, checked exactly) and TestQwenImageTraining's [parameter] case"
+        ),
+    }

@@ -317,6 +317,16 @@ class _EditingChecks(FlowFamilyTrainingChecks):
 
     variant: str
     sources: int | None = None
+    slow_repeats = {  # the sources reach the transformer in each class's LoRA run by default
+        "test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline": (
+            "test_qwen_image.py's TestQwenImageTraining (the same transformer class: the frozen copy, the pipeline "
+            "saved and loaded)"
+        ),
+        "test_both_safeguard_spaces_train_and_log_lambda": (
+            "test_qwen_image.py's TestQwenImageTraining's [parameter] case (the same transformer class under the same "
+            "safeguard) and test_flux_kontext.py's (sources in the sequence)"
+        ),
+    }
 
     @pytest.fixture
     def make_pipe(self, make_edit_pipe):
@@ -332,24 +342,6 @@ class _EditingChecks(FlowFamilyTrainingChecks):
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         # the edit pipelines need an image: the grid edits validation_source_images
         check_validation_grids_sample_with_the_pipeline(self.case, make_pipe(), make_config, pairs, tmp_path, True)
-
-    # by default: test_qwen_image.py's TestQwenImageTraining runs the same check on the same transformer class (the
-    # frozen copy, the whole pipeline saved and loaded again); the sources reach it in each class's LoRA run
-    @pytest.mark.slow
-    def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-        self, saved_pipeline, make_config, pairs, tmp_path
-    ) -> None:
-        super().test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
-            saved_pipeline, make_config, pairs, tmp_path
-        )
-
-    # by default: test_qwen_image.py's TestQwenImageTraining's test_both_safeguard_spaces_train_and_log_lambda
-    # [parameter] (the same transformer class under the same safeguard), and test_flux_kontext.py's on sources in the
-    # sequence
-    @pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
-    @pytest.mark.slow
-    def test_both_safeguard_spaces_train_and_log_lambda(self, make_pipe, make_config, pairs, space) -> None:
-        super().test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pairs, space)
 
     def test_the_shipped_config_trains_from_local_folders(self, saved_pipeline, pairs, tmp_path) -> None:
         # The YAML reads EditReward-Data's column names: a single source is named as it names it.
@@ -377,19 +369,14 @@ class TestQwenImageEditPlusTraining(_EditingChecks):
     family_name = "qwen-image-edit-plus"
     variant = "plus"
     sources = 2
-
-    # by default: TestQwenImageEditTraining's test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer (the same
-    # family code and transformer; the two sources' concatenation is trained by this class's LoRA run)
-    @pytest.mark.slow
-    def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(self, make_pipe, make_config, pairs) -> None:
-        super().test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(make_pipe, make_config, pairs)
-
-    # by default: TestQwenImageEditTraining's test_lora_saved_by_the_trainer_reloads_with_load_lora_weights (the same
-    # transformer's adapters in the same file format, loaded by the same loader; this class's LoRA run, which trains
-    # the two sources' concatenation, stays by default)
-    @pytest.mark.slow
-    def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(self, lora_run) -> None:
-        super().test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(lora_run)
+    slow_repeats = {  # this class's LoRA run, which trains the two sources' concatenation, stays by default
+        "test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer": (
+            "TestQwenImageEditTraining's same test (the same family code and transformer)"
+        ),
+        "test_lora_saved_by_the_trainer_reloads_with_load_lora_weights": (
+            "TestQwenImageEditTraining's same test (the same adapters' file format, loaded by the same loader)"
+        ),
+    }
 
 
 def test_plus_embeddings_have_one_length_whatever_the_number_of_sources(make_edit_pipe) -> None:

@@ -9,6 +9,7 @@ Each check takes a ``FlowCase``: how to build the tiny pipeline, its diffusers c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -387,12 +388,30 @@ def check_validation_grids_sample_with_the_pipeline(
 class FlowFamilyTrainingChecks:
     """The checks above as tests: a family's test module subclasses this as ``Test...Training``, sets ``case``,
     ``config_name`` (the shipped ``examples/configs/<name>.yaml``), ``family_name`` and ``dpo_rises``, and defines the
-    ``make_pipe`` (``make_pipe(seed=...)``: a fresh tiny pipeline) and ``pairs`` fixtures."""
+    ``make_pipe`` (``make_pipe(seed=...)``: a fresh tiny pipeline) and ``pairs`` fixtures.
+
+    ``slow_repeats`` names the checks a family leaves to the slow tier, each with the default-tier test that runs the
+    same code path (another family's same check on the same transformer class, or this family's own test of it): the
+    subclass runs each of them as inherited, marked slow."""
 
     case: ClassVar[FlowCase]
     config_name: ClassVar[str]
     family_name: ClassVar[str]
     dpo_rises: ClassVar[bool] = True  # whether plain DPO raises the winner term on the exactness batch
+    slow_repeats: ClassVar[dict[str, str]] = {}  # check -> the default-tier test that covers it
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, covered_by in cls.__dict__.get("slow_repeats", {}).items():
+            if name in cls.__dict__ or not covered_by:
+                raise TypeError(f"{cls.__name__}.slow_repeats: {name!r} must be inherited and name its default cover")
+            check = getattr(cls, name)
+
+            def repeat(self, *args: Any, _check: Callable = check, **kwargs: Any) -> None:
+                _check(self, *args, **kwargs)
+
+            # the inherited check's name, signature (its fixtures) and marks (its parametrization), marked slow
+            setattr(cls, name, pytest.mark.slow(functools.update_wrapper(repeat, check)))
 
     @pytest.fixture(scope="class")
     def runs(self) -> dict[str, Any]:
