@@ -94,13 +94,15 @@ def rewrite_docstring(text: str, package: str) -> str:
 
 def _docstring_written_at_import(path: str) -> str | None:
     """The docstring a class without one in its source is given at import (``DiffusionSDPOConfig``'s, written from
-    its fields' helps), or ``None``; a dataclass's generated signature does not count."""
+    its fields' helps when first read), or ``None``; a dataclass's generated signature does not count."""
     module_name, _, name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError):
         return None
-    doc = vars(cls).get("__doc__")
+    # the class's own __doc__, read through the class: a descriptor stored there (the config's lazily written
+    # docstring) gives its text only when read
+    doc = cls.__doc__ if "__doc__" in vars(cls) else None
     if not isinstance(doc, str) or doc.startswith(f"{name}("):
         return None
     return inspect.cleandoc(doc)
