@@ -283,10 +283,10 @@ def flow_lora_runs(saved_flow_pipelines, tmp_path_factory) -> Callable[[str], Fl
     def get(kind: str) -> FlowLoraRun:
         if kind not in made:
             saved, out = saved_flow_pipelines(kind), tmp_path_factory.mktemp(f"lora-{kind}") / "lora-out"
-            values = {**fast_config_values(str(out)), "beta": 100.0, "max_sequence_length": SEQ, "max_steps": 2}
+            args = flow_config(lambda **values: DiffusionSDPOConfig(**{**fast_config_values(str(out)), **values}))
             trainer = DiffusionSDPOTrainer(
                 str(saved.local),
-                args=DiffusionSDPOConfig(**values),
+                args=args,
                 train_dataset=Dataset.from_list(pickapic_rows(4)),
                 peft_config=lora(),
             )

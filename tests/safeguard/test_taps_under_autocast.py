@@ -26,6 +26,7 @@ import torch
 from trl_diffusion_sdpo.safeguards import safeguard_for
 from trl_diffusion_sdpo.safeguards.gradients import layer_taps
 from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps
+from trl_diffusion_sdpo.testing.operations import event_tree
 
 # Operations that read a tensor's value back to the host (``.item()``, ``bool()``, ``float()``, ``.tolist()`` of a
 # device tensor end in ``_local_scalar_dense``).
@@ -89,10 +90,9 @@ def _count(profile: torch.profiler.profile) -> dict[str, int]:
     """``host_syncs``: the host reads of ``profile`` at every nesting level outside the optimizer's step (a CPU's
     fused AdamW reads its step counter per tensor; an accelerator's reads nothing back); ``forward_casts``: the casts
     inside the policy's forward (:data:`FORWARD`). The events are walked down the profiler's own tree of nested calls
-    (``experimental_event_tree``, each event's ancestors the path from its root), which holds what
-    ``profile.events()`` would rebuild in Python at a hundred times the cost."""
+    (:func:`~trl_diffusion_sdpo.testing.operations.event_tree`, each event's ancestors the path from its root)."""
     counts = collections.Counter()
-    stack = [(root, False, False) for root in profile.profiler.kineto_results.experimental_event_tree()]
+    stack = [(root, False, False) for root in event_tree(profile)]
     while stack:
         event, in_forward, in_optimizer = stack.pop()
         if event.name == CAST:

@@ -17,12 +17,19 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-__all__ = ["HOST_READ_OPERATIONS", "StepOperations", "count_operations", "host_reads", "peak_allocated_bytes"]
+__all__ = [
+    "HOST_READ_OPERATIONS",
+    "StepOperations",
+    "count_operations",
+    "event_tree",
+    "host_reads",
+    "peak_allocated_bytes",
+]
 
 _BACKWARD = "autograd::engine::evaluate_function"
 
 
-def _tree(profile: torch.profiler.profile) -> list:
+def event_tree(profile: torch.profiler.profile) -> list:
     """The roots of ``profile``'s tree of nested CPU calls as the profiler built it (each event's ``children``): what
     ``profile.events()`` rebuilds in Python, event by event, at about sixty times the cost on a training step."""
     return profile.profiler.kineto_results.experimental_event_tree()
@@ -32,7 +39,7 @@ def count_operations(profile: torch.profiler.profile) -> dict[str, collections.C
     """``{"all": ..., "outside_backward": ...}``: per aten operation name, how often it was called at the top level
     (its caller not an aten operation) in ``profile``, in all and outside the backward pass."""
     counts = {"all": collections.Counter(), "outside_backward": collections.Counter()}
-    stack = [(root, False, False) for root in _tree(profile)]  # (event, its caller is aten, under a backward)
+    stack = [(root, False, False) for root in event_tree(profile)]  # (event, its caller is aten, under a backward)
     while stack:
         event, in_operation, backward = stack.pop()
         operation = event.name.startswith("aten::")
@@ -118,7 +125,7 @@ def host_reads(profile: torch.profiler.profile) -> int:
     out because on a CPU the fused AdamW reads its step counter once per tensor, where its accelerator kernel reads
     nothing back. A read nested in another (``masked_select`` calls ``nonzero``) counts once."""
     count = 0
-    stack = [(root, False, False) for root in _tree(profile)]  # (event, under Optimizer.step, under another read)
+    stack = [(root, False, False) for root in event_tree(profile)]  # (event, under Optimizer.step, under another read)
     while stack:
         event, in_optimizer, in_read = stack.pop()
         read = event.name in HOST_READ_OPERATIONS
