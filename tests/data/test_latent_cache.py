@@ -222,9 +222,7 @@ def test_training_and_evaluation_losses_with_the_cache_equal_the_uncached_ones(t
             proportion_empty_prompts=0.5,
             scale_lr=False,
             learning_rate=1e-3,
-            # the authors' SD1.5 margin, at which rtol=1e-4 below covers the VAE's float noise in other batches
-            # amplified by beta; at mu=0.5 the second step's loss differs by 8e-4
-            safeguard_mu=0.9,
+            safeguard_mu=0.9,  # the authors' SD1.5 margin
         )
         trainer = DiffusionSDPOTrainer(
             build_tiny_sd_pipeline(), args=args, train_dataset=dataset, eval_dataset=dataset
@@ -233,8 +231,12 @@ def test_training_and_evaluation_losses_with_the_cache_equal_the_uncached_ones(t
         losses[cached] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         eval_losses[cached] = trainer.evaluate()["eval_loss"]
     assert len(losses[True]) == 2
-    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
-    np.testing.assert_allclose(eval_losses[True], eval_losses[False], rtol=1e-4)
+    # The cache encodes 8 pairs a VAE batch, the uncached step 2: the convolutions' float sums differ with the batch
+    # and the CPU's kernels (AVX2 or AVX-512), and beta amplifies them. Measured on one CPU: step 2's loss 1.1e-4
+    # apart under AVX-512 and 3.7e-5 under AVX2, the eval loss 1.4e-5 and 2.3e-5; a cache that ignores the flips,
+    # halves the std or mixes winners with losers moves step 2's loss by 0.35 to 0.64 and the eval loss by 0.03 to 0.6.
+    np.testing.assert_allclose(losses[True], losses[False], rtol=2e-3)
+    np.testing.assert_allclose(eval_losses[True], eval_losses[False], rtol=2e-3)
 
 
 def test_sdxl_cache_carries_pooled_embeddings_and_time_ids(tmp_path):
